@@ -1,0 +1,132 @@
+// bench_forward — the cost of one multi-head self-attention forward pass, f32, d_model = 512,
+// for h ∈ {1, 2, 4, 8, 16} heads (d_k = d_v = d_model / h) and N ∈ {64, 512, 2048} tokens.
+//
+//   BM_MultiHeadAttention        mha::MultiHeadAttention<float>::forward(x)
+//   BM_MultiHeadAttentionCausal  the same with AttentionOptions::causal
+//   BM_Reference                 the literal reference (tests/reference/reference_attention.hpp):
+//                                per-head products, the full N × N score matrix, a scalar softmax
+//
+// Arguments are {h, N}. The counter "GFLOP/s" counts useful flops per forward pass,
+//   full:   8·N·d² (the Q, K, V and output projections) + 4·N²·d (Q_i K_iᵀ and P V_i, all heads),
+//   causal: 8·N·d² + 2·N·(N+1)·d (only the unmasked, lower-triangular half of the scores),
+// whatever the implementation actually computes. Eigen runs single-threaded here (no OpenMP).
+//
+//   bench_forward --benchmark_out=bench.json --benchmark_out_format=json
+//                 --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
+//   python3 bench/summarize.py bench.json
+
+#include <mha/mha.hpp>
+#include <reference/reference_attention.hpp>
+
+#include <Eigen/Core>
+#include <benchmark/benchmark.h>
+
+#include <cstdint>
+#include <fstream>
+#include <random>
+#include <string>
+
+namespace {
+
+using Matrix = Eigen::MatrixXf;
+constexpr Eigen::Index kDModel = 512;
+
+/// A rows × cols matrix of numbers uniform in [−1, 1), fixed by the seed.
+Matrix random_matrix(Eigen::Index rows, Eigen::Index cols, std::uint64_t seed) {
+  std::mt19937_64 engine(seed);
+  Matrix m(rows, cols);
+  for (Eigen::Index c = 0; c < cols; ++c)
+    for (Eigen::Index r = 0; r < rows; ++r)
+      m(r, c) = static_cast<float>(2.0 * static_cast<double>(engine() >> 11) * 0x1.0p-53 - 1.0);
+  return m;
+}
+
+/// Useful flops of one self-attention forward pass over n tokens of width d.
+double useful_flops(double n, double d, bool causal) {
+  return 8.0 * n * d * d + (causal ? 2.0 * n * (n + 1.0) * d : 4.0 * n * n * d);
+}
+
+mha::MultiHeadAttention<float> make_module(const benchmark::State& state) {
+  mha::MultiHeadAttentionConfig config;
+  config.d_model = kDModel;
+  config.num_heads = state.range(0);
+  config.seed = 1;
+  return mha::MultiHeadAttention<float>(config);
+}
+
+void set_flop_counter(benchmark::State& state, bool causal) {
+  const double flops = useful_flops(static_cast<double>(state.range(1)), static_cast<double>(kDModel), causal);
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(flops / 1e9, benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
+}
+
+void run_library(benchmark::State& state, bool causal) {
+  const auto attn = make_module(state);
+  const Matrix x = random_matrix(state.range(1), kDModel, 2);
+  mha::AttentionOptions options;
+  options.causal = causal;
+  for (auto _ : state) {
+    Matrix y = attn.forward(x, options);
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  set_flop_counter(state, causal);
+}
+
+void BM_MultiHeadAttention(benchmark::State& state) { run_library(state, false); }
+void BM_MultiHeadAttentionCausal(benchmark::State& state) { run_library(state, true); }
+
+void BM_Reference(benchmark::State& state) {
+  const auto attn = make_module(state);
+  const Matrix x = random_matrix(state.range(1), kDModel, 2);
+  for (auto _ : state) {
+    Matrix y = mha_reference::multi_head_attention(attn, x, x, x, /*causal=*/false);
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  set_flop_counter(state, false);
+}
+
+constexpr int kHeads[] = {1, 2, 4, 8, 16};
+
+/// {h, N} for every h and each N in `lengths`, N outermost.
+template <int... lengths>
+void grid(benchmark::internal::Benchmark* b) {
+  for (int n : {lengths...})
+    for (int h : kHeads) b->Args({h, n});
+}
+
+// One forward pass of the reference at N = 2048 takes seconds: a single iteration per repetition.
+BENCHMARK(BM_MultiHeadAttention)->Apply(grid<64, 512, 2048>)->ArgNames({"h", "N"})->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_MultiHeadAttentionCausal)->Apply(grid<64, 512, 2048>)->ArgNames({"h", "N"})->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Reference)->Apply(grid<64, 512>)->ArgNames({"h", "N"})->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Reference)->Apply(grid<2048>)->ArgNames({"h", "N"})->Iterations(1)->Unit(benchmark::kMillisecond);
+
+/// The "model name" line of /proc/cpuinfo, or "" where there is none.
+std::string cpu_model() {
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  for (std::string line; std::getline(cpuinfo, line);)
+    if (line.rfind("model name", 0) == 0) {
+      const auto colon = line.find(':');
+      return colon == std::string::npos ? line : line.substr(line.find_first_not_of(" \t", colon + 1));
+    }
+  return "";
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string model = cpu_model();
+  if (!model.empty()) benchmark::AddCustomContext("cpu_model", model);
+  benchmark::AddCustomContext("d_model", std::to_string(kDModel));
+  benchmark::AddCustomContext("scalar", "float");
+  benchmark::AddCustomContext("eigen_version", std::to_string(EIGEN_WORLD_VERSION) + "." +
+                                                   std::to_string(EIGEN_MAJOR_VERSION) + "." +
+                                                   std::to_string(EIGEN_MINOR_VERSION));
+  benchmark::AddCustomContext("eigen_simd", Eigen::SimdInstructionSetsInUse());
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

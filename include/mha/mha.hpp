@@ -1,0 +1,7 @@
+// mha — multi-head attention on Eigen. The umbrella header: include this one.
+#pragma once
+
+#include <mha/attention.hpp>
+#include <mha/config.hpp>
+#include <mha/multi_head_attention.hpp>
+#include <mha/softmax.hpp>

@@ -1,0 +1,17 @@
+// Built by scripts/test against the installed package: proves find_package(mha) + mha::mha work.
+#include <mha/mha.hpp>
+
+#include <iostream>
+
+int main() {
+  mha::MultiHeadAttentionConfig config;
+  config.d_model = 16;
+  config.num_heads = 4;
+  const mha::MultiHeadAttention<float> attention(config);
+  const Eigen::MatrixXf x = Eigen::MatrixXf::Random(5, 16);
+  const Eigen::MatrixXf y = attention.forward(x);
+  const bool ok = y.rows() == 5 && y.cols() == 16 && y.allFinite();
+  std::cout << "consumer of the installed mha package: forward gave " << y.rows() << " x " << y.cols()
+            << (ok ? ", ok" : ", WRONG") << "\n";
+  return ok ? 0 : 1;
+}

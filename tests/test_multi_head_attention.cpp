@@ -1,0 +1,313 @@
+// Properties of mha::MultiHeadAttention: configuration, parameters, and forward against the oracle.
+#include <mha/mha.hpp>
+
+#include "reference/reference_attention.hpp"
+#include "test_util.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+namespace {
+
+using mha_test::close;
+using mha_test::Matrix;
+using mha_test::random_matrix;
+using mha_test::tolerance;
+
+template <typename Scalar>
+class MultiHeadAttention : public ::testing::Test {};
+TYPED_TEST_SUITE(MultiHeadAttention, mha_test::Scalars);
+
+mha::MultiHeadAttentionConfig config(Eigen::Index d_model, Eigen::Index num_heads, Eigen::Index d_k = 0,
+                                     Eigen::Index d_v = 0, std::uint64_t seed = 0) {
+  mha::MultiHeadAttentionConfig c;
+  c.d_model = d_model;
+  c.num_heads = num_heads;
+  c.d_k = d_k;
+  c.d_v = d_v;
+  c.seed = seed;
+  return c;
+}
+
+mha::AttentionOptions causal_if(bool causal) {
+  mha::AttentionOptions options;
+  options.causal = causal;
+  return options;
+}
+
+template <typename F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const std::invalid_argument& e) {
+    return e.what();
+  }
+  return "no exception";
+}
+
+// --- configuration and parameters -------------------------------------------------------------
+
+TEST(MultiHeadAttentionConfig, DefaultsToDModelOverHeads) {
+  const auto c = config(512, 8).resolved();
+  EXPECT_EQ(c.d_k, 64);
+  EXPECT_EQ(c.d_v, 64);
+  const auto explicit_sizes = config(10, 3, 4, 6).resolved();  // 10 is not divisible by 3: fine when set
+  EXPECT_EQ(explicit_sizes.d_k, 4);
+  EXPECT_EQ(explicit_sizes.d_v, 6);
+}
+
+TEST(MultiHeadAttentionConfig, RejectsInvalidConfigurationsWithAClearMessage) {
+  EXPECT_EQ(error_of([] { config(8, 0).resolved(); }), "mha: num_heads must be positive, got num_heads = 0");
+  EXPECT_EQ(error_of([] { config(8, -2).resolved(); }), "mha: num_heads must be positive, got num_heads = -2");
+  EXPECT_EQ(error_of([] { config(0, 2).resolved(); }), "mha: d_model must be positive, got d_model = 0");
+  EXPECT_EQ(error_of([] { config(10, 3).resolved(); }),
+            "mha: d_model = 10 is not divisible by num_heads = 3; set d_k and d_v explicitly or choose a divisor");
+  EXPECT_EQ(error_of([] { config(10, 3, 4).resolved(); }),
+            "mha: d_model = 10 is not divisible by num_heads = 3; set d_k and d_v explicitly or choose a divisor");
+  EXPECT_EQ(error_of([] { config(8, 2, -1).resolved(); }),
+            "mha: d_k must be positive (or 0 for d_model / num_heads), got d_k = -1");
+  EXPECT_EQ(error_of([] { config(8, 2, 4, -3).resolved(); }),
+            "mha: d_v must be positive (or 0 for d_model / num_heads), got d_v = -3");
+  EXPECT_THROW(mha::MultiHeadAttention<float>(config(8, 0)), mha::invalid_argument);
+}
+
+TYPED_TEST(MultiHeadAttention, ParametersHaveTheLectureShapes) {
+  mha::MultiHeadAttention<TypeParam> attn(config(12, 3, 5, 7));
+  EXPECT_EQ(attn.d_model(), 12);
+  EXPECT_EQ(attn.num_heads(), 3);
+  for (Eigen::Index i = 0; i < 3; ++i) {
+    EXPECT_EQ(attn.w_q(i).rows(), 12);
+    EXPECT_EQ(attn.w_q(i).cols(), 5);
+    EXPECT_EQ(attn.w_k(i).cols(), 5);
+    EXPECT_EQ(attn.w_v(i).rows(), 12);
+    EXPECT_EQ(attn.w_v(i).cols(), 7);
+  }
+  EXPECT_EQ(attn.w_q().cols(), 15);
+  EXPECT_EQ(attn.w_v().cols(), 21);
+  EXPECT_EQ(attn.w_o().rows(), 21);
+  EXPECT_EQ(attn.w_o().cols(), 12);
+}
+
+TYPED_TEST(MultiHeadAttention, HeadViewsAreColumnBlocksOfOneMatrixAndWritable) {
+  mha::MultiHeadAttention<TypeParam> attn(config(8, 2));
+  EXPECT_EQ(Matrix<TypeParam>(attn.w_k(1)), Matrix<TypeParam>(attn.w_k().middleCols(4, 4)));
+  attn.w_q(1).setConstant(TypeParam(0.25));
+  attn.w_v(0)(2, 3) = TypeParam(7);
+  attn.w_o()(5, 6) = TypeParam(-3);
+  EXPECT_TRUE((attn.w_q().middleCols(4, 4).array() == TypeParam(0.25)).all());
+  EXPECT_EQ(attn.w_v()(2, 3), TypeParam(7));
+  const auto& const_attn = attn;
+  EXPECT_EQ(const_attn.w_v(0)(2, 3), TypeParam(7));
+  EXPECT_EQ(const_attn.w_o()(5, 6), TypeParam(-3));
+}
+
+TYPED_TEST(MultiHeadAttention, HeadIndexOutOfRangeIsRejected) {
+  mha::MultiHeadAttention<TypeParam> attn(config(8, 2));
+  const auto& const_attn = attn;
+  EXPECT_EQ(error_of([&] { attn.w_q(2); }),
+            "mha: w_q(2): head index out of range; the module has num_heads = 2 (valid heads 0 to 1)");
+  EXPECT_EQ(error_of([&] { attn.w_k(-1); }),
+            "mha: w_k(-1): head index out of range; the module has num_heads = 2 (valid heads 0 to 1)");
+  EXPECT_EQ(error_of([&] { const_attn.w_v(5); }),
+            "mha: w_v(5): head index out of range; the module has num_heads = 2 (valid heads 0 to 1)");
+}
+
+TYPED_TEST(MultiHeadAttention, InitialisationIsSeededXavierUniform) {
+  const mha::MultiHeadAttention<TypeParam> a(config(64, 4, 0, 0, 7)), b(config(64, 4, 0, 0, 7)),
+      c(config(64, 4, 0, 0, 8));
+  EXPECT_EQ(Matrix<TypeParam>(a.w_q()), Matrix<TypeParam>(b.w_q()));
+  EXPECT_EQ(Matrix<TypeParam>(a.w_o()), Matrix<TypeParam>(b.w_o()));
+  EXPECT_NE(Matrix<TypeParam>(a.w_q()), Matrix<TypeParam>(c.w_q()));
+  EXPECT_NE(Matrix<TypeParam>(a.w_q()), Matrix<TypeParam>(a.w_k()));
+  // U(−a, a) with a = √(6 / (fan_in + fan_out)): every weight within a, standard deviation a/√3.
+  const double bound = std::sqrt(6.0 / (64 + 64));
+  for (const Matrix<TypeParam>& w : {Matrix<TypeParam>(a.w_q()), Matrix<TypeParam>(a.w_k()),
+                                    Matrix<TypeParam>(a.w_v()), Matrix<TypeParam>(a.w_o())}) {
+    EXPECT_LE(w.cwiseAbs().maxCoeff(), bound);
+    EXPECT_GT(w.cwiseAbs().maxCoeff(), 0.99 * bound);
+    const double mean = w.template cast<double>().mean();
+    const double sd = std::sqrt((w.template cast<double>().array() - mean).square().mean());
+    EXPECT_NEAR(mean, 0.0, 0.02);
+    EXPECT_NEAR(sd, bound / std::sqrt(3.0), 0.02);
+  }
+}
+
+// --- forward ----------------------------------------------------------------------------------
+
+TYPED_TEST(MultiHeadAttention, HandCheckableTwoHeadExample) {
+  // d_model = 2, two heads of width 1: with identity projections head i attends over feature i
+  // alone, and W^O swaps the two heads' columns.
+  mha::MultiHeadAttention<TypeParam> attn(config(2, 2));
+  attn.w_q().setIdentity();
+  attn.w_k().setIdentity();
+  attn.w_v().setIdentity();
+  attn.w_o() << 0, 1,  //
+      1, 0;
+  Matrix<TypeParam> x(2, 2);
+  x << 0, 2,  //
+      1, 0;
+  // head 1 (feature 0 = (0, 1)): row 0 scores (0, 0) → ½·0 + ½·1 = 0.5;
+  //                              row 1 scores (0, 1) → e/(1+e) = 0.7310585786300049.
+  // head 2 (feature 1 = (2, 0)): row 0 scores (4, 0) → 2·e⁴/(1+e⁴) = 1.9640275800758169;
+  //                              row 1 scores (0, 0) → ½·2 + ½·0 = 1.
+  Matrix<TypeParam> expected(2, 2);
+  expected << 1.9640275800758169, 0.5,  //
+      1.0, 0.7310585786300049;
+  EXPECT_TRUE(close(attn.forward(x), expected, tolerance<TypeParam>()));
+}
+
+TYPED_TEST(MultiHeadAttention, OneFullWidthHeadIsSingleHeadAttentionOnTheProjectedInputs) {
+  const mha::MultiHeadAttention<TypeParam> attn(config(16, 1, 16, 16, 3));
+  const Matrix<TypeParam> q = random_matrix<TypeParam>(9, 16, 1), kv = random_matrix<TypeParam>(13, 16, 2);
+  for (const bool causal : {false, true}) {
+    const Matrix<TypeParam> single =
+        mha::scaled_dot_product_attention(q * attn.w_q(), kv * attn.w_k(), kv * attn.w_v(), causal_if(causal));
+    EXPECT_TRUE(close(attn.forward(q, kv, kv, causal_if(causal)), single * attn.w_o(), tolerance<TypeParam>()));
+  }
+}
+
+TYPED_TEST(MultiHeadAttention, EqualsTheLiteralReferenceOverASweep) {
+  const Eigen::Index lengths[] = {1, 2, 7, 64, 65, 257};
+  int cases = 0;
+  for (const Eigen::Index h : {1, 2, 3, 4, 8, 16}) {
+    const Eigen::Index d_model = 48;
+    const mha::MultiHeadAttention<TypeParam> attn(config(d_model, h, 5, 7, h));  // d_k ≠ d_v
+    for (const Eigen::Index L : lengths)
+      for (const Eigen::Index S : lengths) {
+        const Matrix<TypeParam> query = random_matrix<TypeParam>(L, d_model, 10 * L + S);
+        const Matrix<TypeParam> key = random_matrix<TypeParam>(S, d_model, 10 * L + S + 1);
+        const Matrix<TypeParam> value = random_matrix<TypeParam>(S, d_model, 10 * L + S + 2);
+        for (const bool causal : {false, true}) {
+          EXPECT_TRUE(close(attn.forward(query, key, value, causal_if(causal)),
+                            mha_reference::multi_head_attention(attn, query, key, value, causal), tolerance<TypeParam>()))
+              << "h = " << h << ", L = " << L << ", S = " << S << ", causal = " << causal;
+          ++cases;
+        }
+      }
+  }
+  EXPECT_EQ(cases, 6 * 6 * 6 * 2);
+}
+
+TYPED_TEST(MultiHeadAttention, SelfAttentionWithDefaultHeadSizesEqualsTheReference) {
+  for (const Eigen::Index h : {1, 2, 4, 8, 16}) {
+    const mha::MultiHeadAttention<TypeParam> attn(config(64, h, 0, 0, 100 + h));
+    for (const Eigen::Index n : {1, 63, 64, 65, 130}) {
+      const Matrix<TypeParam> x = random_matrix<TypeParam>(n, 64, n);
+      for (const bool causal : {false, true})
+        EXPECT_TRUE(close(attn.forward(x, causal_if(causal)), mha_reference::multi_head_attention(attn, x, x, x, causal),
+                          tolerance<TypeParam>()))
+            << "h = " << h << ", n = " << n << ", causal = " << causal;
+    }
+  }
+}
+
+TYPED_TEST(MultiHeadAttention, ScaleOptionReplacesOneOverSqrtDk) {
+  const mha::MultiHeadAttention<TypeParam> attn(config(24, 3, 0, 0, 5));
+  const Matrix<TypeParam> x = random_matrix<TypeParam>(10, 24, 1);
+  mha::AttentionOptions options;
+  options.scale = 0.9;
+  const Matrix<TypeParam> scaled = attn.forward(x, options);
+  EXPECT_TRUE(close(scaled, mha_reference::multi_head_attention(attn, x, x, x, false, 0.9), tolerance<TypeParam>()));
+  EXPECT_FALSE(close(scaled, attn.forward(x), 1e-3));
+}
+
+TYPED_TEST(MultiHeadAttention, CausalOutputIgnoresFutureTokens) {
+  const mha::MultiHeadAttention<TypeParam> attn(config(32, 4, 0, 0, 9));
+  const Eigen::Index n = 140;
+  const Matrix<TypeParam> x = random_matrix<TypeParam>(n, 32, 1);
+  const Matrix<TypeParam> out = attn.forward(x, causal_if(true));
+  for (const Eigen::Index r : {0, 5, 64, 100}) {
+    Matrix<TypeParam> changed = x;
+    changed.bottomRows(n - r - 1) = 3 * random_matrix<TypeParam>(n - r - 1, 32, r);
+    const Matrix<TypeParam> out2 = attn.forward(changed, causal_if(true));
+    EXPECT_TRUE(close(out2.topRows(r + 1), out.topRows(r + 1), tolerance<TypeParam>())) << "r = " << r;
+    EXPECT_FALSE(close(out2.bottomRows(n - r - 1), out.bottomRows(n - r - 1), 1e-3)) << "r = " << r;
+  }
+}
+
+TYPED_TEST(MultiHeadAttention, PermutingQueryRowsPermutesOutputRows) {
+  const mha::MultiHeadAttention<TypeParam> attn(config(32, 4, 0, 0, 2));
+  const Matrix<TypeParam> query = random_matrix<TypeParam>(67, 32, 1), kv = random_matrix<TypeParam>(20, 32, 2);
+  Eigen::PermutationMatrix<Eigen::Dynamic> perm(67);
+  perm.setIdentity();
+  std::reverse(perm.indices().data(), perm.indices().data() + 67);
+  EXPECT_TRUE(close(attn.forward(perm * query, kv, kv), perm * attn.forward(query, kv, kv), tolerance<TypeParam>()));
+}
+
+TYPED_TEST(MultiHeadAttention, PermutingKeyAndValueRowsTogetherChangesNothing) {
+  const mha::MultiHeadAttention<TypeParam> attn(config(32, 4, 0, 0, 2));
+  const Matrix<TypeParam> query = random_matrix<TypeParam>(9, 32, 1), key = random_matrix<TypeParam>(270, 32, 2),
+                          value = random_matrix<TypeParam>(270, 32, 3);
+  Eigen::PermutationMatrix<Eigen::Dynamic> perm(270);
+  perm.setIdentity();
+  std::reverse(perm.indices().data(), perm.indices().data() + 270);
+  std::swap(perm.indices()(1), perm.indices()(200));
+  EXPECT_TRUE(close(attn.forward(query, perm * key, perm * value), attn.forward(query, key, value), tolerance<TypeParam>()));
+}
+
+TYPED_TEST(MultiHeadAttention, SelfAttentionIsForwardWithQueryKeyAndValueEqual) {
+  const mha::MultiHeadAttention<TypeParam> attn(config(16, 2, 0, 0, 4));
+  const Matrix<TypeParam> x = random_matrix<TypeParam>(11, 16, 1);
+  EXPECT_EQ(attn.forward(x, causal_if(true)), attn.forward(x, x, x, causal_if(true)));
+}
+
+TYPED_TEST(MultiHeadAttention, AcceptsRowMajorMapsBlocksAndExpressions) {
+  const mha::MultiHeadAttention<TypeParam> attn(config(16, 4, 0, 0, 4));
+  const Matrix<TypeParam> q = random_matrix<TypeParam>(7, 16, 1), kv = random_matrix<TypeParam>(12, 16, 2);
+  const Matrix<TypeParam> expected = attn.forward(q, kv, kv);
+
+  using RowMajor = Eigen::Matrix<TypeParam, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  const RowMajor q_rm = q, kv_rm = kv;
+  EXPECT_TRUE(close(attn.forward(q_rm, kv_rm, kv_rm), expected, tolerance<TypeParam>()));
+
+  std::vector<TypeParam> buffer(q_rm.data(), q_rm.data() + q_rm.size());  // a caller's row-major buffer
+  const Eigen::Map<const RowMajor> q_map(buffer.data(), 7, 16);
+  EXPECT_TRUE(close(attn.forward(q_map, kv, kv), expected, tolerance<TypeParam>()));
+
+  Matrix<TypeParam> big = Matrix<TypeParam>::Zero(30, 20);
+  big.block(5, 3, 12, 16) = kv;
+  EXPECT_TRUE(close(attn.forward(q, big.block(5, 3, 12, 16), big.block(5, 3, 12, 16)), expected, tolerance<TypeParam>()));
+  EXPECT_TRUE(close(attn.forward(q + Matrix<TypeParam>::Zero(7, 16), kv, kv), expected, tolerance<TypeParam>()));
+}
+
+TYPED_TEST(MultiHeadAttention, EmptyQueryGivesAnEmptyOutput) {
+  const mha::MultiHeadAttention<TypeParam> attn(config(8, 2));
+  const Matrix<TypeParam> out = attn.forward(Matrix<TypeParam>(0, 8), random_matrix<TypeParam>(3, 8, 1),
+                                             random_matrix<TypeParam>(3, 8, 2));
+  EXPECT_EQ(out.rows(), 0);
+  EXPECT_EQ(out.cols(), 8);
+  EXPECT_EQ(attn.forward(Matrix<TypeParam>(0, 8), causal_if(true)).rows(), 0);
+}
+
+TYPED_TEST(MultiHeadAttention, NoKeysGiveZeroOutputs) {
+  const mha::MultiHeadAttention<TypeParam> attn(config(8, 2));
+  for (const bool causal : {false, true}) {
+    const Matrix<TypeParam> out =
+        attn.forward(random_matrix<TypeParam>(4, 8, 1), Matrix<TypeParam>(0, 8), Matrix<TypeParam>(0, 8), causal_if(causal));
+    EXPECT_EQ(out.rows(), 4);
+    EXPECT_EQ(out.cols(), 8);
+    EXPECT_TRUE(out.isZero(0));
+  }
+}
+
+TYPED_TEST(MultiHeadAttention, RejectsInputsOfTheWrongShapeWithAClearMessage) {
+  const mha::MultiHeadAttention<TypeParam> attn(config(8, 2));
+  const Matrix<TypeParam> good = random_matrix<TypeParam>(3, 8, 1);
+  EXPECT_EQ(error_of([&] { attn.forward(Matrix<TypeParam>(3, 7), good, good); }),
+            "mha: MultiHeadAttention::forward: query is 3 x 7 but d_model is 8; query needs 8 columns");
+  EXPECT_EQ(error_of([&] { attn.forward(good, Matrix<TypeParam>(3, 9), good); }),
+            "mha: MultiHeadAttention::forward: key is 3 x 9 but d_model is 8; key needs 8 columns");
+  EXPECT_EQ(error_of([&] { attn.forward(good, good, Matrix<TypeParam>(3, 4)); }),
+            "mha: MultiHeadAttention::forward: value is 3 x 4 but d_model is 8; value needs 8 columns");
+  EXPECT_EQ(error_of([&] { attn.forward(good, good, random_matrix<TypeParam>(5, 8, 2)); }),
+            "mha: MultiHeadAttention::forward: key has 3 rows but value has 5 (key is 3 x 8, value is 5 x 8)");
+  EXPECT_EQ(error_of([&] { attn.forward(Matrix<TypeParam>(3, 2)); }),
+            "mha: MultiHeadAttention::forward: query is 3 x 2 but d_model is 8; query needs 8 columns");
+  mha::AttentionOptions options;
+  options.scale = std::numeric_limits<double>::infinity();
+  EXPECT_EQ(error_of([&] { attn.forward(good, options); }), "mha: options.scale must be finite, got inf");
+}
+
+}  // namespace

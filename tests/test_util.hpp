@@ -1,0 +1,60 @@
+// Helpers shared by the tests: tolerances, seeded random matrices, and closeness checks.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <cstdint>
+#include <random>
+
+namespace mha_test {
+
+template <typename Scalar>
+using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
+
+/// The scalar types every typed test runs over.
+using Scalars = ::testing::Types<float, double>;
+
+/// Relative tolerance of a result against the reference: ‖a − b‖∞ ≤ tol · ‖b‖∞.
+template <typename Scalar>
+constexpr double tolerance();
+template <>
+constexpr double tolerance<float>() { return 1e-5; }
+template <>
+constexpr double tolerance<double>() { return 1e-10; }
+
+/// A rows × cols matrix of U(−1, 1) entries from a seeded engine (the same on every platform).
+template <typename Scalar>
+Matrix<Scalar> random_matrix(Eigen::Index rows, Eigen::Index cols, std::uint64_t seed) {
+  std::mt19937_64 engine(seed);
+  Matrix<Scalar> m(rows, cols);
+  for (Eigen::Index j = 0; j < cols; ++j)
+    for (Eigen::Index i = 0; i < rows; ++i)
+      m(i, j) = static_cast<Scalar>(2.0 * (static_cast<double>(engine() >> 11) * 0x1.0p-53) - 1.0);
+  return m;
+}
+
+/// ‖actual − expected‖∞ / max(‖expected‖∞, smallest normal): the error the tolerances bound.
+template <typename A, typename B>
+double relative_error(const Eigen::MatrixBase<A>& actual, const Eigen::MatrixBase<B>& expected) {
+  if (actual.size() == 0) return 0.0;
+  const double diff = (actual.template cast<double>() - expected.template cast<double>()).cwiseAbs().maxCoeff();
+  const double scale = expected.template cast<double>().cwiseAbs().maxCoeff();
+  return diff / std::max(scale, 1e-300);
+}
+
+/// Asserts equal shapes and a relative error within `tol`.
+template <typename A, typename B>
+::testing::AssertionResult close(const Eigen::MatrixBase<A>& actual, const Eigen::MatrixBase<B>& expected,
+                                 double tol) {
+  if (actual.rows() != expected.rows() || actual.cols() != expected.cols())
+    return ::testing::AssertionFailure() << "shape " << actual.rows() << " x " << actual.cols()
+                                         << " != " << expected.rows() << " x " << expected.cols();
+  const double err = relative_error(actual, expected);
+  if (err <= tol) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << "relative error " << err << " > tolerance " << tol;
+}
+
+}  // namespace mha_test
