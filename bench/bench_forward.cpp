@@ -13,7 +13,10 @@
 //
 //   bench_forward --benchmark_out=bench.json --benchmark_out_format=json
 //                 --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
+//                 --benchmark_enable_random_interleaving=true
 //   python3 bench/summarize.py bench.json
+// Random interleaving runs the repetitions of all cases in shuffled order, so that a load that comes
+// and goes on a shared machine spreads over every case instead of skewing a few.
 
 #include <mha/mha.hpp>
 #include <reference/reference_attention.hpp>
@@ -55,9 +58,10 @@ mha::MultiHeadAttention<float> make_module(const benchmark::State& state) {
 }
 
 void set_flop_counter(benchmark::State& state, bool causal) {
-  const double flops = useful_flops(static_cast<double>(state.range(1)), static_cast<double>(kDModel), causal);
-  state.counters["GFLOP/s"] =
-      benchmark::Counter(flops / 1e9, benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
+  const double n = static_cast<double>(state.range(1)), d = static_cast<double>(kDModel);
+  state.counters["GFLOP/s"] = benchmark::Counter(useful_flops(n, d, causal) / 1e9,
+                                                 benchmark::Counter::kIsIterationInvariantRate,
+                                                 benchmark::Counter::kIs1000);
 }
 
 void run_library(benchmark::State& state, bool causal) {
@@ -96,19 +100,29 @@ void grid(benchmark::internal::Benchmark* b) {
     for (int h : kHeads) b->Args({h, n});
 }
 
-// One forward pass of the reference at N = 2048 takes seconds: a single iteration per repetition.
-BENCHMARK(BM_MultiHeadAttention)->Apply(grid<64, 512, 2048>)->ArgNames({"h", "N"})->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_MultiHeadAttentionCausal)->Apply(grid<64, 512, 2048>)->ArgNames({"h", "N"})->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_MultiHeadAttention)
+    ->Apply(grid<64, 512, 2048>)
+    ->ArgNames({"h", "N"})
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_MultiHeadAttentionCausal)
+    ->Apply(grid<64, 512, 2048>)
+    ->ArgNames({"h", "N"})
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_Reference)->Apply(grid<64, 512>)->ArgNames({"h", "N"})->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_Reference)->Apply(grid<2048>)->ArgNames({"h", "N"})->Iterations(1)->Unit(benchmark::kMillisecond);
+// One forward pass of the reference at N = 2048 takes up to seconds: one iteration per repetition.
+BENCHMARK(BM_Reference)
+    ->Apply(grid<2048>)
+    ->ArgNames({"h", "N"})
+    ->Iterations(1)
+    ->Unit(benchmark::kMillisecond);
 
 /// The "model name" line of /proc/cpuinfo, or "" where there is none.
 std::string cpu_model() {
   std::ifstream cpuinfo("/proc/cpuinfo");
   for (std::string line; std::getline(cpuinfo, line);)
     if (line.rfind("model name", 0) == 0) {
-      const auto colon = line.find(':');
-      return colon == std::string::npos ? line : line.substr(line.find_first_not_of(" \t", colon + 1));
+      const auto start = line.find_first_not_of(" \t", line.find(':') + 1);
+      return start == std::string::npos ? "" : line.substr(start);
     }
   return "";
 }

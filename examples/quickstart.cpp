@@ -84,7 +84,8 @@ int main() {
     const Matrix q_i = x * w_q;  // L × d_k
     const Matrix k_i = x * w_k;  // L × d_k
     const Matrix v_i = x * w_v;  // L × d_v
-    std::printf("\nStep 2, head %ld. W_%ld^Q %s, W_%ld^K %s, W_%ld^V %s (d_model x d_k, d_model x d_k, d_model x d_v)\n",
+    std::printf("\nStep 2, head %ld. W_%ld^Q %s, W_%ld^K %s, W_%ld^V %s "
+                "(d_model x d_k, d_model x d_k, d_model x d_v)\n",
                 n, n, shape(w_q).c_str(), n, shape(w_k).c_str(), n, shape(w_v).c_str());
     std::printf("        Q_%ld = Q W_%ld^Q %s, K_%ld = K W_%ld^K %s, V_%ld = V W_%ld^V %s\n", n, n,
                 shape(q_i).c_str(), n, n, shape(k_i).c_str(), n, n, shape(v_i).c_str());

@@ -16,8 +16,10 @@
 #include <algorithm>
 #include <exception>
 #include <filesystem>
+#include <iomanip>
 #include <optional>
 #include <set>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -40,6 +42,14 @@ const std::vector<std::string> kSingleHeadAttention = {"single_head_attention.tx
                                                        "single_head_attention_causal.txt"};
 
 std::string fixture_path(const std::string& name) { return std::string(MHA_FIXTURE_DIR) + "/" + name; }
+
+/// Records the relative error against PyTorch as a test property (shown in --gtest_output=xml).
+template <typename A>
+void record_error(const std::string& name, const Eigen::MatrixBase<A>& actual, const Eigen::MatrixXd& expected) {
+  std::ostringstream error;
+  error << std::scientific << std::setprecision(2) << mha_test::relative_error(actual, expected);
+  ::testing::Test::RecordProperty(name, error.str());
+}
 
 /// The fixture `name`, or nothing after recording a test failure that says why it could not be read.
 std::optional<Fixture> load(const std::string& name) {
@@ -113,7 +123,7 @@ void check_multi_head(const std::string& name, bool causal, bool self_attention)
     whole.w_o() = w_o.cast<Scalar>();
     const Matrix output = whole.forward(query, key, value, options);
     EXPECT_TRUE(close(output, expected, tolerance<Scalar>())) << "forward(query, key, value)";
-    ::testing::Test::RecordProperty(name, std::to_string(mha_test::relative_error(output, expected)));
+    record_error(name, output, expected);
     if (self_attention) {
       EXPECT_TRUE(close(whole.forward(query, options), expected, tolerance<Scalar>())) << "forward(x)";
     }
@@ -185,7 +195,7 @@ TYPED_TEST(PyTorchParity, SingleHeadAttentionMatchesTorch) {
       const mha_test::Matrix<Scalar> output =
           mha::scaled_dot_product_attention(q.cast<Scalar>(), k.cast<Scalar>(), v.cast<Scalar>(), options);
       EXPECT_TRUE(close(output, expected, tolerance<Scalar>()));
-      ::testing::Test::RecordProperty(name, std::to_string(mha_test::relative_error(output, expected)));
+      record_error(name, output, expected);
     } catch (const std::exception& e) {
       ADD_FAILURE() << "exception: " << e.what();
     }
