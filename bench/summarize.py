@@ -55,7 +55,7 @@ def load(path, time_field):
         key = parse_name(run.get("run_name") or run["name"])
         if key is None:
             continue
-        row = {"ms": run[time_field] * TO_MS[run.get("time_unit", "ns")], "gflops": run.get("GFLOP/s")}
+        row = {"ms": run[time_field] * TO_MS[run.get("time_unit", "ns")], "gflops": run["FLOPS"] / 1e9 if "FLOPS" in run else None}
         if run.get("run_type") == "aggregate":
             if run.get("aggregate_name") == "median":
                 medians[key] = row
