@@ -1,4 +1,5 @@
-// Built by scripts/test against the installed package: proves find_package(mha) + mha::mha work.
+// Built by scripts/test against the installed package and the source tree: proves that
+// find_package(mha) and add_subdirectory both give a working mha::mha.
 #include <mha/mha.hpp>
 
 #include <iostream>
@@ -11,7 +12,7 @@ int main() {
   const Eigen::MatrixXf x = Eigen::MatrixXf::Random(5, 16);
   const Eigen::MatrixXf y = attention.forward(x);
   const bool ok = y.rows() == 5 && y.cols() == 16 && y.allFinite();
-  std::cout << "consumer of the installed mha package: forward gave " << y.rows() << " x " << y.cols()
+  std::cout << "consumer linking mha::mha: forward gave " << y.rows() << " x " << y.cols()
             << (ok ? ", ok" : ", WRONG") << "\n";
   return ok ? 0 : 1;
 }
