@@ -58,12 +58,19 @@ TYPED_TEST(ScaledDotProductAttention, ScoresAreScaledByOneOverSqrtDk) {
   EXPECT_NEAR(mha::scaled_dot_product_attention(q, k, v, options)(0, 0), 6.0, 1e-5);
 }
 
+/// {1, 2, 7} and, for each tile size B of the kernel, {B − 1, B, B + 1, 2B + 3}.
+std::vector<Eigen::Index> sizes_across_block_boundaries() {
+  std::vector<Eigen::Index> sizes = {1, 2, 7};
+  for (const Eigen::Index b : {mha::detail::kQueryBlock, mha::detail::kKeyBlock})
+    for (const Eigen::Index n : {b - 1, b, b + 1, 2 * b + 3}) sizes.push_back(n);
+  return sizes;
+}
+
 TYPED_TEST(ScaledDotProductAttention, EqualsTheLiteralReferenceAcrossBlockBoundaries) {
-  const Eigen::Index sizes[] = {1, 2, 7, 63, 64, 65, 255, 256, 257, 300};
   const Eigen::Index d_k = 5, d_v = 3;
   for (const bool causal : {false, true})
-    for (Eigen::Index L : sizes)
-      for (Eigen::Index S : sizes) {
+    for (const Eigen::Index L : sizes_across_block_boundaries())
+      for (const Eigen::Index S : sizes_across_block_boundaries()) {
         const Matrix<TypeParam> q = 2 * random_matrix<TypeParam>(L, d_k, L * 1000 + S);
         const Matrix<TypeParam> k = 2 * random_matrix<TypeParam>(S, d_k, L * 1000 + S + 1);
         const Matrix<TypeParam> v = random_matrix<TypeParam>(S, d_v, L * 1000 + S + 2);
@@ -74,6 +81,26 @@ TYPED_TEST(ScaledDotProductAttention, EqualsTheLiteralReferenceAcrossBlockBounda
                           mha_reference::attention<TypeParam>(q, k, v, scale, causal), tolerance<TypeParam>()))
             << "L = " << L << ", S = " << S << ", causal = " << causal;
       }
+}
+
+TYPED_TEST(ScaledDotProductAttention, RunningMaximumRescalesEarlierKeyBlocks) {
+  // Scores that grow (or shrink) steadily along the keys: with growing scores every key block
+  // raises the running maximum, so the sums and outputs of the earlier blocks must be rescaled;
+  // with shrinking ones the first block holds the maximum. The scores span about 40 (e^40 ≈ 2·10¹⁷):
+  // a kernel that skipped or botched the rescale would be far off.
+  const Eigen::Index S = 3 * mha::detail::kKeyBlock + 17, L = 5;
+  Matrix<TypeParam> q = Matrix<TypeParam>::Ones(L, 2), k(S, 2);
+  for (Eigen::Index j = 0; j < S; ++j) k.row(j).setConstant(static_cast<TypeParam>(30.0 * j / S));
+  q.col(1).setLinSpaced(L, 0.5, 1);
+  const Matrix<TypeParam> v = random_matrix<TypeParam>(S, 3, 1);
+  for (const bool grow : {true, false}) {
+    const Matrix<TypeParam> keys = grow ? k : Matrix<TypeParam>(k.colwise().reverse());
+    const Matrix<TypeParam> out = mha::scaled_dot_product_attention(q, keys, v);
+    EXPECT_TRUE(out.allFinite());
+    EXPECT_TRUE(close(out, mha_reference::attention<TypeParam>(q, keys, v, TypeParam(1 / std::sqrt(2.0)), false),
+                      100 * tolerance<TypeParam>()))
+        << "grow = " << grow;
+  }
 }
 
 TYPED_TEST(ScaledDotProductAttention, CausalOutputIgnoresFutureKeys) {

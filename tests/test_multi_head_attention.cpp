@@ -190,6 +190,26 @@ TYPED_TEST(MultiHeadAttention, EqualsTheLiteralReferenceOverASweep) {
   EXPECT_EQ(cases, 6 * 6 * 6 * 2);
 }
 
+TYPED_TEST(MultiHeadAttention, TiledKernelEqualsTheReferenceAcrossBlockBoundaries) {
+  // For each tile size B of the kernel: 1, B − 1, B, B + 1 and 2B + 3 query and key rows.
+  std::vector<Eigen::Index> sizes = {1};
+  for (const Eigen::Index b : {mha::detail::kQueryBlock, mha::detail::kKeyBlock})
+    for (const Eigen::Index n : {b - 1, b, b + 1, 2 * b + 3}) sizes.push_back(n);
+  for (const Eigen::Index h : {1, 3, 8}) {
+    const mha::MultiHeadAttention<TypeParam> attn(config(24, h, 5, 7, h));
+    for (const Eigen::Index L : sizes)
+      for (const Eigen::Index S : sizes) {
+        const Matrix<TypeParam> query = random_matrix<TypeParam>(L, 24, 7 * L + S);
+        const Matrix<TypeParam> key = random_matrix<TypeParam>(S, 24, 7 * L + S + 1);
+        const Matrix<TypeParam> value = random_matrix<TypeParam>(S, 24, 7 * L + S + 2);
+        for (const bool causal : {false, true})
+          EXPECT_TRUE(close(attn.forward(query, key, value, causal_if(causal)),
+                            mha_reference::multi_head_attention(attn, query, key, value, causal), tolerance<TypeParam>()))
+              << "h = " << h << ", L = " << L << ", S = " << S << ", causal = " << causal;
+      }
+  }
+}
+
 TYPED_TEST(MultiHeadAttention, SelfAttentionWithDefaultHeadSizesEqualsTheReference) {
   for (const Eigen::Index h : {1, 2, 4, 8, 16}) {
     const mha::MultiHeadAttention<TypeParam> attn(config(64, h, 0, 0, 100 + h));

@@ -37,6 +37,16 @@ std::string shape(const Eigen::EigenBase<Derived>& m) {
   return std::to_string(m.rows()) + " x " + std::to_string(m.cols());
 }
 
+/// \returns `x` itself when its coefficients can be read in place (a matrix, map or block, of either
+/// storage order), else `x` evaluated once into a matrix, so that taking blocks of it is cheap.
+template <typename Derived>
+decltype(auto) evaluated(const Eigen::MatrixBase<Derived>& x) {
+  if constexpr (bool(Derived::Flags & Eigen::DirectAccessBit))
+    return x.derived();
+  else
+    return typename Derived::PlainObject(x);
+}
+
 }  // namespace detail
 
 /// Options of one attention call.

@@ -5,3 +5,4 @@
 #include <mha/config.hpp>
 #include <mha/multi_head_attention.hpp>
 #include <mha/softmax.hpp>
+#include <mha/threads.hpp>

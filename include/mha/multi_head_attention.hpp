@@ -3,9 +3,11 @@
 
 #include <mha/attention.hpp>
 #include <mha/config.hpp>
+#include <mha/threads.hpp>
 
 #include <Eigen/Core>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <random>
@@ -98,16 +100,43 @@ class MultiHeadAttention {
       detail::fail("MultiHeadAttention::forward: key has ", key.rows(), " rows but value has ",
                    value.rows(), " (key is ", detail::shape(key), ", value is ", detail::shape(value), ")");
     const auto scale = static_cast<Scalar>(detail::resolve_scale(options, d_k()));
+    const auto& query_rows = detail::evaluated(query);
+    const auto& key_rows = detail::evaluated(key);
+    const auto& value_rows = detail::evaluated(value);
+    const Index L = query.rows(), S = key.rows(), h = num_heads();
 
-    const Matrix q = query * w_q_;                      // L × h·d_k, head i in column block i
-    const Matrix k = key * w_k_;                        // S × h·d_k
-    const Matrix v = value * w_v_;                      // S × h·d_v
-    Matrix concat(query.rows(), num_heads() * d_v());   // L × h·d_v: [head_1 … head_h]
-    for (Index i = 0; i < num_heads(); ++i)
-      detail::attention_head<Scalar>(q.middleCols(i * d_k(), d_k()), k.middleCols(i * d_k(), d_k()),
-                                     v.middleCols(i * d_v(), d_v()), scale, options.causal,
-                                     concat.middleCols(i * d_v(), d_v()));
-    return concat * w_o_;                               // L × d_model
+    // The projections of all heads, one product each, computed in blocks of rows in parallel.
+    Matrix q(L, h * d_k());                             // L × h·d_k, head i in column block i
+    Matrix k(S, h * d_k());                             // S × h·d_k
+    Matrix v(S, h * d_v());                             // S × h·d_v
+    const Index q_blocks = row_blocks(L), kv_blocks = row_blocks(S);
+    const double dm = static_cast<double>(d_model());
+    const double projection_flops = 2 * dm * static_cast<double>(L * h * d_k() + S * h * (d_k() + d_v()));
+    detail::parallel_tasks(q_blocks + 2 * kv_blocks, projection_flops, no_scratch, [&](Index t, int) {
+      if (t < q_blocks) return project(query_rows, w_q_, t, q);
+      t -= q_blocks;
+      if (t < kv_blocks) return project(key_rows, w_k_, t, k);
+      project(value_rows, w_v_, t - kv_blocks, v);
+    });
+
+    // Each head's attention, one task per head and block of query rows, writes its rows of the
+    // head's column block of the concatenation.
+    Matrix concat(L, h * d_v());                        // L × h·d_v: [head_1 … head_h]
+    const Index blocks = detail::query_blocks(L);
+    detail::parallel_tasks(
+        h * blocks, static_cast<double>(h) * detail::attention_flops(L, S, d_k(), d_v()),
+        [&] { return detail::AttentionScratch<Scalar>::for_problem(L, S, d_k()); },
+        [&](Index t, detail::AttentionScratch<Scalar>& scratch) {
+          const Index i = t / blocks;
+          detail::attention_query_block<Scalar>(q.middleCols(i * d_k(), d_k()), k.middleCols(i * d_k(), d_k()),
+                                                v.middleCols(i * d_v(), d_v()), scale, options.causal, t % blocks,
+                                                scratch, concat.middleCols(i * d_v(), d_v()));
+        });
+
+    Matrix output(L, d_model());                        // L × d_model = concat · W^O
+    const double output_flops = 2 * dm * static_cast<double>(L * h * d_v());
+    detail::parallel_tasks(q_blocks, output_flops, no_scratch, [&](Index t, int) { project(concat, w_o_, t, output); });
+    return output;
   }
 
   /// Self-attention: forward(x, x, x, options), x: L × d_model  →  L × d_model.
@@ -117,6 +146,18 @@ class MultiHeadAttention {
   }
 
  private:
+  /// Rows per task of the projections: a fixed count, so results do not depend on the threads.
+  static constexpr Index kProjectionRows = 256;
+  static Index row_blocks(Index rows) { return (rows + kProjectionRows - 1) / kProjectionRows; }
+  static int no_scratch() { return 0; }
+
+  /// Row block `block` of out = input · w.
+  template <typename Input>
+  static void project(const Input& input, const Matrix& w, Index block, Matrix& out) {
+    const Index first = block * kProjectionRows, rows = std::min(kProjectionRows, input.rows() - first);
+    out.middleRows(first, rows).noalias() = input.middleRows(first, rows) * w;
+  }
+
   Index checked(Index head, const char* accessor) const {
     if (head < 0 || head >= num_heads())
       detail::fail(accessor, "(", head, "): head index out of range; the module has num_heads = ",

@@ -1,0 +1,81 @@
+// mha — how many threads mha's own loops use, and the one loop that uses them.
+#pragma once
+
+#include <mha/config.hpp>
+
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <atomic>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace mha {
+namespace detail {
+
+inline std::atomic<int>& thread_setting() {
+  static std::atomic<int> setting{0};  // 0: OpenMP's default
+  return setting;
+}
+
+}  // namespace detail
+
+/// Sets how many threads mha's own loops use: the heads × query blocks of attention and the row
+/// blocks of the projections. 0 restores the default, OpenMP's (OMP_NUM_THREADS, else one per
+/// core). Without OpenMP (the code compiled without -fopenmp) mha always runs on the calling
+/// thread. Results are bit-identical for every thread count.
+inline void set_num_threads(int threads) {
+  if (threads < 0) detail::fail("set_num_threads: threads must be >= 0 (0 = OpenMP's default), got ", threads);
+  detail::thread_setting().store(threads, std::memory_order_relaxed);
+}
+
+/// \returns the number of threads mha's loops use (1 without OpenMP).
+inline int num_threads() {
+#ifdef _OPENMP
+  const int setting = detail::thread_setting().load(std::memory_order_relaxed);
+  return setting > 0 ? setting : omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+namespace detail {
+
+/// Flops below which a thread is not worth starting: about 30 µs of work. Small problems stay on
+/// the calling thread, where waking and joining threads would cost more than it saves (and where,
+/// on a machine busy with other threads, OpenMP's spinning barriers cost far more).
+constexpr double kMinFlopsPerThread = 4e6;
+
+/// Runs task(t, scratch) for t = 0 … count − 1, worth about `flops` in all, on up to num_threads()
+/// threads, each with a scratch of its own made by make_scratch(). Every task must write only its
+/// own part of the result, so the outcome does not depend on which thread runs which task:
+/// bit-identical for any thread count.
+///
+/// Eigen's matrix products inside the tasks run serially. With OpenMP enabled, Eigen parallelises a
+/// product whenever it is not inside a parallel region of two or more threads: in a region of one
+/// thread it would spread the product over threads mha was told not to use. So each thread of the
+/// region sets its own nested thread count to one (this lasts only as long as the region).
+template <typename MakeScratch, typename Task>
+void parallel_tasks(Eigen::Index count, double flops, const MakeScratch& make_scratch, const Task& task) {
+  if (count <= 0) return;
+#ifdef _OPENMP
+  const auto worth = static_cast<Eigen::Index>(flops / kMinFlopsPerThread);
+  const int threads = static_cast<int>(std::max<Eigen::Index>(1, std::min<Eigen::Index>({num_threads(), count, worth})));
+#pragma omp parallel num_threads(threads)
+  {
+    omp_set_num_threads(1);  // the nested thread count of this implicit task only
+    auto scratch = make_scratch();
+#pragma omp for schedule(dynamic, 1)
+    for (Eigen::Index t = 0; t < count; ++t) task(t, scratch);
+  }
+#else
+  (void)flops;
+  auto scratch = make_scratch();
+  for (Eigen::Index t = 0; t < count; ++t) task(t, scratch);
+#endif
+}
+
+}  // namespace detail
+}  // namespace mha
