@@ -1,15 +1,19 @@
 // bench_forward — the cost of one multi-head self-attention forward pass, f32, d_model = 512,
-// for h ∈ {1, 2, 4, 8, 16} heads (d_k = d_v = d_model / h) and N ∈ {64, 512, 2048} tokens.
+// for h ∈ {1, 2, 4, 8, 16} heads (d_k = d_v = d_model / h) and N from 64 to 4096 tokens, beside
+// the GEMM roof and the literal reference, all in one run. One thread unless a name says threads.
 //
-//   BM_MultiHeadAttention        mha::MultiHeadAttention<float>::forward(x)
-//   BM_MultiHeadAttentionCausal  the same with AttentionOptions::causal
-//   BM_Reference                 the literal reference (tests/reference/reference_attention.hpp):
-//                                per-head products, the full N × N score matrix, a scalar softmax
+//   BM_GemmRoof/N                  Eigen's (N × 512)·(512 × 512) product: the best rate a dense
+//                                  product of this shape reaches here, the roof for the rest
+//   BM_MultiHeadAttention/h/N      mha::MultiHeadAttention<float>::forward(x)
+//   BM_MultiHeadAttentionCausal    the same with AttentionOptions::causal
+//   BM_MultiHeadAttentionThreads   h = 8, N = 2048 on 1 and 2 threads (wall-clock time)
+//   BM_Reference/h/N               the literal reference (tests/reference/reference_attention.hpp):
+//                                  per-head products, the full N × N score matrix, a scalar softmax
 //
-// Arguments are {h, N}. The counter "FLOPS" is the rate of useful flops per forward pass,
+// The counter "FLOPS" is the rate of useful flops per forward pass,
 //   full:   8·N·d² (the Q, K, V and output projections) + 4·N²·d (Q_i K_iᵀ and P V_i, all heads),
 //   causal: 8·N·d² + 2·N·(N+1)·d (only the unmasked, lower-triangular half of the scores),
-// whatever the implementation actually computes. Eigen runs single-threaded here (no OpenMP).
+// whatever the implementation actually computes.
 //
 //   bench_forward --benchmark_out=bench.json --benchmark_out_format=json
 //                 --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
@@ -81,6 +85,27 @@ void run_library(benchmark::State& state, bool causal) {
 void BM_MultiHeadAttention(benchmark::State& state) { run_library(state, false); }
 void BM_MultiHeadAttentionCausal(benchmark::State& state) { run_library(state, true); }
 
+/// Args {h, N, threads}: the library on `threads` threads.
+void BM_MultiHeadAttentionThreads(benchmark::State& state) {
+  mha::set_num_threads(static_cast<int>(state.range(2)));
+  run_library(state, false);
+  mha::set_num_threads(1);
+}
+
+/// Arg {N}: x · W with x of N × 512 and W of 512 × 512, the shape of each projection.
+void BM_GemmRoof(benchmark::State& state) {
+  const Matrix x = random_matrix(state.range(0), kDModel, 2), w = random_matrix(kDModel, kDModel, 3);
+  Matrix y(state.range(0), kDModel);
+  for (auto _ : state) {
+    y.noalias() = x * w;
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["FLOPS"] = benchmark::Counter(2.0 * static_cast<double>(state.range(0)) * kDModel * kDModel,
+                                               benchmark::Counter::kIsIterationInvariantRate,
+                                               benchmark::Counter::kIs1000);
+}
+
 void BM_Reference(benchmark::State& state) {
   const auto attn = make_module(state);
   const Matrix x = random_matrix(state.range(1), kDModel, 2);
@@ -101,13 +126,23 @@ void grid(benchmark::internal::Benchmark* b) {
     for (int h : kHeads) b->Args({h, n});
 }
 
+BENCHMARK(BM_GemmRoof)
+    ->ArgName("N")
+    ->Arg(64)->Arg(128)->Arg(256)->Arg(512)->Arg(1024)->Arg(2048)->Arg(4096)
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_MultiHeadAttention)
-    ->Apply(grid<64, 512, 2048>)
+    ->Apply(grid<64, 128, 256, 512, 1024, 2048, 4096>)
     ->ArgNames({"h", "N"})
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_MultiHeadAttentionCausal)
-    ->Apply(grid<64, 512, 2048>)
+    ->Apply(grid<64, 128, 256, 512, 1024, 2048, 4096>)
     ->ArgNames({"h", "N"})
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_MultiHeadAttentionThreads)
+    ->Args({8, 2048, 1})
+    ->Args({8, 2048, 2})
+    ->ArgNames({"h", "N", "threads"})
+    ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_Reference)->Apply(grid<64, 512>)->ArgNames({"h", "N"})->Unit(benchmark::kMillisecond);
 // One forward pass of the reference at N = 2048 takes up to seconds: one iteration per repetition.
@@ -139,6 +174,9 @@ int main(int argc, char** argv) {
                                                    std::to_string(EIGEN_MAJOR_VERSION) + "." +
                                                    std::to_string(EIGEN_MINOR_VERSION));
   benchmark::AddCustomContext("eigen_simd", Eigen::SimdInstructionSetsInUse());
+  // One thread unless a benchmark says otherwise: mha's loops and Eigen's own products.
+  mha::set_num_threads(1);
+  Eigen::setNbThreads(1);
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();

@@ -1,16 +1,31 @@
 #!/usr/bin/env python3
-"""Summarise bench_forward's Google Benchmark JSON as Markdown tables.
+"""Summarise bench_forward's Google Benchmark JSON as Markdown.
 
     bench_forward --benchmark_out=bench.json --benchmark_out_format=json \\
                   --benchmark_repetitions=3 --benchmark_report_aggregates_only=true \\
                   --benchmark_enable_random_interleaving=true
     python3 bench/summarize.py bench.json
 
-For each benchmark and {h, N} it takes the median aggregate when the run had repetitions, else the
-mean of the iteration runs. It prints, with rows N and columns h: the library's time in ms with the
-ratio to h = 1, the reference's time, the reference's time divided by the library's, the library's
-GFLOP/s (useful flops 8*N*d^2 + 4*N^2*d), and the causal variant's time divided by the full one's
-next to the ratio of their useful flops. Standard library only.
+Reads the JSON written by bench/bench_forward.cpp: the families BM_GemmRoof/N:…,
+BM_MultiHeadAttention/h:…/N:…, BM_MultiHeadAttentionCausal/h:…/N:…,
+BM_MultiHeadAttentionThreads/h:…/N:…/threads:…/real_time and BM_Reference/h:…/N:…[/iterations:1].
+Names without ArgNames (BM_X/8/512) are understood too. For every case it takes the median
+aggregate when the run had repetitions, else the mean of the iteration runs; cases whose name ends
+in /real_time always use wall-clock time, the others the time chosen with --time (default cpu).
+
+Prints, after a line on the CPU and the run's context, with rows N and columns h:
+  (a) the library's time in ms, with the ratio to h = 1 in parentheses;
+  (b) the reference's time likewise, and the reference's time divided by the library's;
+  (c) the library's useful GFLOP/s (8·N·d² + 4·N²·d per forward pass), the GEMM roof's GFLOP/s
+      ((N × d)·(d × d) product, 2·N·d²) and library ÷ roof for h = 1 and h = 8;
+  (d) causal ÷ full time, beside the ratio of their useful flops;
+  the 1- vs 2-thread wall-clock times, and
+  (e) the targets, each with the measured value and pass or miss: full attention at N = 1024,
+      2048, 4096 (h = 8 and h = 1) reaches >= 0.85 of the same run's GEMM roof GFLOP/s at that N;
+      time(h = 8) / time(h = 1) <= 1.10 at every N from 64 to 4096; time(causal) / time(full)
+      <= 0.60 at N = 4096 (h = 8 and h = 1); 2 threads >= 1.6 times faster than 1 at N = 2048.
+GFLOP/s are computed from the reported time and the flop formulas above (d from the context's
+d_model), so they follow --time. Standard library only; plot.py and compare_pytorch.py reuse load().
 """
 
 import argparse
@@ -19,56 +34,113 @@ import statistics
 import sys
 from collections import defaultdict
 
+ROOF = "BM_GemmRoof"
 LIBRARY = "BM_MultiHeadAttention"
 CAUSAL = "BM_MultiHeadAttentionCausal"
+THREADS = "BM_MultiHeadAttentionThreads"
 REFERENCE = "BM_Reference"
 TO_MS = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
+# Positional argument names per family, for names written without ArgNames.
+POSITIONAL = {ROOF: ("N",), THREADS: ("h", "N", "threads")}
+DEFAULT_POSITIONAL = ("h", "N")
+
+# Targets (section (e)).
+ROOF_FRACTION = 0.85      # full attention at N >= 1024 reaches this fraction of the GEMM roof
+ROOF_LENGTHS = (1024, 2048, 4096)
+HEADS_RATIO = 1.10        # time(h = 8) / time(h = 1) at every N of HEADS_LENGTHS
+HEADS_LENGTHS = (64, 128, 256, 512, 1024, 2048, 4096)
+CAUSAL_RATIO = 0.60       # time(causal) / time(full) at N = 4096
+CAUSAL_N = 4096
+THREAD_SPEEDUP = 1.6      # time(1 thread) / time(2 threads) at N = 2048, wall clock
+THREAD_N = 2048
 
 
 def parse_name(name):
-    """'BM_X/h:4/N:512/iterations:1' or 'BM_X/4/512' -> ('BM_X', 4, 512); None if no h and N."""
+    """'BM_X/h:4/N:512/iterations:1' -> ('BM_X', {'h': 4, 'N': 512}, real_time=False).
+
+    Named arguments (h:, N:, threads:) and bare integers (by position, see POSITIONAL) are
+    arguments; '/real_time' sets the flag; other suffixes (iterations:1, min_time:…,
+    repeats:…) are ignored. Aggregate suffixes (_median …) must already be stripped.
+    """
     family, *parts = name.split("/")
-    named, positional = {}, []
+    args, positional, real_time = {}, [], False
     for part in parts:
         key, sep, value = part.partition(":")
-        if sep and key in ("h", "N"):
-            named[key] = int(value)
+        if sep and key in ("h", "N", "threads") and value.isdigit():
+            args[key] = int(value)
         elif not sep and part.isdigit():
             positional.append(int(part))
-        # Anything else (iterations:1, min_time:…, repeats:…, real_time, threads:…) is ignored.
-    h = named.get("h", positional[0] if positional else None)
-    n = named.get("N", positional[1] if len(positional) > 1 else None)
-    return (family, h, n) if h is not None and n is not None else None
+        elif part == "real_time":
+            real_time = True
+    for key, value in zip(POSITIONAL.get(family, DEFAULT_POSITIONAL), positional):
+        args.setdefault(key, value)
+    return family, args, real_time
 
 
-def load(path, time_field):
-    """{(family, h, N): {"ms": time, "gflops": rate or None}} and the JSON context."""
+def useful_flops(family, n, d):
+    """Useful flops of one run of `family` at N = n, d = d_model (see bench_forward.cpp)."""
+    if family == ROOF:
+        return 2.0 * n * d * d
+    if family == CAUSAL:
+        return 8.0 * n * d * d + 2.0 * n * (n + 1.0) * d
+    return 8.0 * n * d * d + 4.0 * n * n * d
+
+
+def load(path, time="cpu"):
+    """Read a Google Benchmark JSON file.
+
+    Returns (results, context, statistic): results maps (family, h, N, threads) -- h is None for
+    the GEMM roof, threads None except for the threads family -- to {"ms", "gflops", "real_time"};
+    context is the JSON's context object; statistic says which statistic the times are.
+    """
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, json.JSONDecodeError) as error:
         sys.exit(f"{path}: cannot read Google Benchmark JSON: {error}")
+    context = data.get("context", {})
+    d = int(context.get("d_model", 512))
     medians, iterations = {}, defaultdict(list)
     for run in data.get("benchmarks", []):
         if run.get("error_occurred"):
             continue
-        key = parse_name(run.get("run_name") or run["name"])
-        if key is None:
+        family, args, real_time = parse_name(run.get("run_name") or run["name"])
+        if "N" not in args:
             continue
-        row = {"ms": run[time_field] * TO_MS[run.get("time_unit", "ns")], "gflops": run["FLOPS"] / 1e9 if "FLOPS" in run else None}
+        key = (family, args.get("h"), args["N"], args.get("threads"))
+        field = "real_time" if real_time or time == "real" else "cpu_time"
+        ms = run[field] * TO_MS[run.get("time_unit", "ns")]
         if run.get("run_type") == "aggregate":
             if run.get("aggregate_name") == "median":
-                medians[key] = row
+                medians[key] = (ms, real_time)
         else:
-            iterations[key].append(row)
-    results = dict(medians)
+            iterations[key].append((ms, real_time))
+    times = dict(medians)
     for key, rows in iterations.items():
-        if key not in results:
-            rates = [r["gflops"] for r in rows if r["gflops"] is not None]
-            results[key] = {"ms": statistics.mean(r["ms"] for r in rows),
-                            "gflops": statistics.mean(rates) if rates else None}
+        if key not in times:
+            times[key] = (statistics.mean(ms for ms, _ in rows), rows[0][1])
+    results = {key: {"ms": ms, "real_time": real_time,
+                     "gflops": useful_flops(key[0], key[2], d) / (ms * 1e-3) / 1e9}
+               for key, (ms, real_time) in times.items()}
     statistic = "median of repetitions" if medians else "mean of iteration runs"
-    return results, data.get("context", {}), statistic
+    return results, context, statistic
+
+
+def context_line(context):
+    """One line on the machine and the build, from the JSON context ('' if nothing is known)."""
+    machine = []
+    if context.get("cpu_model"):
+        machine.append(f"CPU: {context['cpu_model']}")
+    if "num_cpus" in context:
+        machine.append(f"{context['num_cpus']} CPUs @ {context.get('mhz_per_cpu', '?')} MHz")
+    if "eigen_version" in context:
+        machine.append(f"Eigen {context['eigen_version']} ({context.get('eigen_simd', '?')}), "
+                       "single-threaded unless stated")
+    if "load_avg" in context:
+        machine.append("load avg " + ", ".join(f"{x:.2f}" for x in context["load_avg"]))
+    if "date" in context:
+        machine.append(f"run {context['date']}")
+    return "; ".join(machine) + "." if machine else ""
 
 
 def fmt_ms(ms):
@@ -81,89 +153,145 @@ def fmt_ms(ms):
     return f"{ms:.3f}"
 
 
-def table(title, heads, lengths, cell, extra=None):
-    """A Markdown table: one row per N, one column per h, plus optional (header, fn(N)) columns."""
+def markdown(header, rows, align=None):
+    """A Markdown table; align is one of 'l'/'r' per column (default: first left, rest right)."""
+    align = align or ["l"] + ["r"] * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join(":---" if a == "l" else "---:" for a in align) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def grid_table(title, heads, lengths, cell, extra=None):
+    """'### title' and a table with one row per N, one column per h, plus (header, fn(N)) columns."""
     extra = extra or []
-    lines = [f"### {title}", ""]
     header = ["N"] + [f"h = {h}" for h in heads] + [name for name, _ in extra]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "|".join("---:" for _ in header) + "|")
-    for n in lengths:
-        cells = [str(n)] + [cell(h, n) for h in heads] + [fn(n) for _, fn in extra]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    rows = [[str(n)] + [cell(h, n) for h in heads] + [fn(n) for _, fn in extra] for n in lengths]
+    if not any(c != "–" for row in rows for c in row[1:]):
+        return ""
+    rows = [row for row in rows if any(c != "–" for c in row[1:])]
+    return f"### {title}\n\n" + markdown(header, rows, ["r"] * len(header)) + "\n"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("json", help="Google Benchmark output (--benchmark_out_format=json)")
     parser.add_argument("--time", choices=("cpu", "real"), default="cpu",
-                        help="which time to report (default: cpu, as the GFLOP/s counter uses)")
+                        help="time of the one-thread cases (default: cpu); "
+                             "/real_time cases always use wall-clock time")
     args = parser.parse_args()
-    results, context, statistic = load(args.json, f"{args.time}_time")
+    results, context, statistic = load(args.json, args.time)
     if not results:
-        sys.exit(f"{args.json}: no benchmark results with {{h, N}} arguments")
+        sys.exit(f"{args.json}: no bench_forward results (no N argument in any name)")
 
-    heads = sorted({h for (_, h, _) in results})
-    lengths = sorted({n for (_, _, n) in results})
-    base_h = 1 if 1 in heads else heads[0]
+    def get(family, h, n, threads=None):
+        return results.get((family, h, n, threads))
+
+    def ratio(top, bottom):
+        return top["ms"] / bottom["ms"] if top and bottom else None
+
+    families = {family for (family, _, _, _) in results}
+    heads = sorted({h for (family, h, _, _) in results if h is not None and family != THREADS})
+    lengths = sorted({n for (_, _, n, _) in results})
+    base_h = 1 if 1 in heads else heads[0] if heads else 1
     d = int(context.get("d_model", 512))
-
-    def get(family, h, n):
-        return results.get((family, h, n))
 
     def time_with_ratio(family):
         def cell(h, n):
             run, base = get(family, h, n), get(family, base_h, n)
             if run is None:
                 return "–"
-            ratio = f" ({run['ms'] / base['ms']:.2f})" if base else ""
-            return fmt_ms(run["ms"]) + ratio
+            return fmt_ms(run["ms"]) + (f" ({ratio(run, base):.2f})" if base else "")
         return cell
 
     def quotient(top, bottom, digits):
         def cell(h, n):
-            a, b = get(top, h, n), get(bottom, h, n)
-            return f"{a['ms'] / b['ms']:.{digits}f}" if a and b else "–"
+            q = ratio(get(top, h, n), get(bottom, h, n))
+            return f"{q:.{digits}f}" if q is not None else "–"
         return cell
 
-    def gflops(h, n):
+    def library_gflops(h, n):
         run = get(LIBRARY, h, n)
-        return f"{run['gflops']:.1f}" if run and run["gflops"] is not None else "–"
+        return f"{run['gflops']:.1f}" if run else "–"
+
+    def roof_gflops(n):
+        roof = get(ROOF, None, n)
+        return f"{roof['gflops']:.1f}" if roof else "–"
+
+    def of_roof(h):
+        def cell(n):
+            run, roof = get(LIBRARY, h, n), get(ROOF, None, n)
+            return f"{run['gflops'] / roof['gflops']:.2f}" if run and roof else "–"
+        return cell
 
     def ideal_causal(n):
-        return f"{(8 * n * d * d + 2 * n * (n + 1) * d) / (8 * n * d * d + 4 * n * n * d):.2f}"
+        return f"{useful_flops(CAUSAL, n, d) / useful_flops(LIBRARY, n, d):.2f}"
 
-    cpu = context.get("cpu_model")
     print(f"## Self-attention forward, {context.get('scalar', 'float')}, d_model = {d}, "
           f"d_k = d_v = d_model / h\n")
-    machine = []
-    if cpu:
-        machine.append(f"CPU: {cpu}")
-    if "num_cpus" in context:
-        machine.append(f"{context['num_cpus']} CPUs @ {context.get('mhz_per_cpu', '?')} MHz")
-    if "eigen_version" in context:
-        machine.append(f"Eigen {context['eigen_version']} ({context.get('eigen_simd', '?')}), single-threaded")
-    if "load_avg" in context:
-        machine.append("load avg " + ", ".join(f"{x:.2f}" for x in context["load_avg"]))
-    if machine:
-        print("; ".join(machine) + ".  ")
-    print(f"Times: {args.time} time, {statistic}; ratios in parentheses are to h = {base_h}.\n")
+    line = context_line(context)
+    if line:
+        print(line + "  ")
+    print(f"Times: {args.time} time ({statistic}), wall-clock for the thread cases; ratios in "
+          f"parentheses are to h = {base_h}. Useful flops: 8·N·d² + 4·N²·d per forward pass "
+          f"(causal: 8·N·d² + 2·N·(N+1)·d); GEMM roof: (N × {d})·({d} × {d}), 2·N·d².\n")
 
-    families = {family for (family, _, _) in results}
+    sections = []
     if LIBRARY in families:
-        print(table(f"Library `MultiHeadAttention::forward`: ms (ratio to h = {base_h})",
-                    heads, lengths, time_with_ratio(LIBRARY)))
+        sections.append(grid_table(f"(a) Library `MultiHeadAttention::forward`: ms (ratio to h = {base_h})",
+                                   heads, lengths, time_with_ratio(LIBRARY)))
     if REFERENCE in families:
-        print(table(f"Reference (literal lecture version): ms (ratio to h = {base_h})",
-                    heads, lengths, time_with_ratio(REFERENCE)))
+        sections.append(grid_table(f"(b) Reference (literal lecture version): ms (ratio to h = {base_h})",
+                                   heads, lengths, time_with_ratio(REFERENCE)))
     if LIBRARY in families and REFERENCE in families:
-        print(table("Reference ÷ library (time)", heads, lengths, quotient(REFERENCE, LIBRARY, 1)))
+        sections.append(grid_table("(b) Reference ÷ library (time)", heads, lengths,
+                                   quotient(REFERENCE, LIBRARY, 1)))
     if LIBRARY in families:
-        print(table("Library GFLOP/s (useful flops 8·N·d² + 4·N²·d per forward)", heads, lengths, gflops))
+        extra = []
+        if ROOF in families:
+            extra = [("GEMM roof", roof_gflops)] + [(f"h = {h} ÷ roof", of_roof(h))
+                                                    for h in (1, 8) if h in heads]
+        sections.append(grid_table("(c) Library useful GFLOP/s, GEMM roof GFLOP/s, library ÷ roof",
+                                   heads, lengths, library_gflops, extra))
     if LIBRARY in families and CAUSAL in families:
-        print(table("Causal ÷ full (library time); ideal = ratio of useful flops",
-                    heads, lengths, quotient(CAUSAL, LIBRARY, 2), [("ideal", ideal_causal)]))
+        sections.append(grid_table("(d) Causal ÷ full (library time); ideal = ratio of useful flops",
+                                   heads, lengths, quotient(CAUSAL, LIBRARY, 2),
+                                   [("ideal", ideal_causal)]))
+    thread_runs = sorted((key, run) for key, run in results.items() if key[0] == THREADS)
+    if thread_runs:
+        rows = []
+        for (_, h, n, threads), run in thread_runs:
+            one = get(THREADS, h, n, 1)
+            speedup = f"{one['ms'] / run['ms']:.2f}" if one else "–"
+            rows.append([str(h), str(n), str(threads), fmt_ms(run["ms"]),
+                         f"{run['gflops']:.1f}", speedup])
+        sections.append("### Threads (wall-clock)\n\n" + markdown(
+            ["h", "N", "threads", "ms", "GFLOP/s", "speed-up vs 1 thread"], rows, ["r"] * 6) + "\n")
+
+    # (e) Targets: (description, measured value or None, goal text, passed predicate).
+    targets = []
+    for h in (8, 1):
+        for n in ROOF_LENGTHS:
+            run, roof = get(LIBRARY, h, n), get(ROOF, None, n)
+            value = run["gflops"] / roof["gflops"] if run and roof else None
+            targets.append((f"Full, h = {h}, N = {n}: library ÷ GEMM roof (GFLOP/s)", value,
+                            f"≥ {ROOF_FRACTION:.2f}", lambda v: v >= ROOF_FRACTION))
+    for n in HEADS_LENGTHS:
+        targets.append((f"Full, N = {n}: time h = 8 ÷ h = 1", ratio(get(LIBRARY, 8, n), get(LIBRARY, 1, n)),
+                        f"≤ {HEADS_RATIO:.2f}", lambda v: v <= HEADS_RATIO))
+    for h in (8, 1):
+        targets.append((f"N = {CAUSAL_N}, h = {h}: time causal ÷ full",
+                        ratio(get(CAUSAL, h, CAUSAL_N), get(LIBRARY, h, CAUSAL_N)),
+                        f"≤ {CAUSAL_RATIO:.2f}", lambda v: v <= CAUSAL_RATIO))
+    targets.append((f"h = 8, N = {THREAD_N}: wall time 1 thread ÷ 2 threads",
+                    ratio(get(THREADS, 8, THREAD_N, 1), get(THREADS, 8, THREAD_N, 2)),
+                    f"≥ {THREAD_SPEEDUP:.1f}", lambda v: v >= THREAD_SPEEDUP))
+    rows = [[name, f"{value:.3f}" if value is not None else "–", goal,
+             ("pass" if passed(value) else "**miss**") if value is not None else "not measured"]
+            for name, value, goal, passed in targets]
+    sections.append("### (e) Targets\n\n" + markdown(["Target", "Measured", "Goal", "Result"], rows,
+                                                      ["l", "r", "l", "l"]) + "\n")
+    print("\n".join(s for s in sections if s))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,311 @@
+#!/usr/bin/env python3
+"""Compare mha's self-attention forward with PyTorch's CPU nn.MultiheadAttention, one thread.
+
+An optional tool for a developer's machine, never run in CI. From the repository root, after
+building bench/bench_forward:
+
+    /usr/bin/python3 bench/compare_pytorch.py                     # runs build/bench/bench_forward
+    /usr/bin/python3 bench/compare_pytorch.py --bench path/to/bench_forward
+    /usr/bin/python3 bench/compare_pytorch.py --mha-json bench.json   # reuse an earlier run
+    /usr/bin/python3 bench/compare_pytorch.py --skip-mha              # PyTorch only
+
+Needs PyTorch (Debian: python3-torch, 1.13, for /usr/bin/python3). The shapes: self-attention
+of x of shape (1, N, 512), N in {256, 1024, 4096}, h in {1, 8}, full and causal, f32.
+
+mha: runs the benchmark binary with
+    --benchmark_filter='^BM_MultiHeadAttention(Causal)?/h:(1|8)/N:(256|1024|4096)$'
+    --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
+and a temporary --benchmark_out JSON (its console output goes to stderr), or reads the JSON given
+with --mha-json. Its time is the median of the repetitions, wall clock (real_time).
+
+PyTorch: torch.nn.MultiheadAttention(512, h, bias=False, batch_first=True) in eval mode,
+torch.set_num_threads(1), inside torch.inference_mode(), called as mha(x, x, x,
+need_weights=False[, attn_mask=mask]); causal is the boolean mask torch.triu(ones(N, N), 1)
+(1.13's MultiheadAttention has no is_causal). For an even h without a mask 1.13 takes its fused
+kernel, which rejects bias=False (qkv_bias must be a Tensor); those shapes are timed on the same
+module with zero biases instead, and the table says so. Its time is the median wall-clock time of
+at least --runs calls and --min-time seconds after a warm-up call (3 calls once --budget seconds
+have passed, for the slow shapes). PyTorch is imported only after the binary has finished, and the script
+refuses to measure while any bench_forward process runs, so the two never share the CPU.
+
+Prints, in Markdown: the PyTorch version, the BLAS library it has loaded and its thread counts, a
+GEMM rate of PyTorch for scale, a table N | h | causal | PyTorch ms | mha ms | speed-up (PyTorch
+÷ mha) | PyTorch path, and the targets: speed-up >= 2 at N = 1024 (full, h = 8; h = 1 reported
+too) and >= 4 at N = 4096 (causal, h = 8).
+"""
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.dont_write_bytecode = True  # no __pycache__ next to the scripts
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from summarize import CAUSAL, LIBRARY, context_line, load  # noqa: E402
+
+D_MODEL = 512
+LENGTHS = (256, 1024, 4096)
+HEADS = (1, 8)
+FILTER = r"^BM_MultiHeadAttention(Causal)?/h:(1|8)/N:(256|1024|4096)$"
+DEFAULT_BENCH = os.path.join("build", "bench", "bench_forward")
+# (N, h, causal, minimum speed-up of mha over PyTorch)
+TARGETS = ((1024, 8, False, 2.0), (1024, 1, False, 2.0), (4096, 8, True, 4.0))
+
+
+def running_bench_forward():
+    """Process ids of running bench_forward processes (from /proc; [] where there is no /proc)."""
+    pids = []
+    entries = os.listdir("/proc") if os.path.isdir("/proc") else []
+    for pid in (entry for entry in entries if entry.isdigit()):
+        try:
+            with open(f"/proc/{pid}/comm", encoding="utf-8") as f:
+                if f.read().strip() == "bench_forward":
+                    pids.append(int(pid))
+        except OSError:
+            pass
+    return pids
+
+
+def run_mha(bench, out_json):
+    """Run the benchmark binary on the compared shapes, writing Google Benchmark JSON to out_json."""
+    if not os.path.isfile(bench):
+        script_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        candidate = os.path.join(script_root, bench)
+        if bench == DEFAULT_BENCH and os.path.isfile(candidate):
+            bench = candidate
+        else:
+            sys.exit(f"{bench}: no such benchmark binary (build it, or pass --bench / --mha-json)")
+    command = [bench, f"--benchmark_filter={FILTER}", "--benchmark_repetitions=3",
+               "--benchmark_report_aggregates_only=true", f"--benchmark_out={out_json}",
+               "--benchmark_out_format=json"]
+    print("running " + " ".join(command), file=sys.stderr, flush=True)
+    subprocess.run(command, check=True, stdout=sys.stderr)
+
+
+def loaded_blas():
+    """Resolved paths of the BLAS/LAPACK-like shared libraries mapped into this process."""
+    names = ("blas", "lapack", "mkl", "blis", "flame")
+    found = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            for line in f:
+                path = line.split()[-1] if len(line.split()) >= 6 else ""
+                if path.startswith("/") and any(n in os.path.basename(path).lower() for n in names):
+                    if path not in found:
+                        found.append(path)
+    except OSError:
+        pass
+    return found
+
+
+def describe_blas(path):
+    lower = path.lower()
+    if "openblas" in lower:
+        return "OpenBLAS"
+    if "mkl" in lower:
+        return "Intel MKL"
+    if "blis" in lower:
+        return "BLIS"
+    if "atlas" in lower:
+        return "ATLAS"
+    if os.path.basename(lower).startswith("libblas.so") and os.sep + "blas" + os.sep in lower:
+        return "netlib reference BLAS (Debian libblas3): unoptimised Fortran loops"
+    if os.path.basename(lower).startswith("liblapack.so") and os.sep + "lapack" + os.sep in lower:
+        return "netlib reference LAPACK"
+    return "?"
+
+
+def time_calls(call, runs, min_time, budget, warm_up=True):
+    """Median seconds of call() (after one warm-up call unless warm_up is False): at least `runs`
+    calls and `min_time` seconds, but stop after 3 calls once `budget` seconds have passed."""
+    if warm_up:
+        call()
+    times, start = [], time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - start
+        if (len(times) >= runs and elapsed >= min_time) or (len(times) >= 3 and elapsed >= budget) \
+                or len(times) >= 1000:
+            return statistics.median(times), len(times)
+
+
+def measure_torch(args):
+    """{(N, h, causal): (median ms, calls, path)}, Markdown lines about PyTorch, and notes."""
+    # One thread means one thread: torch.set_num_threads does not reach the BLAS library's own
+    # thread pool (OpenBLAS's pthreads build starts one thread per core), so pin it before import.
+    for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = "1"
+    import torch  # Imported only now: after the benchmark binary has finished.
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    info = [f"PyTorch {torch.__version__}; threads: intra-op {torch.get_num_threads()}, "
+            f"inter-op {torch.get_num_interop_threads()}."]
+    config = torch.__config__.show().strip().splitlines()
+    build = [line.strip().lstrip("- ") for line in config[1:]
+             if line.strip() and "Build settings" not in line]
+    settings = next((line for line in config if "Build settings" in line), "")
+    blas_info = [s.strip() for s in settings.split(",") if s.strip().startswith(("BLAS_INFO", "LAPACK_INFO"))]
+    info.append("PyTorch built with: " + "; ".join(build[:5] + blas_info) + ".")
+
+    results, notes = {}, []
+    native = torch._native_multi_head_attention
+    native_calls = []
+
+    def counting_native(*a, **k):
+        native_calls.append(1)
+        return native(*a, **k)
+
+    def first_call(call):
+        """Call once (the warm-up); True if 1.13 took the fused native kernel."""
+        native_calls.clear()
+        torch._native_multi_head_attention = counting_native
+        try:
+            call()
+        finally:
+            torch._native_multi_head_attention = native
+        return bool(native_calls)
+
+    def zero_bias_twin(module):
+        """The same module with biases, all zero: the same function, accepted by the fast path."""
+        twin = torch.nn.MultiheadAttention(D_MODEL, module.num_heads, bias=True, batch_first=True).eval()
+        twin.in_proj_weight.copy_(module.in_proj_weight)
+        twin.out_proj.weight.copy_(module.out_proj.weight)
+        twin.in_proj_bias.zero_()
+        twin.out_proj.bias.zero_()
+        return twin
+
+    with torch.inference_mode():
+        # A GEMM of the projections' shape, for scale; it also loads the BLAS library.
+        n = 1024
+        a, b = torch.randn(n, D_MODEL), torch.randn(D_MODEL, D_MODEL)
+        seconds, _ = time_calls(lambda: torch.matmul(a, b), args.runs, args.min_time, args.budget)
+        info.append(f"PyTorch GEMM ({n} × {D_MODEL})·({D_MODEL} × {D_MODEL}): "
+                    f"{2 * n * D_MODEL * D_MODEL / seconds / 1e9:.1f} GFLOP/s.")
+        blas = loaded_blas()
+        kinds = [describe_blas(os.path.realpath(p)) for p in blas]
+        info.append("BLAS loaded by PyTorch: " + ("; ".join(
+            f"{os.path.basename(p)} ({kind})" for p, kind in zip(blas, kinds))
+            if blas else "none found in /proc/self/maps") + ".")
+        if any(kind.startswith("netlib") for kind in kinds):
+            notes.append("PyTorch's matrix products run on the unoptimised reference BLAS here, so "
+                         "the speed-ups compare mha with that build, not with PyTorch on an "
+                         "optimised BLAS (OpenBLAS, MKL); mind this before quoting them.")
+
+        for n in args.lengths:
+            x = torch.randn(1, n, D_MODEL)
+            mask = torch.triu(torch.ones(n, n, dtype=torch.bool), 1)
+            for h in HEADS:
+                module = torch.nn.MultiheadAttention(D_MODEL, h, bias=False, batch_first=True).eval()
+                for causal in (False, True):
+                    kwargs = {"need_weights": False, "attn_mask": mask if causal else None}
+                    call = lambda m=module: m(x, x, x, **kwargs)  # noqa: E731
+                    # 1.13 takes its fused kernel (torch._native_multi_head_attention) for an even
+                    # h without a mask, but that kernel rejects bias=False (qkv_bias must be a
+                    # Tensor): there, time the same module with zero biases instead.
+                    try:
+                        path = "native fast path" if first_call(call) else "Python path"
+                    except TypeError as error:
+                        if "bias" not in str(error):
+                            raise
+                        call = lambda m=zero_bias_twin(module): m(x, x, x, **kwargs)  # noqa: E731
+                        fast = first_call(call)
+                        path = ("native fast path" if fast else "Python path") + ", zero biases*"
+                        note = ("\\* PyTorch 1.13's fused kernel rejects bias=False (qkv_bias must be "
+                                "a Tensor): these rows time the same module with zero biases.")
+                        if note not in notes:
+                            notes.append(note)
+                    seconds, count = time_calls(call, args.runs, args.min_time, args.budget,
+                                                warm_up=False)
+                    results[(n, h, causal)] = (seconds * 1e3, count, path)
+                    print(f"PyTorch N = {n}, h = {h}, causal = {causal}: {seconds * 1e3:.2f} ms "
+                          f"(median of {count}, {path})", file=sys.stderr, flush=True)
+    return results, info, notes
+
+
+def fmt_ms(ms):
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bench", default=DEFAULT_BENCH,
+                        help=f"benchmark binary to run (default: {DEFAULT_BENCH})")
+    parser.add_argument("--mha-json", metavar="FILE",
+                        help="reuse this bench_forward JSON instead of running the binary")
+    parser.add_argument("--skip-mha", action="store_true",
+                        help="do not run the binary (mha columns come from --mha-json, or stay empty)")
+    parser.add_argument("--runs", type=int, default=7,
+                        help="PyTorch: at least this many timed calls per shape (default: 7) ...")
+    parser.add_argument("--min-time", type=float, default=0.5,
+                        help="... and at least this many seconds (default: 0.5) ...")
+    parser.add_argument("--budget", type=float, default=20.0,
+                        help="... but stop after 3 calls once this many seconds passed (default: 20)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS),
+                        help="PyTorch: N to measure (default: 256 1024 4096)")
+    args = parser.parse_args()
+
+    # 1. mha, alone on the machine.
+    mha, mha_context = {}, {}
+    if args.mha_json or not args.skip_mha:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = args.mha_json
+            if not path:
+                path = os.path.join(tmp, "mha.json")
+                run_mha(args.bench, path)
+            results, mha_context, statistic = load(path, "real")
+        for (family, h, n, threads), run in results.items():
+            if family in (LIBRARY, CAUSAL) and threads is None:
+                mha[(n, h, family == CAUSAL)] = run["ms"]
+
+    # 2. PyTorch, once no benchmark binary runs.
+    busy = running_bench_forward()
+    if busy:
+        sys.exit(f"bench_forward is running (pid {', '.join(map(str, busy))}): "
+                 "wait for it to finish, PyTorch must not share the CPU with it")
+    torch_results, info, notes = measure_torch(args)
+
+    # 3. Report.
+    print("## mha vs PyTorch nn.MultiheadAttention: self-attention forward, f32, d_model = 512, "
+          "1 thread\n")
+    print("  \n".join(info) + "  ")
+    if mha_context:
+        print("mha: " + context_line(mha_context) + "  ")
+    print("Times: wall clock. PyTorch: median of the timed calls after a warm-up. mha: median of "
+          "3 Google Benchmark repetitions. Causal: PyTorch with a boolean attn_mask "
+          "triu(ones(N, N), 1), mha with AttentionOptions::causal.\n")
+    print("| N | h | causal | PyTorch ms | mha ms | speed-up (PyTorch ÷ mha) | PyTorch path |")
+    print("|---:|---:|:---|---:|---:|---:|:---|")
+    for n in args.lengths:
+        for h in HEADS:
+            for causal in (False, True):
+                torch_ms, _, path = torch_results[(n, h, causal)]
+                ours = mha.get((n, h, causal))
+                speedup = f"{torch_ms / ours:.2f}" if ours else "–"
+                print(f"| {n} | {h} | {'yes' if causal else 'no'} | {fmt_ms(torch_ms)} | "
+                      f"{fmt_ms(ours) if ours else '–'} | {speedup} | {path} |")
+
+    if notes:
+        print("\n" + "  \n".join(notes))
+
+    print("\n### Targets\n")
+    print("| Target | Measured | Goal | Result |")
+    print("|:---|---:|:---|:---|")
+    for n, h, causal, goal in TARGETS:
+        name = f"N = {n}, h = {h}, {'causal' if causal else 'full'}: PyTorch ÷ mha"
+        theirs, ours = torch_results.get((n, h, causal)), mha.get((n, h, causal))
+        if theirs and ours:
+            value = theirs[0] / ours
+            result = "pass" if value >= goal else "**miss**"
+            print(f"| {name} | {value:.2f} | ≥ {goal:.0f} | {result} |")
+        else:
+            print(f"| {name} | – | ≥ {goal:.0f} | not measured |")
+
+
+if __name__ == "__main__":
+    main()
