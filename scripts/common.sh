@@ -1,8 +1,10 @@
-# Shared by scripts/test and scripts/demo: installing what the build needs, and configuring it.
+# Shared by scripts/test and scripts/demo: installing what the build needs, and building it.
 # Sourced, not run.
 
 # The Debian packages that building and testing mha needs.
 MHA_PACKAGES=(cmake make g++ libeigen3-dev libgtest-dev libbenchmark-dev)
+# And those that `scripts/test --full` adds: clang with its sanitizer, libFuzzer and OpenMP runtimes.
+MHA_FULL_PACKAGES=(clang libclang-rt-14-dev libomp-dev)
 
 # Installs the packages among "$@" that are missing, with apt-get; runs `apt-get update` first only
 # when something is missing, and nothing at all when everything is there.
@@ -23,9 +25,49 @@ ensure_packages() {
   "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
 }
 
-# Configures and builds the project in build/ (Release).
+jobs_count() { nproc 2>/dev/null || echo 2; }
+
+# Configures and builds the project in build/ (Release), with extra CMake arguments "$@".
 configure_and_build() {
   echo "==> configuring and building in build/"
   cmake -S . -B build -DCMAKE_BUILD_TYPE=Release "$@"
-  cmake --build build --parallel "$(nproc 2>/dev/null || echo 2)"
+  cmake --build build --parallel "$(jobs_count)"
+}
+
+# variant_build NAME COMPILER [CMAKE ARGS…] [--target T…]: a build in build/NAME with that
+# compiler, optimised with debug information, warnings as errors, no benchmarks.
+variant_build() {
+  local name=$1 compiler=$2 args=() targets=()
+  shift 2
+  while (($#)); do
+    if [ "$1" = --target ]; then shift; targets=("$@"); break; fi
+    args+=("$1"); shift
+  done
+  cmake -S . -B "build/$name" -DCMAKE_CXX_COMPILER="$compiler" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DMHA_WERROR=ON -DMHA_BUILD_BENCHMARKS=OFF "${args[@]}" >/dev/null
+  cmake --build "build/$name" --parallel "$(jobs_count)" ${targets[@]:+--target "${targets[@]}"}
+}
+
+# consumer COMPILER STANDARD HOW: builds and runs tests/consumer with mha::mha found as an installed
+# package (HOW = installed, from build/install), added with add_subdirectory (subdirectory), or
+# with include/ copied alone into the consumer and compiled by hand (copied-include).
+consumer() {
+  local compiler=$1 standard=$2 how=$3 dir="build/consumer-${1%++}-$2-$3"
+  rm -rf "$dir"
+  case "$how" in
+    installed)
+      cmake -S tests/consumer -B "$dir" -DCMAKE_CXX_COMPILER="$compiler" -DCMAKE_CXX_STANDARD="$standard" \
+        -DCMAKE_PREFIX_PATH="$PWD/build/install" >/dev/null
+      cmake --build "$dir" >/dev/null ;;
+    subdirectory)
+      cmake -S tests/consumer -B "$dir" -DCMAKE_CXX_COMPILER="$compiler" -DCMAKE_CXX_STANDARD="$standard" \
+        -DMHA_SOURCE_DIR="$PWD" >/dev/null
+      cmake --build "$dir" >/dev/null ;;
+    copied-include)
+      mkdir -p "$dir" && cp -r include "$dir/include"
+      "$compiler" -std=c++"$standard" -O2 -Wall -Wextra -Wpedantic -Werror -I "$dir/include" \
+        -isystem /usr/include/eigen3 tests/consumer/main.cpp -o "$dir/consumer" ;;
+  esac
+  printf '    %-8s C++%s %-15s ' "$compiler" "$standard" "$how"
+  "$dir/consumer"
 }
