@@ -12,7 +12,9 @@
 
 namespace {
 
+using mha_test::causal_if;
 using mha_test::close;
+using mha_test::error_of;
 using mha_test::Matrix;
 using mha_test::random_matrix;
 using mha_test::tolerance;
@@ -20,12 +22,6 @@ using mha_test::tolerance;
 template <typename Scalar>
 class ScaledDotProductAttention : public ::testing::Test {};
 TYPED_TEST_SUITE(ScaledDotProductAttention, mha_test::Scalars);
-
-mha::AttentionOptions causal_options() {
-  mha::AttentionOptions options;
-  options.causal = true;
-  return options;
-}
 
 TYPED_TEST(ScaledDotProductAttention, HandCheckableTwoTokenExample) {
   // d_k = 1, so the scale is 1/√1 = 1. Query 0 scores both keys 0 → weights (1/2, 1/2);
@@ -42,7 +38,7 @@ TYPED_TEST(ScaledDotProductAttention, HandCheckableTwoTokenExample) {
 
   // Causal: query 0 sees only key 0 and copies value 0; query 1 is unchanged.
   expected.row(0) << 2.0, 0.0;
-  EXPECT_TRUE(close(mha::scaled_dot_product_attention(q, k, v, causal_options()), expected, tolerance<TypeParam>()));
+  EXPECT_TRUE(close(mha::scaled_dot_product_attention(q, k, v, causal_if(true)), expected, tolerance<TypeParam>()));
 }
 
 TYPED_TEST(ScaledDotProductAttention, ScoresAreScaledByOneOverSqrtDk) {
@@ -107,12 +103,12 @@ TYPED_TEST(ScaledDotProductAttention, CausalOutputIgnoresFutureKeys) {
   const Eigen::Index n = 150, d = 8;
   const Matrix<TypeParam> q = random_matrix<TypeParam>(n, d, 1), k = random_matrix<TypeParam>(n, d, 2),
                           v = random_matrix<TypeParam>(n, d, 3);
-  const Matrix<TypeParam> out = mha::scaled_dot_product_attention(q, k, v, causal_options());
+  const Matrix<TypeParam> out = mha::scaled_dot_product_attention(q, k, v, causal_if(true));
   for (Eigen::Index r : {0, 1, 63, 64, 100, 148}) {
     Matrix<TypeParam> k2 = k, v2 = v;
     k2.bottomRows(n - r - 1) = 7 * random_matrix<TypeParam>(n - r - 1, d, 100 + r);
     v2.bottomRows(n - r - 1) = 7 * random_matrix<TypeParam>(n - r - 1, d, 200 + r);
-    const Matrix<TypeParam> out2 = mha::scaled_dot_product_attention(q, k2, v2, causal_options());
+    const Matrix<TypeParam> out2 = mha::scaled_dot_product_attention(q, k2, v2, causal_if(true));
     EXPECT_TRUE(close(out2.topRows(r + 1), out.topRows(r + 1), tolerance<TypeParam>())) << "r = " << r;
     EXPECT_FALSE(close(out2.bottomRows(n - r - 1), out.bottomRows(n - r - 1), 1e-3)) << "r = " << r;
   }
@@ -121,7 +117,7 @@ TYPED_TEST(ScaledDotProductAttention, CausalOutputIgnoresFutureKeys) {
 TYPED_TEST(ScaledDotProductAttention, CausalRowZeroSeesOnlyKeyZero) {
   const Matrix<TypeParam> q = random_matrix<TypeParam>(5, 4, 1), k = random_matrix<TypeParam>(5, 4, 2),
                           v = random_matrix<TypeParam>(5, 3, 3);
-  const Matrix<TypeParam> out = mha::scaled_dot_product_attention(q, k, v, causal_options());
+  const Matrix<TypeParam> out = mha::scaled_dot_product_attention(q, k, v, causal_if(true));
   EXPECT_TRUE(close(out.row(0), v.row(0), tolerance<TypeParam>()));
 }
 
@@ -129,7 +125,7 @@ TYPED_TEST(ScaledDotProductAttention, CausalRowsPastTheLastKeySeeEveryKey) {
   // Top-left alignment with L > S: rows r ≥ S − 1 see all S keys, like non-causal attention.
   const Matrix<TypeParam> q = random_matrix<TypeParam>(9, 4, 1), k = random_matrix<TypeParam>(4, 4, 2),
                           v = random_matrix<TypeParam>(4, 3, 3);
-  const Matrix<TypeParam> causal = mha::scaled_dot_product_attention(q, k, v, causal_options());
+  const Matrix<TypeParam> causal = mha::scaled_dot_product_attention(q, k, v, causal_if(true));
   const Matrix<TypeParam> full = mha::scaled_dot_product_attention(q, k, v);
   EXPECT_TRUE(close(causal.bottomRows(6), full.bottomRows(6), tolerance<TypeParam>()));
   EXPECT_FALSE(close(causal.topRows(3), full.topRows(3), 1e-3));
@@ -204,16 +200,6 @@ TYPED_TEST(ScaledDotProductAttention, AcceptsRowMajorMapsBlocksAndExpressions) {
   EXPECT_TRUE(close(mha::scaled_dot_product_attention(2 * q, k, (v.array() + 1).matrix()),
                     mha::scaled_dot_product_attention(Matrix<TypeParam>(2 * q), k, Matrix<TypeParam>(v.array() + 1)),
                     tolerance<TypeParam>()));
-}
-
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const std::invalid_argument& e) {
-    return e.what();
-  }
-  return "no exception";
 }
 
 TYPED_TEST(ScaledDotProductAttention, RejectsMismatchedShapesWithAClearMessage) {

@@ -9,6 +9,7 @@
 
 namespace {
 
+using mha_test::causal_if;
 using mha_test::close;
 using mha_test::Matrix;
 using mha_test::random_matrix;
@@ -17,12 +18,6 @@ using mha_test::tolerance;
 template <typename Scalar>
 class EdgeCases : public ::testing::Test {};
 TYPED_TEST_SUITE(EdgeCases, mha_test::Scalars);
-
-mha::AttentionOptions causal_if(bool causal) {
-  mha::AttentionOptions options;
-  options.causal = causal;
-  return options;
-}
 
 TYPED_TEST(EdgeCases, ScoresOfPlusAndMinus1e30PickTheLargest) {
   // d_k = 1 and scale 1: the scores are q·k = ±1e30 and 0, representable in float as in double.

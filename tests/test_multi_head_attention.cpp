@@ -11,7 +11,9 @@
 
 namespace {
 
+using mha_test::causal_if;
 using mha_test::close;
+using mha_test::error_of;
 using mha_test::Matrix;
 using mha_test::random_matrix;
 using mha_test::tolerance;
@@ -29,22 +31,6 @@ mha::MultiHeadAttentionConfig config(Eigen::Index d_model, Eigen::Index num_head
   c.d_v = d_v;
   c.seed = seed;
   return c;
-}
-
-mha::AttentionOptions causal_if(bool causal) {
-  mha::AttentionOptions options;
-  options.causal = causal;
-  return options;
-}
-
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const std::invalid_argument& e) {
-    return e.what();
-  }
-  return "no exception";
 }
 
 // --- configuration and parameters -------------------------------------------------------------

@@ -1,6 +1,8 @@
 // Helpers shared by the tests: tolerances, seeded random matrices, and closeness checks.
 #pragma once
 
+#include <mha/config.hpp>
+
 #include <gtest/gtest.h>
 
 #include <Eigen/Core>
@@ -8,6 +10,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <random>
+#include <stdexcept>
+#include <string>
 
 namespace mha_test {
 
@@ -55,6 +59,24 @@ template <typename A, typename B>
   const double err = relative_error(actual, expected);
   if (err <= tol) return ::testing::AssertionSuccess();
   return ::testing::AssertionFailure() << "relative error " << err << " > tolerance " << tol;
+}
+
+/// Options with `causal` set as given.
+inline mha::AttentionOptions causal_if(bool causal) {
+  mha::AttentionOptions options;
+  options.causal = causal;
+  return options;
+}
+
+/// The message of the std::invalid_argument that f() throws, or "no exception".
+template <typename F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const std::invalid_argument& e) {
+    return e.what();
+  }
+  return "no exception";
 }
 
 }  // namespace mha_test
