@@ -21,7 +21,7 @@ using mha_test::tolerance;
 
 template <typename Scalar>
 class ScaledDotProductAttention : public ::testing::Test {};
-TYPED_TEST_SUITE(ScaledDotProductAttention, mha_test::Scalars);
+TYPED_TEST_SUITE(ScaledDotProductAttention, mha_test::Scalars, mha_test::ScalarNames);
 
 TYPED_TEST(ScaledDotProductAttention, HandCheckableTwoTokenExample) {
   // d_k = 1, so the scale is 1/√1 = 1. Query 0 scores both keys 0 → weights (1/2, 1/2);

@@ -17,7 +17,7 @@ using mha_test::tolerance;
 
 template <typename Scalar>
 class EdgeCases : public ::testing::Test {};
-TYPED_TEST_SUITE(EdgeCases, mha_test::Scalars);
+TYPED_TEST_SUITE(EdgeCases, mha_test::Scalars, mha_test::ScalarNames);
 
 TYPED_TEST(EdgeCases, ScoresOfPlusAndMinus1e30PickTheLargest) {
   // d_k = 1 and scale 1: the scores are q·k = ±1e30 and 0, representable in float as in double.

@@ -20,7 +20,7 @@ using mha_test::tolerance;
 
 template <typename Scalar>
 class MultiHeadAttention : public ::testing::Test {};
-TYPED_TEST_SUITE(MultiHeadAttention, mha_test::Scalars);
+TYPED_TEST_SUITE(MultiHeadAttention, mha_test::Scalars, mha_test::ScalarNames);
 
 mha::MultiHeadAttentionConfig config(Eigen::Index d_model, Eigen::Index num_heads, Eigen::Index d_k = 0,
                                      Eigen::Index d_v = 0, std::uint64_t seed = 0) {

@@ -153,7 +153,7 @@ void check_multi_head(const std::string& name, bool causal, bool self_attention)
 
 template <typename Scalar>
 class PyTorchParity : public ::testing::Test {};
-TYPED_TEST_SUITE(PyTorchParity, mha_test::Scalars);
+TYPED_TEST_SUITE(PyTorchParity, mha_test::Scalars, mha_test::ScalarNames);
 
 TYPED_TEST(PyTorchParity, SelfAttentionMatchesTorch) {
   for (const std::string& name : kSelfAttention) check_multi_head<TypeParam>(name, false, true);

@@ -14,7 +14,7 @@ using mha_test::tolerance;
 
 template <typename Scalar>
 class Softmax : public ::testing::Test {};
-TYPED_TEST_SUITE(Softmax, mha_test::Scalars);
+TYPED_TEST_SUITE(Softmax, mha_test::Scalars, mha_test::ScalarNames);
 
 TYPED_TEST(Softmax, RowsSumToOneAndArePositive) {
   for (Eigen::Index cols : {1, 2, 7, 64, 65, 257}) {

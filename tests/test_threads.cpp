@@ -18,7 +18,7 @@ class Threads : public ::testing::Test {
 
 template <typename Scalar>
 class ThreadsTyped : public Threads {};
-TYPED_TEST_SUITE(ThreadsTyped, mha_test::Scalars);
+TYPED_TEST_SUITE(ThreadsTyped, mha_test::Scalars, mha_test::ScalarNames);
 
 template <typename F>
 auto with_threads(int threads, F&& f) {

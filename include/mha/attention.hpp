@@ -8,6 +8,7 @@
 #include <Eigen/Core>
 
 #include <algorithm>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 
@@ -64,35 +65,121 @@ inline double attention_flops(Eigen::Index L, Eigen::Index S, Eigen::Index d_k, 
   return 2.0 * static_cast<double>(L) * static_cast<double>(S) * static_cast<double>(d_k + d_v);
 }
 
-/// Sets to −∞ the scores of a tile whose keys lie after their query (causal, top-left aligned).
+/// Sets to −∞ the scores of a tile whose keys lie after their query: key j is hidden from the
+/// tile's row r when j > first_row + r + offset (offset 0: top-left causal; S − L: bottom-right).
 /// The tile holds query rows first_row… and key columns first_key….
 template <typename Tile>
-void mask_future_keys(Tile& scores, Eigen::Index first_row, Eigen::Index first_key) {
+void mask_future_keys(Tile& scores, Eigen::Index first_row, Eigen::Index offset, Eigen::Index first_key) {
   using Scalar = typename Tile::Scalar;
   for (Eigen::Index c = 0; c < scores.cols(); ++c) {
-    // Key j = first_key + c is hidden from the rows r < j, i.e. the first (j − first_row) rows.
-    const Eigen::Index hidden = std::clamp<Eigen::Index>(first_key + c - first_row, 0, scores.rows());
+    // Key j = first_key + c is hidden from the rows r < j − offset − first_row.
+    const Eigen::Index hidden = std::clamp<Eigen::Index>(first_key + c - offset - first_row, 0, scores.rows());
     scores.col(c).head(hidden).setConstant(-std::numeric_limits<Scalar>::infinity());
   }
 }
 
+/// How one head of one sequence hides and weighs its keys, beyond the plain scaled scores. Keys
+/// [0, masked_keys) obey the causal rule and the masks; keys from masked_keys on (PyTorch's
+/// add_bias_kv and add_zero_attn rows) are always visible.
+template <typename Scalar>
+struct KeyVisibility {
+  Eigen::Index masked_keys = 0;
+  bool causal = false;
+  Eigen::Index causal_offset = 0;       ///< key j hidden from query r when j > r + causal_offset
+  const Matrix<Scalar>* mask = nullptr;  ///< additive; this head's query r is row mask_row + r
+  Eigen::Index mask_row = 0;
+  const Matrix<Scalar>* key_padding = nullptr;  ///< additive; this sequence is row key_padding_row
+  Eigen::Index key_padding_row = 0;
+  double dropout = 0.0;                  ///< probability of dropping a weight (training only)
+  std::uint64_t dropout_seed = 0, dropout_stream = 0;
+};
+
+/// A uniform number in [0, 1) fixed by (seed, stream, row, key): SplitMix64 over the four, so the
+/// dropout pattern does not depend on tiles or threads.
+inline double dropout_uniform(std::uint64_t seed, std::uint64_t stream, std::uint64_t row, std::uint64_t key) {
+  std::uint64_t z = seed;
+  for (const std::uint64_t word : {stream, row, key}) {
+    z += 0x9E3779B97F4A7C15ull ^ word;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+  }
+  return static_cast<double>(z >> 11) * 0x1.0p-53;
+}
+
+/// Scales the kept weights of a tile by 1/(1 − p) and zeroes the dropped ones.
+template <typename Tile>
+void drop_out(Tile& p, const KeyVisibility<typename Tile::Scalar>& visibility, Eigen::Index first_row,
+              Eigen::Index first_key) {
+  using Scalar = typename Tile::Scalar;
+  const auto keep_scale = static_cast<Scalar>(1.0 / (1.0 - visibility.dropout));
+  for (Eigen::Index c = 0; c < p.cols(); ++c)
+    for (Eigen::Index r = 0; r < p.rows(); ++r) {
+      const double u = dropout_uniform(visibility.dropout_seed, visibility.dropout_stream,
+                                       static_cast<std::uint64_t>(first_row + r), static_cast<std::uint64_t>(first_key + c));
+      p(r, c) = u < visibility.dropout ? Scalar(0) : p(r, c) * keep_scale;
+    }
+}
+
+/// The key ranges a query block visits: [0, first_end) subject to causal rule and masks, then
+/// [masked_keys, S) always visible. Causal blocks wholly after the block's last row are left out.
+struct KeyRanges {
+  Eigen::Index masked_end, extra_begin, extra_end;
+};
+
+template <typename Scalar>
+KeyRanges key_ranges(const KeyVisibility<Scalar>& visibility, Eigen::Index last_row, Eigen::Index S) {
+  Eigen::Index end = visibility.masked_keys;
+  // The block's last row sees keys j ≤ last_row + offset.
+  if (visibility.causal) end = std::clamp<Eigen::Index>(last_row + visibility.causal_offset + 1, 0, end);
+  return {end, visibility.masked_keys, S};
+}
+
+/// The scaled, masked scores of one tile into `s` (B_r × B_c). \returns false, leaving `s`
+/// unspecified, when the masks hide every key of the tile from every row, so the tile can be
+/// skipped.
+template <typename Scalar, typename Tile>
+bool tile_scores(const ConstMatrixRef<Scalar>& k, const KeyVisibility<Scalar>& visibility, Eigen::Index first_row,
+                 Eigen::Index first_key, bool masked, const Eigen::Ref<const Matrix<Scalar>>& scaled_q, Tile& s) {
+  const Eigen::Index rows = s.rows(), keys = s.cols();
+  constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
+  if (masked && visibility.key_padding &&
+      (visibility.key_padding->row(visibility.key_padding_row).segment(first_key, keys).array() == minus_infinity).all())
+    return false;
+  if (masked && visibility.mask &&
+      (visibility.mask->block(visibility.mask_row + first_row, first_key, rows, keys).array() == minus_infinity).all())
+    return false;
+  s.noalias() = scaled_q * k.middleRows(first_key, keys).transpose();
+  if (!masked) return true;
+  if (visibility.causal && first_key + keys - 1 > first_row + visibility.causal_offset)
+    mask_future_keys(s, first_row, visibility.causal_offset, first_key);
+  if (visibility.mask) s += visibility.mask->block(visibility.mask_row + first_row, first_key, rows, keys);
+  if (visibility.key_padding)
+    for (Eigen::Index j = 0; j < keys; ++j)
+      s.col(j).array() += (*visibility.key_padding)(visibility.key_padding_row, first_key + j);
+  return true;
+}
+
 /// Query block `block` (rows block·B_r …) of one head's attention, written into those rows of
-/// `out` (L × d_v):  out = softmax(q kᵀ · scale [causal mask]) v,  q: L × d_k, k: S × d_k, v: S × d_v.
+/// `out` (L × d_v):  out = softmax(q kᵀ · scale + masks) v,  q: L × d_k, k: S × d_k, v: S × d_v.
+/// When `weights` is given (L × S), the attention weights of those rows are written into it.
 ///
 /// Never forms the L × S score matrix. It walks the key/value blocks with an online softmax
 /// (Milakov & Gimelshein 2018; FlashAttention-2), keeping the running row maximum m, the running sum
 /// ℓ of exp(score − m) and the unnormalised output in `out` itself; when a tile raises the maximum
 /// from m to m′, the sum and output so far are rescaled by e^(m − m′); the division by ℓ happens
-/// once, at the end. Causal key blocks wholly after the block's last row are never visited, and
-/// only tiles that cross the diagonal are masked. A row with no visible key (S = 0) outputs zeros.
+/// once, at the end. Causal key blocks wholly after the block's last row are never visited, tiles
+/// the masks hide entirely are skipped, and only tiles that cross the diagonal are masked. A row
+/// with no visible key outputs zeros (and zero weights). Dropout, in training, removes weights
+/// after ℓ is summed, as PyTorch does: the kept weights are scaled by 1/(1 − p).
 template <typename Scalar>
 void attention_query_block(const ConstMatrixRef<Scalar>& q, const ConstMatrixRef<Scalar>& k,
-                           const ConstMatrixRef<Scalar>& v, Scalar scale, bool causal, Eigen::Index block,
-                           AttentionScratch<Scalar>& scratch, MatrixRef<Scalar> out) {
+                           const ConstMatrixRef<Scalar>& v, Scalar scale, const KeyVisibility<Scalar>& visibility,
+                           Eigen::Index block, AttentionScratch<Scalar>& scratch, MatrixRef<Scalar> out,
+                           Matrix<Scalar>* weights = nullptr) {
   const Eigen::Index first_row = block * kQueryBlock;
   const Eigen::Index rows = std::min(kQueryBlock, q.rows() - first_row);
-  // Causal: the block's last row, first_row + rows − 1, sees keys j ≤ first_row + rows − 1.
-  const Eigen::Index keys_end = causal ? std::min(k.rows(), first_row + rows) : k.rows();
+  const KeyRanges ranges = key_ranges(visibility, first_row + rows - 1, k.rows());
   auto acc = out.middleRows(first_row, rows);  // B_r × d_v, unnormalised until the end
   auto m = scratch.row_max.head(rows);
   auto l = scratch.row_sum.head(rows);
@@ -105,38 +192,58 @@ void attention_query_block(const ConstMatrixRef<Scalar>& q, const ConstMatrixRef
   auto qs = scratch.scaled_q.topRows(rows);
   qs.noalias() = scale * q.middleRows(first_row, rows);
 
-  for (Eigen::Index first_key = 0; first_key < keys_end; first_key += kKeyBlock) {
-    const Eigen::Index keys = std::min(kKeyBlock, keys_end - first_key);
-    auto s = scratch.scores.topLeftCorner(rows, keys);  // B_r × B_c
-    s.noalias() = qs * k.middleRows(first_key, keys).transpose();
-    if (causal && first_key + keys - 1 > first_row) mask_future_keys(s, first_row, first_key);
+  // Visits the tiles of [begin, end), masked or not, calling step(s, first_key) with the scores.
+  const auto for_each_tile = [&](const auto& step) {
+    for (const bool masked : {true, false}) {
+      const Eigen::Index begin = masked ? 0 : ranges.extra_begin, end = masked ? ranges.masked_end : ranges.extra_end;
+      for (Eigen::Index first_key = begin; first_key < end; first_key += kKeyBlock) {
+        auto s = scratch.scores.topLeftCorner(rows, std::min(kKeyBlock, end - first_key));  // B_r × B_c
+        if (tile_scores<Scalar>(k, visibility, first_row, first_key, masked, qs, s)) step(s, first_key);
+      }
+    }
+  };
 
+  for_each_tile([&](auto& s, Eigen::Index first_key) {
     // The softmax runs down the tile one key (column) at a time, vectorised over the rows: Eigen's
     // row-wise reductions of a column-major tile were 2× slower (README "Performance").
     m_new = m;
-    for (Eigen::Index j = 0; j < keys; ++j) m_new = m_new.max(s.col(j).array());
+    for (Eigen::Index j = 0; j < s.cols(); ++j) m_new = m_new.max(s.col(j).array());
     shift = stable_shift(m_new);
-    alpha = (m - shift).exp();  // e^(m − m′): 0 on the first tile, where m = −∞
+    alpha = exp_flushed(m - shift);  // e^(m − m′): 0 on the first tile, where m = −∞
     l *= alpha;
-    for (Eigen::Index j = 0; j < keys; ++j) {
+    for (Eigen::Index j = 0; j < s.cols(); ++j) {
       auto p = s.col(j).array();
-      p = (p - shift).exp();
+      p = exp_flushed(p - shift);
       l += p;
     }
+    if (visibility.dropout > 0) drop_out(s, visibility, first_row, first_key);
     acc.array().colwise() *= alpha;
-    acc.noalias() += s * v.middleRows(first_key, keys);
+    acc.noalias() += s * v.middleRows(first_key, s.cols());
     m = m_new;
+  });
+  const auto inverse_sum = (l == Scalar(0)).select(Scalar(1), l).inverse().eval();
+  acc.array().colwise() *= inverse_sum;
+
+  if (weights) {
+    // A second pass recomputes each tile's scores against the final maximum and sum.
+    shift = stable_shift(m);
+    for_each_tile([&](auto& s, Eigen::Index first_key) {
+      for (Eigen::Index j = 0; j < s.cols(); ++j) s.col(j).array() = exp_flushed(s.col(j).array() - shift) * inverse_sum;
+      if (visibility.dropout > 0) drop_out(s, visibility, first_row, first_key);
+      weights->block(first_row, first_key, rows, s.cols()) = s;
+    });
   }
-  acc.array().colwise() /= (l == Scalar(0)).select(Scalar(1), l);
 }
 
 }  // namespace detail
 
 /// Scaled dot-product attention of one head: softmax(q kᵀ · scale) v, optionally causal.
 ///   q: L × d_k (one row per query token), k: S × d_k, v: S × d_v  →  L × d_v.
-/// The scale is options.scale or 1/√d_k. Any Eigen expressions are accepted (blocks, maps,
-/// row-major matrices). S = 0 gives zeros; L = 0 gives a 0 × d_v matrix. Query blocks run in
-/// parallel on mha::num_threads() threads.
+/// The scale is options.scale or 1/√d_k; options.mask (L × S), options.key_padding_mask (1 × S),
+/// causal and its alignment apply as in MultiHeadAttention (no dropout here). Any Eigen
+/// expressions are accepted (blocks, maps, row-major matrices). A row with no visible key (S = 0,
+/// or all masked) gives zeros; L = 0 gives a 0 × d_v matrix. Query blocks run in parallel on
+/// mha::num_threads() threads.
 template <typename DerivedQ, typename DerivedK, typename DerivedV>
 Eigen::Matrix<typename DerivedQ::Scalar, Eigen::Dynamic, Eigen::Dynamic> scaled_dot_product_attention(
     const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBase<DerivedK>& k,
@@ -151,15 +258,33 @@ Eigen::Matrix<typename DerivedQ::Scalar, Eigen::Dynamic, Eigen::Dynamic> scaled_
   if (k.rows() != v.rows())
     detail::fail("scaled_dot_product_attention: key has ", k.rows(), " rows but value has ", v.rows(),
                  " (key is ", detail::shape(k), ", value is ", detail::shape(v), ")");
+  const Eigen::Index L = q.rows(), S = k.rows();
+  if (!options.mask.empty() && (options.mask.rows() != L || options.mask.cols() != S))
+    detail::fail("scaled_dot_product_attention: options.mask is ", options.mask.rows(), " x ", options.mask.cols(),
+                 " but must be L x S = ", L, " x ", S);
+  if (!options.key_padding_mask.empty() && (options.key_padding_mask.rows() != 1 || options.key_padding_mask.cols() != S))
+    detail::fail("scaled_dot_product_attention: options.key_padding_mask is ", options.key_padding_mask.rows(), " x ",
+                 options.key_padding_mask.cols(), " but must be 1 x S = 1 x ", S);
   const auto scale = static_cast<Scalar>(detail::resolve_scale(options, q.cols()));
   // Views of the inputs; an expression or a strided layout is evaluated once, here.
   const detail::ConstMatrixRef<Scalar> q_ref(q.derived()), k_ref(k.derived()), v_ref(v.derived());
-  detail::Matrix<Scalar> out(q.rows(), v.cols());
+  const detail::Matrix<Scalar> mask =
+      options.mask.empty() ? detail::Matrix<Scalar>() : options.mask.template additive_matrix<Scalar>();
+  const detail::Matrix<Scalar> key_padding = options.key_padding_mask.empty()
+                                                 ? detail::Matrix<Scalar>()
+                                                 : options.key_padding_mask.template additive_matrix<Scalar>();
+  detail::KeyVisibility<Scalar> visibility;
+  visibility.masked_keys = S;
+  visibility.causal = options.causal;
+  visibility.causal_offset = options.alignment == CausalAlignment::bottom_right ? S - L : 0;
+  if (mask.size() > 0) visibility.mask = &mask;
+  if (key_padding.size() > 0) visibility.key_padding = &key_padding;
+  detail::Matrix<Scalar> out(L, v.cols());
   detail::parallel_tasks(
-      detail::query_blocks(q.rows()), detail::attention_flops(q.rows(), k.rows(), q.cols(), v.cols()),
-      [&] { return detail::AttentionScratch<Scalar>::for_problem(q.rows(), k.rows(), q.cols()); },
+      detail::query_blocks(L), detail::attention_flops(L, S, q.cols(), v.cols()),
+      [&] { return detail::AttentionScratch<Scalar>::for_problem(L, S, q.cols()); },
       [&](Eigen::Index block, detail::AttentionScratch<Scalar>& scratch) {
-        detail::attention_query_block<Scalar>(q_ref, k_ref, v_ref, scale, options.causal, block, scratch, out);
+        detail::attention_query_block<Scalar>(q_ref, k_ref, v_ref, scale, visibility, block, scratch, out);
       });
   return out;
 }

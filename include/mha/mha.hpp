@@ -3,6 +3,7 @@
 
 #include <mha/attention.hpp>
 #include <mha/config.hpp>
+#include <mha/mask.hpp>
 #include <mha/multi_head_attention.hpp>
 #include <mha/softmax.hpp>
 #include <mha/threads.hpp>

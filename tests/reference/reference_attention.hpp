@@ -10,6 +10,7 @@
 #include <Eigen/Core>
 
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <optional>
 #include <vector>
@@ -47,6 +48,39 @@ Matrix<Scalar> attention(const Matrix<Scalar>& q, const Matrix<Scalar>& k, const
   return softmax_rows(scores) * v;                      // L × d_v
 }
 
+/// What the PyTorch-parity features add to one head's scores, written out plainly: an additive
+/// mask (L × S, this head's), an additive key padding row (1 × S), causal with query r seeing the
+/// keys j ≤ r + offset, and dropout as a function keep(r, j) → 0 or 1/(1 − p). The keys from
+/// `masked_keys` on (add_bias_kv, add_zero_attn) are exempt from all of them but dropout.
+template <typename Scalar>
+struct HeadMasks {
+  const Matrix<Scalar>* mask = nullptr;
+  const Matrix<Scalar>* key_padding = nullptr;
+  bool causal = false;
+  Eigen::Index offset = 0;
+  Eigen::Index masked_keys = -1;  // −1: all keys
+  std::function<Scalar(Eigen::Index, Eigen::Index)> keep;
+};
+
+/// The weights softmax(Q Kᵀ · scale + masks) of one head (with dropout applied), L × S.
+template <typename Scalar>
+Matrix<Scalar> attention_weights(const Matrix<Scalar>& q, const Matrix<Scalar>& k, Scalar scale,
+                                 const HeadMasks<Scalar>& masks) {
+  Matrix<Scalar> scores = (q * k.transpose()) * scale;  // L × S
+  const Eigen::Index masked = masks.masked_keys < 0 ? scores.cols() : masks.masked_keys;
+  for (Eigen::Index r = 0; r < scores.rows(); ++r)
+    for (Eigen::Index j = 0; j < masked; ++j) {
+      if (masks.mask) scores(r, j) += (*masks.mask)(r, j);
+      if (masks.key_padding) scores(r, j) += (*masks.key_padding)(0, j);
+      if (masks.causal && j > r + masks.offset) scores(r, j) = -std::numeric_limits<Scalar>::infinity();
+    }
+  Matrix<Scalar> p = softmax_rows(scores);
+  if (masks.keep)
+    for (Eigen::Index r = 0; r < p.rows(); ++r)
+      for (Eigen::Index j = 0; j < p.cols(); ++j) p(r, j) *= masks.keep(r, j);
+  return p;
+}
+
 /// The lecture's multi-head attention with the weights of `module`.
 template <typename Scalar>
 Matrix<Scalar> multi_head_attention(const mha::MultiHeadAttention<Scalar>& module, const Matrix<Scalar>& query,
@@ -64,6 +98,71 @@ Matrix<Scalar> multi_head_attention(const mha::MultiHeadAttention<Scalar>& modul
   Matrix<Scalar> concat(query.rows(), h * d_v);         // L × h·d_v
   for (Eigen::Index i = 0; i < h; ++i) concat.middleCols(i * d_v, d_v) = heads[i];
   return concat * module.w_o();                         // L × d_model
+}
+
+}  // namespace mha_reference
+
+namespace mha_reference {
+
+/// The options of multi_head_attention_full, each as literal as the lecture's math: additive masks
+/// (one L × S matrix for every head, or h of them), an additive key padding row, causal alignment.
+template <typename Scalar>
+struct Options {
+  std::vector<Matrix<Scalar>> masks;   ///< empty, one shared, or one per head
+  Matrix<Scalar> key_padding;          ///< empty or 1 × S
+  bool causal = false;
+  bool bottom_right = false;
+  std::optional<double> scale;
+  /// Dropout: keep(head, r, j) → 0 or 1/(1 − p); empty for none.
+  std::function<Scalar(Eigen::Index, Eigen::Index, Eigen::Index)> keep;
+};
+
+/// Multi-head attention with biases, kdim/vdim, add_bias_kv, add_zero_attn, masks and dropout, one
+/// head at a time as the lecture computes it; the weights of each head go to `weights` if given.
+template <typename Scalar>
+Matrix<Scalar> multi_head_attention_full(const mha::MultiHeadAttention<Scalar>& module, const Matrix<Scalar>& query,
+                                         const Matrix<Scalar>& key, const Matrix<Scalar>& value,
+                                         const Options<Scalar>& options, std::vector<Matrix<Scalar>>* weights = nullptr) {
+  const auto& config = module.config();
+  const Eigen::Index h = module.num_heads(), d_k = module.d_k(), d_v = module.d_v(), S = key.rows();
+  const Scalar s = static_cast<Scalar>(options.scale ? *options.scale : 1.0 / std::sqrt(static_cast<double>(d_k)));
+  Matrix<Scalar> concat(query.rows(), h * d_v);
+  if (weights) weights->clear();
+  for (Eigen::Index i = 0; i < h; ++i) {
+    Matrix<Scalar> q_i = query * module.w_q(i);        // L × d_k
+    Matrix<Scalar> k_i = key * module.w_k(i);          // S × d_k
+    Matrix<Scalar> v_i = value * module.w_v(i);        // S × d_v
+    if (config.bias) {
+      q_i.rowwise() += module.b_q().segment(i * d_k, d_k);
+      k_i.rowwise() += module.b_k().segment(i * d_k, d_k);
+      v_i.rowwise() += module.b_v().segment(i * d_v, d_v);
+    }
+    if (config.add_bias_kv) {
+      k_i.conservativeResize(k_i.rows() + 1, Eigen::NoChange);
+      v_i.conservativeResize(v_i.rows() + 1, Eigen::NoChange);
+      k_i.row(k_i.rows() - 1) = module.bias_k().segment(i * d_k, d_k);
+      v_i.row(v_i.rows() - 1) = module.bias_v().segment(i * d_v, d_v);
+    }
+    if (config.add_zero_attn) {
+      k_i.conservativeResize(k_i.rows() + 1, Eigen::NoChange);
+      v_i.conservativeResize(v_i.rows() + 1, Eigen::NoChange);
+      k_i.row(k_i.rows() - 1).setZero();
+      v_i.row(v_i.rows() - 1).setZero();
+    }
+    HeadMasks<Scalar> masks;
+    if (!options.masks.empty()) masks.mask = &options.masks[options.masks.size() == 1 ? 0 : static_cast<std::size_t>(i)];
+    if (options.key_padding.size() > 0) masks.key_padding = &options.key_padding;
+    masks.causal = options.causal;
+    masks.offset = options.bottom_right ? S - query.rows() : 0;
+    masks.masked_keys = S;
+    if (options.keep) masks.keep = [&, i](Eigen::Index r, Eigen::Index j) { return options.keep(i, r, j); };
+    const Matrix<Scalar> p = attention_weights<Scalar>(q_i, k_i, s, masks);  // L × S′
+    concat.middleCols(i * d_v, d_v) = p * v_i;
+    if (weights) weights->push_back(p);
+  }
+  Matrix<Scalar> out = concat * module.w_o();         // L × d_model
+  if (config.bias) out.rowwise() += module.b_o();
+  return out;
 }
 
 }  // namespace mha_reference

@@ -1,0 +1,130 @@
+// mha — attention masks: which keys a query may attend to, or a bias added to its scores.
+#pragma once
+
+#include <Eigen/Core>
+
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <type_traits>
+
+namespace mha {
+
+/// A mask over the scores of attention, L × S (one for every head) or h·L × S (head i in row
+/// block i, as PyTorch's (N·h, L, S) for one sequence). Three conventions, each with its own
+/// constructor so that a call site says which one it means:
+///   - AttentionMask::blocked(m):  boolean, true = this query may NOT attend to this key
+///                                 (PyTorch nn.MultiheadAttention's attn_mask and key_padding_mask);
+///   - AttentionMask::allowed(m):  boolean, true = this query MAY attend to this key
+///                                 (PyTorch F.scaled_dot_product_attention's boolean attn_mask);
+///   - AttentionMask::additive(m): numbers added to the scaled scores (0 keeps a key, −∞ removes
+///                                 it, anything between biases it), float or double.
+/// A mask views the matrix it was made from, which must outlive the attention call; an Eigen
+/// expression (say `ids.array() == 0`) is evaluated into storage the mask owns.
+class AttentionMask {
+ public:
+  /// No mask.
+  AttentionMask() = default;
+
+  /// A boolean mask, true = may NOT attend (PyTorch nn.MultiheadAttention's convention).
+  template <typename Derived>
+  static AttentionMask blocked(const Eigen::DenseBase<Derived>& mask) {
+    return boolean(mask, Kind::blocked);
+  }
+  /// A boolean mask, true = may attend (PyTorch F.scaled_dot_product_attention's convention).
+  template <typename Derived>
+  static AttentionMask allowed(const Eigen::DenseBase<Derived>& mask) {
+    return boolean(mask, Kind::allowed);
+  }
+  /// Numbers added to the scaled scores: 0 keeps a key, −∞ removes it.
+  template <typename Derived>
+  static AttentionMask additive(const Eigen::DenseBase<Derived>& mask) {
+    using T = typename Derived::Scalar;
+    static_assert(std::is_same<T, float>::value || std::is_same<T, double>::value,
+                  "mha::AttentionMask::additive takes a float or double matrix");
+    return make(mask, Kind::additive);
+  }
+
+  /// \returns whether there is no mask.
+  bool empty() const { return kind_ == Kind::none; }
+  /// \returns the number of rows of the mask (0 when empty).
+  Eigen::Index rows() const { return rows_; }
+  /// \returns the number of columns of the mask (0 when empty).
+  Eigen::Index cols() const { return cols_; }
+
+  /// Writes block (first_row, first_col, out.rows(), out.cols()) of the mask, as additive values
+  /// (0 or −∞ for the boolean conventions), into `out`.
+  template <typename Out>
+  void additive_block(Eigen::Index first_row, Eigen::Index first_col, Out&& out) const {
+    using Scalar = typename std::decay_t<Out>::Scalar;
+    constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
+    const auto copy = [&](const auto* data, const auto& value_of) {
+      for (Eigen::Index c = 0; c < out.cols(); ++c)
+        for (Eigen::Index r = 0; r < out.rows(); ++r)
+          out(r, c) = value_of(data[(first_row + r) * row_stride_ + (first_col + c) * col_stride_]);
+    };
+    switch (kind_) {
+      case Kind::blocked: copy(static_cast<const bool*>(data_), [&](bool b) { return b ? minus_infinity : Scalar(0); }); break;
+      case Kind::allowed: copy(static_cast<const bool*>(data_), [&](bool b) { return b ? Scalar(0) : minus_infinity; }); break;
+      case Kind::additive:
+        if (element_ == Element::f32)
+          copy(static_cast<const float*>(data_), [](float x) { return static_cast<Scalar>(x); });
+        else
+          copy(static_cast<const double*>(data_), [](double x) { return static_cast<Scalar>(x); });
+        break;
+      case Kind::none: out.setZero(); break;
+    }
+  }
+
+  /// \returns the whole mask as an additive matrix of `Scalar`.
+  template <typename Scalar>
+  Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> additive_matrix() const {
+    Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> m(rows_, cols_);
+    additive_block(0, 0, m);
+    return m;
+  }
+
+ private:
+  enum class Kind { none, blocked, allowed, additive };
+  enum class Element { boolean, f32, f64 };
+
+  template <typename Derived>
+  static AttentionMask boolean(const Eigen::DenseBase<Derived>& mask, Kind kind) {
+    static_assert(std::is_same<typename Derived::Scalar, bool>::value,
+                  "mha::AttentionMask::blocked and ::allowed take a bool matrix (e.g. ids.array() == 0)");
+    return make(mask, kind);
+  }
+
+  template <typename Derived>
+  static AttentionMask make(const Eigen::DenseBase<Derived>& mask, Kind kind) {
+    using T = typename Derived::Scalar;
+    AttentionMask m;
+    m.kind_ = kind;
+    m.element_ = std::is_same<T, bool>::value ? Element::boolean
+                 : std::is_same<T, float>::value ? Element::f32
+                                                 : Element::f64;
+    m.rows_ = mask.rows();
+    m.cols_ = mask.cols();
+    if constexpr (bool(Derived::Flags & Eigen::DirectAccessBit)) {
+      m.data_ = mask.derived().data();
+      m.row_stride_ = mask.derived().rowStride();
+      m.col_stride_ = mask.derived().colStride();
+    } else {
+      auto owned = std::make_shared<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>>(mask);
+      m.data_ = owned->data();
+      m.row_stride_ = 1;
+      m.col_stride_ = mask.rows();
+      m.owned_ = std::move(owned);
+    }
+    return m;
+  }
+
+  Kind kind_ = Kind::none;
+  Element element_ = Element::boolean;
+  const void* data_ = nullptr;
+  Eigen::Index rows_ = 0, cols_ = 0;
+  std::ptrdiff_t row_stride_ = 0, col_stride_ = 0;
+  std::shared_ptr<const void> owned_;
+};
+
+}  // namespace mha
