@@ -2,12 +2,14 @@
 //
 // Format: lines starting with '#' and blank lines are skipped. The first other line holds
 // `key value` pairs of integers (d_model 16 num_heads 4 causal 1 ...). Then come matrices, each a
-// line `matrix NAME ROWS COLS` followed by ROWS lines of COLS numbers.
+// line `matrix NAME ROWS COLS` followed by ROWS lines of COLS numbers; a number may also be `inf`,
+// `-inf` or `nan` (masks, and PyTorch's NaN rows).
 #pragma once
 
 #include <Eigen/Core>
 
 #include <fstream>
+#include <limits>
 #include <map>
 #include <sstream>
 #include <stdexcept>
@@ -47,6 +49,22 @@ inline bool next_content_line(std::istream& in, std::string& line, long& line_nu
     if (first != std::string::npos && line[first] != '#') return true;
   }
   return false;
+}
+
+/// Reads one number: a decimal as `>>` reads it, or inf, +inf, -inf, nan (which `>>` does not read).
+inline bool read_number(std::istream& in, double& x) {
+  std::string word;
+  if (!(in >> word)) return false;
+  if (word == "inf" || word == "+inf" || word == "-inf") {
+    x = word[0] == '-' ? -std::numeric_limits<double>::infinity() : std::numeric_limits<double>::infinity();
+    return true;
+  }
+  if (word == "nan" || word == "+nan" || word == "-nan") {
+    x = std::numeric_limits<double>::quiet_NaN();
+    return true;
+  }
+  std::istringstream number(word);
+  return number >> x && (number >> std::ws).eof();
 }
 
 /// True if nothing but whitespace is left in `in`.
@@ -95,7 +113,7 @@ inline Fixture load_fixture(const std::string& path) {
         fail("matrix '" + name + "' ends after " + std::to_string(r) + " of " + std::to_string(rows) + " rows");
       std::istringstream row(line);
       for (long c = 0; c < cols; ++c)
-        if (!(row >> m(r, c)))
+        if (!detail::read_number(row, m(r, c)))
           fail("row " + std::to_string(r) + " of matrix '" + name + "' has fewer than " +
                std::to_string(cols) + " numbers");
       if (!detail::at_end(row))

@@ -94,17 +94,18 @@ struct KeyVisibility {
   std::uint64_t dropout_seed = 0, dropout_stream = 0;
 };
 
+/// One SplitMix64 step mixing `word` into the state `z`.
+inline std::uint64_t splitmix(std::uint64_t z, std::uint64_t word) {
+  z += 0x9E3779B97F4A7C15ull ^ word;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
 /// A uniform number in [0, 1) fixed by (seed, stream, row, key): SplitMix64 over the four, so the
 /// dropout pattern does not depend on tiles or threads.
 inline double dropout_uniform(std::uint64_t seed, std::uint64_t stream, std::uint64_t row, std::uint64_t key) {
-  std::uint64_t z = seed;
-  for (const std::uint64_t word : {stream, row, key}) {
-    z += 0x9E3779B97F4A7C15ull ^ word;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-  }
-  return static_cast<double>(z >> 11) * 0x1.0p-53;
+  return static_cast<double>(splitmix(splitmix(splitmix(seed, stream), row), key) >> 11) * 0x1.0p-53;
 }
 
 /// Scales the kept weights of a tile by 1/(1 − p) and zeroes the dropped ones.
@@ -113,12 +114,16 @@ void drop_out(Tile& p, const KeyVisibility<typename Tile::Scalar>& visibility, E
               Eigen::Index first_key) {
   using Scalar = typename Tile::Scalar;
   const auto keep_scale = static_cast<Scalar>(1.0 / (1.0 - visibility.dropout));
-  for (Eigen::Index c = 0; c < p.cols(); ++c)
-    for (Eigen::Index r = 0; r < p.rows(); ++r) {
-      const double u = dropout_uniform(visibility.dropout_seed, visibility.dropout_stream,
-                                       static_cast<std::uint64_t>(first_row + r), static_cast<std::uint64_t>(first_key + c));
-      p(r, c) = u < visibility.dropout ? Scalar(0) : p(r, c) * keep_scale;
+  // The 53-bit threshold below which a weight is dropped: u < p  ⇔  bits < p·2⁵³.
+  const auto threshold = static_cast<std::uint64_t>(visibility.dropout * 0x1.0p53);
+  const std::uint64_t stream = splitmix(visibility.dropout_seed, visibility.dropout_stream);
+  for (Eigen::Index r = 0; r < p.rows(); ++r) {
+    const std::uint64_t row = splitmix(stream, static_cast<std::uint64_t>(first_row + r));
+    for (Eigen::Index c = 0; c < p.cols(); ++c) {
+      const bool dropped = (splitmix(row, static_cast<std::uint64_t>(first_key + c)) >> 11) < threshold;
+      p(r, c) = dropped ? Scalar(0) : p(r, c) * keep_scale;
     }
+  }
 }
 
 /// The key ranges a query block visits: [0, first_end) subject to causal rule and masks, then
@@ -143,11 +148,12 @@ bool tile_scores(const ConstMatrixRef<Scalar>& k, const KeyVisibility<Scalar>& v
                  Eigen::Index first_key, bool masked, const Eigen::Ref<const Matrix<Scalar>>& scaled_q, Tile& s) {
   const Eigen::Index rows = s.rows(), keys = s.cols();
   constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
+  // A tile is skipped when its largest mask value is −∞ (a vectorised reduction).
   if (masked && visibility.key_padding &&
-      (visibility.key_padding->row(visibility.key_padding_row).segment(first_key, keys).array() == minus_infinity).all())
+      visibility.key_padding->row(visibility.key_padding_row).segment(first_key, keys).maxCoeff() == minus_infinity)
     return false;
   if (masked && visibility.mask &&
-      (visibility.mask->block(visibility.mask_row + first_row, first_key, rows, keys).array() == minus_infinity).all())
+      visibility.mask->block(visibility.mask_row + first_row, first_key, rows, keys).maxCoeff() == minus_infinity)
     return false;
   s.noalias() = scaled_q * k.middleRows(first_key, keys).transpose();
   if (!masked) return true;

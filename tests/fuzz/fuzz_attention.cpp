@@ -1,5 +1,6 @@
 // A libFuzzer harness over the public API. The bytes choose a scalar type, shapes, head counts,
-// d_k/d_v, options and values (including NaN, ±Inf, huge and denormal numbers), valid and invalid.
+// d_k/d_v, kdim/vdim, biases, batches, masks, options and values (including NaN, ±Inf, huge and
+// denormal numbers), valid and invalid.
 // Properties checked, besides "no crash and no sanitizer report":
 //   - invalid input throws mha::invalid_argument, and only invalid input does;
 //   - the result has the documented shape;
@@ -8,6 +9,7 @@
 // corpus in every build, so each input the fuzzer ever found becomes a regression test.
 #include <mha/mha.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -15,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 namespace {
 
@@ -78,6 +81,32 @@ mha::AttentionOptions options(Bytes& in, bool& valid) {
   return o;
 }
 
+/// A mask from the bytes, rows × cols, in one of the three conventions, now and then with a row
+/// too many (the caller judges the shape by the documented rule). Additive values may be −∞ (a
+/// removed key) or, rarely, NaN, which clears `moderate`.
+template <typename Scalar>
+mha::AttentionMask mask(Bytes& in, Eigen::Index rows, Eigen::Index cols, bool& moderate,
+                        Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic>& bools, Matrix<Scalar>& numbers) {
+  const int kind = in.in(0, 3);
+  if (kind == 0) return {};
+  if (in.in(0, 15) == 0) rows += 1;
+  bools.resize(rows, cols);
+  numbers.resize(rows, cols);
+  for (Eigen::Index j = 0; j < cols; ++j)
+    for (Eigen::Index i = 0; i < rows; ++i) {
+      const std::uint8_t b = in.byte();
+      bools(i, j) = b % 3 == 0;
+      numbers(i, j) = b % 5 == 0 ? -std::numeric_limits<Scalar>::infinity() : static_cast<Scalar>(b) / 64;
+      if (b == 255) {
+        numbers(i, j) = std::numeric_limits<Scalar>::quiet_NaN();
+        moderate = moderate && kind != 3;
+      }
+    }
+  if (kind == 1) return mha::AttentionMask::blocked(bools);
+  if (kind == 2) return mha::AttentionMask::allowed(bools);
+  return mha::AttentionMask::additive(numbers);
+}
+
 template <typename Scalar>
 void multi_head(Bytes& in) {
   mha::MultiHeadAttentionConfig config;
@@ -85,31 +114,68 @@ void multi_head(Bytes& in) {
   config.num_heads = in.in(-1, 6);
   config.d_k = in.in(-1, 6);
   config.d_v = in.in(-1, 6);
+  config.kdim = in.in(-1, 3) > 1 ? in.in(1, 9) : 0;
+  config.vdim = in.in(-1, 3) > 1 ? in.in(1, 9) : 0;
+  const int flags = in.byte();
+  config.bias = flags & 1;
+  config.add_bias_kv = flags & 2;
+  config.add_zero_attn = flags & 4;
+  config.dropout = (flags & 8) ? (flags >> 4) / 16.0 : 0.0;
   config.seed = in.byte();
   const bool config_valid = config.d_model > 0 && config.num_heads > 0 && config.d_k >= 0 && config.d_v >= 0 &&
+                            config.kdim >= 0 && config.vdim >= 0 &&
                             ((config.d_k > 0 && config.d_v > 0) || config.d_model % config.num_heads == 0);
   try {
     mha::MultiHeadAttention<Scalar> attn(config);
     if (!config_valid) violated("an invalid configuration was accepted");
     bool valid = true, moderate = true;
-    const auto o = options(in, valid);
-    const Eigen::Index L = in.in(0, 40), S = in.in(0, 40);
+    auto o = options(in, valid);
+    o.alignment = in.byte() % 2 ? mha::CausalAlignment::bottom_right : mha::CausalAlignment::top_left;
+    o.training = in.byte() % 2 == 1;
+    o.dropout_seed = in.byte();
+    // A batch of one to three sequences, of lengths up to 20.
+    const int batch = in.in(1, 3);
+    std::vector<Eigen::Index> query_lengths, key_lengths;
+    const bool equal = in.byte() % 2 == 0;
+    for (int b = 0; b < batch; ++b) {
+      query_lengths.push_back(equal && b > 0 ? query_lengths[0] : in.in(0, 20));
+      key_lengths.push_back(equal && b > 0 ? key_lengths[0] : in.in(0, 20));
+    }
+    Eigen::Index L = 0, S = 0;
+    for (int b = 0; b < batch; ++b) L += query_lengths[b], S += key_lengths[b];
     // Now and then a width or a row count that does not match.
     const int mismatch = in.in(0, 15);
     const Eigen::Index q_cols = attn.d_model() + (mismatch == 1 ? 1 : 0);
-    const Eigen::Index k_cols = attn.d_model() - (mismatch == 2 ? 1 : 0);
+    const Eigen::Index k_cols = attn.kdim() - (mismatch == 2 ? 1 : 0);
     const Eigen::Index v_rows = S + (mismatch == 3 ? 1 : 0);
-    valid = valid && mismatch > 3;
+    valid = valid && (mismatch == 0 || mismatch > 3);
     const auto query = matrix<Scalar>(in, L, q_cols, moderate);
     const auto key = matrix<Scalar>(in, S, k_cols, moderate);
-    const auto value = matrix<Scalar>(in, v_rows, attn.d_model(), moderate);
+    const auto value = matrix<Scalar>(in, v_rows, attn.vdim(), moderate);
+    // Masks: shared by every sequence, so they need equal lengths (per head: h·L rows).
+    Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic> mask_bools, padding_bools;
+    Matrix<Scalar> mask_numbers, padding_numbers;
+    const bool per_head = in.byte() % 2 == 1 && attn.num_heads() > 1;
+    o.mask = mask<Scalar>(in, (per_head ? attn.num_heads() : 1) * query_lengths[0], key_lengths[0], moderate,
+                          mask_bools, mask_numbers);
+    o.key_padding_mask = mask<Scalar>(in, batch, key_lengths[0], moderate, padding_bools, padding_numbers);
+    // The documented rules: a mask is L × S or h·L × S and needs equal lengths; key padding is
+    // B × S and needs equal key lengths.
+    const bool same_L = std::equal(query_lengths.begin() + 1, query_lengths.end(), query_lengths.begin());
+    const bool same_S = std::equal(key_lengths.begin() + 1, key_lengths.end(), key_lengths.begin());
+    const Eigen::Index L0 = query_lengths[0], S0 = key_lengths[0], h = attn.num_heads();
+    if (!o.mask.empty())
+      valid = valid && same_L && same_S && o.mask.cols() == S0 &&
+              (o.mask.rows() == L0 || (h > 1 && o.mask.rows() == h * L0));
+    if (!o.key_padding_mask.empty())
+      valid = valid && same_S && o.key_padding_mask.rows() == batch && o.key_padding_mask.cols() == S0;
     try {
-      const Matrix<Scalar> out = attn.forward(query, key, value, o);
-      if (!valid) violated("invalid input was accepted by forward");
-      if (out.rows() != L || out.cols() != attn.d_model()) violated("forward returned the wrong shape");
+      const Matrix<Scalar> out = attn.forward_batch(query, key, value, query_lengths, key_lengths, o);
+      if (!valid) violated("invalid input was accepted by forward_batch");
+      if (out.rows() != L || out.cols() != attn.d_model()) violated("forward_batch returned the wrong shape");
       if (moderate && !out.allFinite()) violated("finite moderate input gave a non-finite output");
     } catch (const mha::invalid_argument&) {
-      if (valid) violated("valid input was rejected by forward");
+      if (valid) violated("valid input was rejected by forward_batch");
     }
   } catch (const mha::invalid_argument&) {
     if (config_valid) violated("a valid configuration was rejected");
