@@ -40,7 +40,8 @@ int main(int argc, char** argv) {
   std::ofstream(argv[2]) << "// Generated from README.md: its complete example.\n" << programs.front();
   std::ofstream out(argv[3]);
   out << "// Generated from README.md: its API tour, fragment after fragment.\n"
-         "#include <mha/mha.hpp>\n\n#include <iostream>\n#include <stdexcept>\n#include <vector>\n\n"
+         "#include <mha/io/pytorch.hpp>\n#include <mha/io/safetensors.hpp>\n#include <mha/mha.hpp>\n\n"
+         "#include <fstream>\n#include <iostream>\n#include <stdexcept>\n#include <vector>\n\n"
          "int main() {\n";
   for (const auto& fragment : fragments) out << fragment;
   out << "}\n";
