@@ -29,6 +29,8 @@
 //   bench_features --benchmark_out=features.json --benchmark_out_format=json
 //                  --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
 
+#include "bench_common.hpp"
+
 #include <mha/mha.hpp>
 
 #include <Eigen/Core>
@@ -46,21 +48,13 @@
 
 namespace {
 
+using mha_bench::random_matrix;
+
 using Matrix = Eigen::MatrixXf;
 using BoolMatrix = Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic>;
 using Index = Eigen::Index;
 constexpr Index kDModel = 512;
 constexpr Index kHeads = 8;
-
-/// A rows × cols matrix of numbers uniform in [−1, 1), fixed by the seed.
-Matrix random_matrix(Index rows, Index cols, std::uint64_t seed) {
-  std::mt19937_64 engine(seed);
-  Matrix m(rows, cols);
-  for (Index c = 0; c < cols; ++c)
-    for (Index r = 0; r < rows; ++r)
-      m(r, c) = static_cast<float>(2.0 * static_cast<double>(engine() >> 11) * 0x1.0p-53 - 1.0);
-  return m;
-}
 
 /// Useful flops of self-attention over sequences of the given (true) lengths.
 double useful_flops(const std::vector<Index>& lengths, bool causal) {
@@ -283,35 +277,9 @@ void BM_Dropout(benchmark::State& state, bool training) {
 BENCHMARK_CAPTURE(BM_Dropout, inference, false)->ArgName("N")->Arg(512)->Arg(2048)->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_Dropout, training, true)->ArgName("N")->Arg(512)->Arg(2048)->Unit(benchmark::kMillisecond);
 
-/// The "model name" line of /proc/cpuinfo, or "" where there is none.
-std::string cpu_model() {
-  std::ifstream cpuinfo("/proc/cpuinfo");
-  for (std::string line; std::getline(cpuinfo, line);)
-    if (line.rfind("model name", 0) == 0) {
-      const auto start = line.find_first_not_of(" \t", line.find(':') + 1);
-      return start == std::string::npos ? "" : line.substr(start);
-    }
-  return "";
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::string model = cpu_model();
-  if (!model.empty()) benchmark::AddCustomContext("cpu_model", model);
-  benchmark::AddCustomContext("d_model", std::to_string(kDModel));
-  benchmark::AddCustomContext("num_heads", std::to_string(kHeads));
-  benchmark::AddCustomContext("scalar", "float");
-  benchmark::AddCustomContext("eigen_version", std::to_string(EIGEN_WORLD_VERSION) + "." +
-                                                   std::to_string(EIGEN_MAJOR_VERSION) + "." +
-                                                   std::to_string(EIGEN_MINOR_VERSION));
-  benchmark::AddCustomContext("eigen_simd", Eigen::SimdInstructionSetsInUse());
-  // One thread: mha's loops and Eigen's own products.
-  mha::set_num_threads(1);
-  Eigen::setNbThreads(1);
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
+  return mha_bench::run(argc, argv,
+                        {{"d_model", std::to_string(kDModel)}, {"num_heads", std::to_string(kHeads)}, {"scalar", "float"}});
 }

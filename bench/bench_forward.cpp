@@ -22,6 +22,8 @@
 // Random interleaving runs the repetitions of all cases in shuffled order, so that a load that comes
 // and goes on a shared machine spreads over every case instead of skewing a few.
 
+#include "bench_common.hpp"
+
 #include <mha/mha.hpp>
 #include <reference/reference_attention.hpp>
 
@@ -35,18 +37,10 @@
 
 namespace {
 
+using mha_bench::random_matrix;
+
 using Matrix = Eigen::MatrixXf;
 constexpr Eigen::Index kDModel = 512;
-
-/// A rows × cols matrix of numbers uniform in [−1, 1), fixed by the seed.
-Matrix random_matrix(Eigen::Index rows, Eigen::Index cols, std::uint64_t seed) {
-  std::mt19937_64 engine(seed);
-  Matrix m(rows, cols);
-  for (Eigen::Index c = 0; c < cols; ++c)
-    for (Eigen::Index r = 0; r < rows; ++r)
-      m(r, c) = static_cast<float>(2.0 * static_cast<double>(engine() >> 11) * 0x1.0p-53 - 1.0);
-  return m;
-}
 
 /// Useful flops of one self-attention forward pass over n tokens of width d.
 double useful_flops(double n, double d, bool causal) {
@@ -152,34 +146,8 @@ BENCHMARK(BM_Reference)
     ->Iterations(1)
     ->Unit(benchmark::kMillisecond);
 
-/// The "model name" line of /proc/cpuinfo, or "" where there is none.
-std::string cpu_model() {
-  std::ifstream cpuinfo("/proc/cpuinfo");
-  for (std::string line; std::getline(cpuinfo, line);)
-    if (line.rfind("model name", 0) == 0) {
-      const auto start = line.find_first_not_of(" \t", line.find(':') + 1);
-      return start == std::string::npos ? "" : line.substr(start);
-    }
-  return "";
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::string model = cpu_model();
-  if (!model.empty()) benchmark::AddCustomContext("cpu_model", model);
-  benchmark::AddCustomContext("d_model", std::to_string(kDModel));
-  benchmark::AddCustomContext("scalar", "float");
-  benchmark::AddCustomContext("eigen_version", std::to_string(EIGEN_WORLD_VERSION) + "." +
-                                                   std::to_string(EIGEN_MAJOR_VERSION) + "." +
-                                                   std::to_string(EIGEN_MINOR_VERSION));
-  benchmark::AddCustomContext("eigen_simd", Eigen::SimdInstructionSetsInUse());
-  // One thread unless a benchmark says otherwise: mha's loops and Eigen's own products.
-  mha::set_num_threads(1);
-  Eigen::setNbThreads(1);
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
+  return mha_bench::run(argc, argv, {{"d_model", std::to_string(kDModel)}, {"scalar", "float"}});
 }

@@ -1,0 +1,59 @@
+// What the benchmark programs share: seeded inputs, and a main() that records the machine and
+// pins everything to one thread unless a benchmark says otherwise.
+#pragma once
+
+#include <mha/mha.hpp>
+
+#include <Eigen/Core>
+#include <benchmark/benchmark.h>
+
+#include <cstdint>
+#include <fstream>
+#include <random>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace mha_bench {
+
+/// A rows × cols float matrix of numbers uniform in [−1, 1), fixed by the seed.
+inline Eigen::MatrixXf random_matrix(Eigen::Index rows, Eigen::Index cols, std::uint64_t seed) {
+  std::mt19937_64 engine(seed);
+  Eigen::MatrixXf m(rows, cols);
+  for (Eigen::Index c = 0; c < cols; ++c)
+    for (Eigen::Index r = 0; r < rows; ++r)
+      m(r, c) = static_cast<float>(2.0 * static_cast<double>(engine() >> 11) * 0x1.0p-53 - 1.0);
+  return m;
+}
+
+/// The "model name" line of /proc/cpuinfo, or "" where there is none.
+inline std::string cpu_model() {
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  for (std::string line; std::getline(cpuinfo, line);)
+    if (line.rfind("model name", 0) == 0) {
+      const auto start = line.find_first_not_of(" \t", line.find(':') + 1);
+      return start == std::string::npos ? "" : line.substr(start);
+    }
+  return "";
+}
+
+/// Runs the registered benchmarks with the CPU model, Eigen's version and SIMD, and `context` in
+/// the output's context, on one thread (mha's loops and Eigen's own products).
+inline int run(int argc, char** argv, const std::vector<std::pair<std::string, std::string>>& context) {
+  const std::string model = cpu_model();
+  if (!model.empty()) benchmark::AddCustomContext("cpu_model", model);
+  for (const auto& [key, value] : context) benchmark::AddCustomContext(key, value);
+  benchmark::AddCustomContext("eigen_version", std::to_string(EIGEN_WORLD_VERSION) + "." +
+                                                   std::to_string(EIGEN_MAJOR_VERSION) + "." +
+                                                   std::to_string(EIGEN_MINOR_VERSION));
+  benchmark::AddCustomContext("eigen_simd", Eigen::SimdInstructionSetsInUse());
+  mha::set_num_threads(1);
+  Eigen::setNbThreads(1);
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
+
+}  // namespace mha_bench
