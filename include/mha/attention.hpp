@@ -283,11 +283,8 @@ Eigen::Matrix<typename DerivedQ::Scalar, Eigen::Dynamic, Eigen::Dynamic> scaled_
   const auto scale = static_cast<Scalar>(detail::resolve_scale(options, q.cols()));
   // Views of the inputs; an expression or a strided layout is evaluated once, here.
   const detail::ConstMatrixRef<Scalar> q_ref(q.derived()), k_ref(k.derived()), v_ref(v.derived());
-  const detail::Matrix<Scalar> mask =
-      options.mask.empty() ? detail::Matrix<Scalar>() : options.mask.template additive_matrix<Scalar>();
-  const detail::Matrix<Scalar> key_padding = options.key_padding_mask.empty()
-                                                 ? detail::Matrix<Scalar>()
-                                                 : options.key_padding_mask.template additive_matrix<Scalar>();
+  const detail::Matrix<Scalar> mask = options.mask.template additive_matrix<Scalar>();
+  const detail::Matrix<Scalar> key_padding = options.key_padding_mask.template additive_matrix<Scalar>();
   detail::KeyVisibility<Scalar> visibility;
   visibility.masked_keys = S;
   visibility.causal = options.causal;

@@ -52,16 +52,15 @@ class AttentionMask {
   /// \returns the number of columns of the mask (0 when empty).
   Eigen::Index cols() const { return cols_; }
 
-  /// Writes block (first_row, first_col, out.rows(), out.cols()) of the mask, as additive values
-  /// (0 or −∞ for the boolean conventions), into `out`.
-  template <typename Out>
-  void additive_block(Eigen::Index first_row, Eigen::Index first_col, Out&& out) const {
-    using Scalar = typename std::decay_t<Out>::Scalar;
+  /// \returns the whole mask as an additive matrix of `Scalar`: 0 or −∞ for the boolean
+  /// conventions, the numbers themselves for an additive mask; read once per attention call.
+  template <typename Scalar>
+  Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> additive_matrix() const {
     constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
+    Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> out(rows_, cols_);
     const auto copy = [&](const auto* data, const auto& value_of) {
-      for (Eigen::Index c = 0; c < out.cols(); ++c)
-        for (Eigen::Index r = 0; r < out.rows(); ++r)
-          out(r, c) = value_of(data[(first_row + r) * row_stride_ + (first_col + c) * col_stride_]);
+      for (Eigen::Index c = 0; c < cols_; ++c)
+        for (Eigen::Index r = 0; r < rows_; ++r) out(r, c) = value_of(data[r * row_stride_ + c * col_stride_]);
     };
     // Boolean masks are read through a two-entry table: a branch on random bits mispredicts half
     // the time, which made the conversion ten times slower than the table.
@@ -75,16 +74,9 @@ class AttentionMask {
         else
           copy(static_cast<const double*>(data_), [](double x) { return static_cast<Scalar>(x); });
         break;
-      case Kind::none: out.setZero(); break;
+      case Kind::none: break;
     }
-  }
-
-  /// \returns the whole mask as an additive matrix of `Scalar`.
-  template <typename Scalar>
-  Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> additive_matrix() const {
-    Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> m(rows_, cols_);
-    additive_block(0, 0, m);
-    return m;
+    return out;
   }
 
  private:

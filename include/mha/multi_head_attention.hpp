@@ -312,9 +312,8 @@ class MultiHeadAttention {
     const Matrix& values = extra > 0 ? v_extended : v;
 
     // The masks, as additive matrices of Scalar, once for every head and sequence.
-    const Matrix mask = options.mask.empty() ? Matrix() : options.mask.template additive_matrix<Scalar>();
-    const Matrix key_padding =
-        options.key_padding_mask.empty() ? Matrix() : options.key_padding_mask.template additive_matrix<Scalar>();
+    const Matrix mask = options.mask.template additive_matrix<Scalar>();
+    const Matrix key_padding = options.key_padding_mask.template additive_matrix<Scalar>();
 
     // One task per sequence, head and block of query rows; each writes its rows of the head's
     // column block of the concatenation.
