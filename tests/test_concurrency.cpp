@@ -13,9 +13,7 @@ using mha_test::Matrix;
 using mha_test::random_matrix;
 
 TEST(Concurrency, ForwardOnOneConstModuleFromFourThreadsEqualsSerialCalls) {
-  mha::MultiHeadAttentionConfig config;
-  config.d_model = 32;
-  config.num_heads = 4;
+  const mha::MultiHeadAttentionConfig config = mha_test::config(32, 4);
   const mha::MultiHeadAttention<float> attn(config);
   const int threads = 4, calls = 6;
   std::vector<Matrix<float>> inputs, serial;

@@ -57,9 +57,7 @@ TYPED_TEST(EdgeCases, OneKeyIsCopiedToEveryQuery) {
 }
 
 TYPED_TEST(EdgeCases, OneQueryEqualsTheReference) {
-  mha::MultiHeadAttentionConfig config;
-  config.d_model = 32;
-  config.num_heads = 4;
+  const mha::MultiHeadAttentionConfig config = mha_test::config(32, 4);
   const mha::MultiHeadAttention<TypeParam> attn(config);
   const Matrix<TypeParam> query = random_matrix<TypeParam>(1, 32, 1), kv = random_matrix<TypeParam>(1000, 32, 2);
   for (const bool causal : {false, true})
@@ -69,11 +67,7 @@ TYPED_TEST(EdgeCases, OneQueryEqualsTheReference) {
 }
 
 TYPED_TEST(EdgeCases, HeadsOfWidthOneEqualTheReference) {
-  mha::MultiHeadAttentionConfig config;
-  config.d_model = 5;
-  config.num_heads = 3;
-  config.d_k = 1;
-  config.d_v = 1;
+  const mha::MultiHeadAttentionConfig config = mha_test::config(5, 3, 1, 1);
   const mha::MultiHeadAttention<TypeParam> attn(config);
   const Matrix<TypeParam> x = random_matrix<TypeParam>(40, 5, 1);
   for (const bool causal : {false, true})
@@ -92,9 +86,7 @@ TYPED_TEST(EdgeCases, VeryLargeDkEqualsTheReference) {
 }
 
 TYPED_TEST(EdgeCases, EmptyInputsGiveEmptyOrZeroResults) {
-  mha::MultiHeadAttentionConfig config;
-  config.d_model = 6;
-  config.num_heads = 2;
+  const mha::MultiHeadAttentionConfig config = mha_test::config(6, 2);
   const mha::MultiHeadAttention<TypeParam> attn(config);
   const Matrix<TypeParam> none(0, 6);
   EXPECT_EQ(attn.forward(none, none, none).rows(), 0);
@@ -112,9 +104,7 @@ TYPED_TEST(EdgeCases, EmptyInputsGiveEmptyOrZeroResults) {
 }
 
 TYPED_TEST(EdgeCases, DenormalAndHugeFiniteInputsGiveFiniteOutputs) {
-  mha::MultiHeadAttentionConfig config;
-  config.d_model = 16;
-  config.num_heads = 4;
+  const mha::MultiHeadAttentionConfig config = mha_test::config(16, 4);
   const mha::MultiHeadAttention<TypeParam> attn(config);
   const TypeParam denormal = std::numeric_limits<TypeParam>::denorm_min() * 3;
   const Matrix<TypeParam> tiny = Matrix<TypeParam>::Constant(20, 16, denormal);

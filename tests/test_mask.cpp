@@ -11,12 +11,13 @@
 
 namespace {
 
+using mha_test::BoolMatrix;
 using mha_test::close;
+using mha_test::config;
 using mha_test::error_of;
 using mha_test::Matrix;
 using mha_test::random_matrix;
 using mha_test::tolerance;
-using BoolMatrix = Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic>;
 
 template <typename Scalar>
 class Masks : public ::testing::Test {};
@@ -36,14 +37,6 @@ template <typename Scalar>
 Matrix<Scalar> additive(const BoolMatrix& blocked) {
   return blocked.select(Matrix<Scalar>::Constant(blocked.rows(), blocked.cols(), -std::numeric_limits<Scalar>::infinity()),
                         Matrix<Scalar>::Zero(blocked.rows(), blocked.cols()));
-}
-
-mha::MultiHeadAttentionConfig config(Eigen::Index d_model, Eigen::Index h) {
-  mha::MultiHeadAttentionConfig c;
-  c.d_model = d_model;
-  c.num_heads = h;
-  c.seed = static_cast<std::uint64_t>(h);
-  return c;
 }
 
 TYPED_TEST(Masks, SharedPerHeadAndPaddingMasksEqualTheReferenceAcrossTiles) {

@@ -10,12 +10,12 @@
 
 namespace {
 
+using mha_test::BoolMatrix;
 using mha_test::close;
 using mha_test::error_of;
 using mha_test::Matrix;
 using mha_test::random_matrix;
 using mha_test::tolerance;
-using BoolMatrix = Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic>;
 
 template <typename Scalar>
 class ModuleFeatures : public ::testing::Test {};

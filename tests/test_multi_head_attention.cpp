@@ -13,6 +13,7 @@ namespace {
 
 using mha_test::causal_if;
 using mha_test::close;
+using mha_test::config;
 using mha_test::error_of;
 using mha_test::Matrix;
 using mha_test::random_matrix;
@@ -21,17 +22,6 @@ using mha_test::tolerance;
 template <typename Scalar>
 class MultiHeadAttention : public ::testing::Test {};
 TYPED_TEST_SUITE(MultiHeadAttention, mha_test::Scalars, mha_test::ScalarNames);
-
-mha::MultiHeadAttentionConfig config(Eigen::Index d_model, Eigen::Index num_heads, Eigen::Index d_k = 0,
-                                     Eigen::Index d_v = 0, std::uint64_t seed = 0) {
-  mha::MultiHeadAttentionConfig c;
-  c.d_model = d_model;
-  c.num_heads = num_heads;
-  c.d_k = d_k;
-  c.d_v = d_v;
-  c.seed = seed;
-  return c;
-}
 
 // --- configuration and parameters -------------------------------------------------------------
 

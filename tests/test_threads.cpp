@@ -27,9 +27,7 @@ auto with_threads(int threads, F&& f) {
 }
 
 TYPED_TEST(ThreadsTyped, ForwardIsBitIdenticalOnOneAndTwoThreads) {
-  mha::MultiHeadAttentionConfig config;
-  config.d_model = 64;
-  config.num_heads = 8;
+  const mha::MultiHeadAttentionConfig config = mha_test::config(64, 8);
   const mha::MultiHeadAttention<TypeParam> attn(config);
   // 700 query rows: several query blocks and projection row blocks, the last one partial.
   const Matrix<TypeParam> query = random_matrix<TypeParam>(700, 64, 1), kv = random_matrix<TypeParam>(1100, 64, 2);

@@ -71,6 +71,21 @@ template <typename A, typename B>
   return ::testing::AssertionFailure() << "relative error " << err << " > tolerance " << tol;
 }
 
+/// A boolean matrix, for masks.
+using BoolMatrix = Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic>;
+
+/// A module configuration; d_k = d_v = 0 mean d_model / num_heads.
+inline mha::MultiHeadAttentionConfig config(Eigen::Index d_model, Eigen::Index num_heads, Eigen::Index d_k = 0,
+                                            Eigen::Index d_v = 0, std::uint64_t seed = 0) {
+  mha::MultiHeadAttentionConfig c;
+  c.d_model = d_model;
+  c.num_heads = num_heads;
+  c.d_k = d_k;
+  c.d_v = d_v;
+  c.seed = seed;
+  return c;
+}
+
 /// Options with `causal` set as given.
 inline mha::AttentionOptions causal_if(bool causal) {
   mha::AttentionOptions options;
