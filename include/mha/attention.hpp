@@ -169,9 +169,34 @@ TileScores tile_scores(const ConstMatrixRef<Scalar>& k, const KeyVisibility<Scal
   return TileScores::masked;
 }
 
+/// Visits the tiles that query rows [first_row, first_row + rows) attend to, calling
+/// step(s, first_key, exp) with each tile's scaled, masked scores s (B_r × B_c, in `scores`) and the
+/// exponential to take of them: Eigen's own where all are finite, exp_flushed where a mask may have
+/// put −∞ (Eigen's exp(−∞) is a denormal, not 0; flushing costs about 5% at h = 8). Tiles the masks
+/// hide entirely are skipped. The forward and the backward walk the same tiles through this.
+template <typename Scalar, typename Step>
+void for_each_tile(const ConstMatrixRef<Scalar>& k, const KeyVisibility<Scalar>& visibility, Eigen::Index first_row,
+                   const Eigen::Ref<const Matrix<Scalar>>& scaled_q, Matrix<Scalar>& scores, const Step& step) {
+  const Eigen::Index rows = scaled_q.rows();
+  const KeyRanges ranges = key_ranges(visibility, first_row + rows - 1, k.rows());
+  const auto plain_exp = [](const auto& x) { return x.exp(); };
+  const auto flushed_exp = [](const auto& x) { return exp_flushed(x); };
+  for (const bool masked : {true, false}) {
+    const Eigen::Index begin = masked ? 0 : ranges.extra_begin, end = masked ? ranges.masked_end : ranges.extra_end;
+    for (Eigen::Index first_key = begin; first_key < end; first_key += kKeyBlock) {
+      auto s = scores.topLeftCorner(rows, std::min(kKeyBlock, end - first_key));  // B_r × B_c
+      const TileScores kind = tile_scores<Scalar>(k, visibility, first_row, first_key, masked, scaled_q, s);
+      if (kind == TileScores::finite) step(s, first_key, plain_exp);
+      if (kind == TileScores::masked) step(s, first_key, flushed_exp);
+    }
+  }
+}
+
 /// Query block `block` (rows block·B_r …) of one head's attention, written into those rows of
 /// `out` (L × d_v):  out = softmax(q kᵀ · scale + masks) v,  q: L × d_k, k: S × d_k, v: S × d_v.
-/// When `weights` is given (L × S), the attention weights of those rows are written into it.
+/// When `weights` is given (L × S), the attention weights of those rows are written into it; when
+/// `log_sum_exp` is given (L entries), each row's log Σ_j exp(score_j) (−∞ for a row with no visible
+/// key), all attention_backward needs to recompute the weights.
 ///
 /// Never forms the L × S score matrix. It walks the key/value blocks with an online softmax
 /// (Milakov & Gimelshein 2018; FlashAttention-2), keeping the running row maximum m, the running sum
@@ -185,10 +210,9 @@ template <typename Scalar>
 void attention_query_block(const ConstMatrixRef<Scalar>& q, const ConstMatrixRef<Scalar>& k,
                            const ConstMatrixRef<Scalar>& v, Scalar scale, const KeyVisibility<Scalar>& visibility,
                            Eigen::Index block, AttentionScratch<Scalar>& scratch, MatrixRef<Scalar> out,
-                           Matrix<Scalar>* weights = nullptr) {
+                           Matrix<Scalar>* weights = nullptr, Scalar* log_sum_exp = nullptr) {
   const Eigen::Index first_row = block * kQueryBlock;
   const Eigen::Index rows = std::min(kQueryBlock, q.rows() - first_row);
-  const KeyRanges ranges = key_ranges(visibility, first_row + rows - 1, k.rows());
   auto acc = out.middleRows(first_row, rows);  // B_r × d_v, unnormalised until the end
   auto m = scratch.row_max.head(rows);
   auto l = scratch.row_sum.head(rows);
@@ -201,24 +225,7 @@ void attention_query_block(const ConstMatrixRef<Scalar>& q, const ConstMatrixRef
   auto qs = scratch.scaled_q.topRows(rows);
   qs.noalias() = scale * q.middleRows(first_row, rows);
 
-  // Visits the tiles of the key ranges, calling step(s, first_key, exp) with the scores and the
-  // exponential to take of them: Eigen's own where all are finite, exp_flushed where a mask may
-  // have put −∞ (Eigen's exp(−∞) is a denormal, not 0; flushing costs about 5% at h = 8).
-  const auto plain_exp = [](const auto& x) { return x.exp(); };
-  const auto flushed_exp = [](const auto& x) { return exp_flushed(x); };
-  const auto for_each_tile = [&](const auto& step) {
-    for (const bool masked : {true, false}) {
-      const Eigen::Index begin = masked ? 0 : ranges.extra_begin, end = masked ? ranges.masked_end : ranges.extra_end;
-      for (Eigen::Index first_key = begin; first_key < end; first_key += kKeyBlock) {
-        auto s = scratch.scores.topLeftCorner(rows, std::min(kKeyBlock, end - first_key));  // B_r × B_c
-        const TileScores scores = tile_scores<Scalar>(k, visibility, first_row, first_key, masked, qs, s);
-        if (scores == TileScores::finite) step(s, first_key, plain_exp);
-        if (scores == TileScores::masked) step(s, first_key, flushed_exp);
-      }
-    }
-  };
-
-  for_each_tile([&](auto& s, Eigen::Index first_key, const auto& exp) {
+  for_each_tile<Scalar>(k, visibility, first_row, qs, scratch.scores, [&](auto& s, Eigen::Index first_key, const auto& exp) {
     // The softmax runs down the tile one key (column) at a time, vectorised over the rows: Eigen's
     // row-wise reductions of a column-major tile were 2× slower (README "Performance").
     m_new = m;
@@ -238,15 +245,106 @@ void attention_query_block(const ConstMatrixRef<Scalar>& q, const ConstMatrixRef
   });
   const auto inverse_sum = (l == Scalar(0)).select(Scalar(1), l).inverse().eval();
   acc.array().colwise() *= inverse_sum;
+  // log Σ exp(score) = m + log ℓ; a row with nothing visible has m = −∞ and ℓ = 0, and keeps −∞.
+  if (log_sum_exp)
+    Eigen::Map<Column<Scalar>>(log_sum_exp + first_row, rows) = (l == Scalar(0)).select(m, m + l.log());
 
   if (weights) {
     // A second pass recomputes each tile's scores against the final maximum and sum.
     shift = stable_shift(m);
-    for_each_tile([&](auto& s, Eigen::Index first_key, const auto& exp) {
+    for_each_tile<Scalar>(k, visibility, first_row, qs, scratch.scores, [&](auto& s, Eigen::Index first_key, const auto& exp) {
       for (Eigen::Index j = 0; j < s.cols(); ++j) s.col(j).array() = exp(s.col(j).array() - shift) * inverse_sum;
       if (visibility.dropout > 0) drop_out(s, visibility, first_row, first_key);
       weights->block(first_row, first_key, rows, s.cols()) = s;
     });
+  }
+}
+
+/// The per-thread working memory of attention_backward: tiles of weights, of their gradient and
+/// of the dropout factors, B_r × B_c each, and a block of query rows and their gradient.
+template <typename Scalar>
+struct AttentionBackwardScratch {
+  /// Room for tiles of up to `block_rows` queries × `block_keys` keys of width d_k.
+  AttentionBackwardScratch(Eigen::Index block_rows, Eigen::Index block_keys, Eigen::Index d_k)
+      : scaled_q(block_rows, d_k),
+        d_q(block_rows, d_k),
+        scores(block_rows, block_keys),
+        d_weights(block_rows, block_keys),
+        keep(block_rows, block_keys),
+        shift(block_rows),
+        d_dot_out(block_rows) {}
+  /// The scratch for an L × d_k query against S keys.
+  static AttentionBackwardScratch for_problem(Eigen::Index L, Eigen::Index S, Eigen::Index d_k) {
+    return AttentionBackwardScratch(std::min(kQueryBlock, L), std::min(kKeyBlock, S), d_k);
+  }
+
+  Matrix<Scalar> scaled_q;   ///< B_r × d_k: scale · the query block, as in the forward
+  Matrix<Scalar> d_q;        ///< B_r × d_k: ∂loss/∂(q kᵀ) · k, summed over the key tiles
+  Matrix<Scalar> scores;     ///< B_r × B_c: a tile of scores, then weights P, then ∂loss/∂scores
+  Matrix<Scalar> d_weights;  ///< B_r × B_c: ∂loss/∂P
+  Matrix<Scalar> keep;       ///< B_r × B_c: the dropout factors 0 or 1/(1 − p), then P after dropout
+  Column<Scalar> shift, d_dot_out;  ///< B_r each: the log-sum-exp (0 where −∞), D = rowsum(dO ∘ O)
+};
+
+/// The backward of one head's attention (attention_query_block over every block): given what the
+/// forward read (q: L × d_k, k: S × d_k, v: S × d_v, the same scale and visibility), what it wrote
+/// (out: L × d_v, log_sum_exp: L) and d_out = ∂loss/∂out (L × d_v), writes d_q (L × d_k),
+/// d_k (S × d_k) and d_v (S × d_v), the gradients of the loss with respect to q, k and v.
+///
+/// FlashAttention-2's backward: nothing L × S was kept, so each tile's weights are recomputed from
+/// the scores and the saved log-sum-exp, P = exp(s − lse), exactly as the forward normalised them.
+/// With s = scale · q kᵀ (+ masks) and out = P̃ v, where P̃ is P after dropout:
+///   ∂loss/∂v  = P̃ᵀ d_out                                      (forward: out += P̃ v)
+///   ∂loss/∂P  = (d_out vᵀ) ∘ dropout factors
+///   ∂loss/∂s  = P ∘ (∂loss/∂P − D),  D = rowsum(d_out ∘ out)   (softmax; D = Σ_j P_j ∂loss/∂P_j)
+///   ∂loss/∂q  = scale · ∂loss/∂s · k,   ∂loss/∂k = ∂loss/∂sᵀ · scale · q
+/// Five products per tile (the forward has two): QKᵀ again, d_out vᵀ, P̃ᵀ d_out, dSᵀ q, dS k.
+/// Masked scores have P = 0 and so no gradient; a row with no visible key has none at all.
+template <typename Scalar>
+void attention_backward(const ConstMatrixRef<Scalar>& q, const ConstMatrixRef<Scalar>& k,
+                        const ConstMatrixRef<Scalar>& v, const ConstMatrixRef<Scalar>& out,
+                        const Scalar* log_sum_exp, const ConstMatrixRef<Scalar>& d_out, Scalar scale,
+                        const KeyVisibility<Scalar>& visibility, AttentionBackwardScratch<Scalar>& scratch,
+                        MatrixRef<Scalar> d_q, MatrixRef<Scalar> d_k, MatrixRef<Scalar> d_v) {
+  d_k.setZero();
+  d_v.setZero();
+  for (Eigen::Index first_row = 0; first_row < q.rows(); first_row += kQueryBlock) {
+    const Eigen::Index rows = std::min(kQueryBlock, q.rows() - first_row);
+    auto qs = scratch.scaled_q.topRows(rows);
+    qs.noalias() = scale * q.middleRows(first_row, rows);
+    auto dq = scratch.d_q.topRows(rows);
+    dq.setZero();
+    const auto d_out_rows = d_out.middleRows(first_row, rows);  // B_r × d_v
+    auto shift = scratch.shift.head(rows);
+    shift = stable_shift(Eigen::Map<const Column<Scalar>>(log_sum_exp + first_row, rows));
+    auto D = scratch.d_dot_out.head(rows);
+    D = d_out_rows.cwiseProduct(out.middleRows(first_row, rows)).rowwise().sum();
+
+    for_each_tile<Scalar>(k, visibility, first_row, qs, scratch.scores, [&](auto& s, Eigen::Index first_key, const auto& exp) {
+      const Eigen::Index keys = s.cols();
+      // In the forward pass this was: P = exp(s − m) / ℓ, which is exp(s − lse).
+      for (Eigen::Index j = 0; j < keys; ++j) s.col(j).array() = exp(s.col(j).array() - shift);
+      auto dp = scratch.d_weights.topLeftCorner(rows, keys);
+      dp.noalias() = d_out_rows * v.middleRows(first_key, keys).transpose();
+      if (visibility.dropout > 0) {
+        // In the forward pass this was: P̃ = P ∘ keep (drop_out), then out += P̃ v.
+        auto keep = scratch.keep.topLeftCorner(rows, keys);
+        keep.setOnes();
+        drop_out(keep, visibility, first_row, first_key);
+        dp.array() *= keep.array();
+        keep.array() *= s.array();
+        d_v.middleRows(first_key, keys).noalias() += keep.transpose() * d_out_rows;
+      } else {
+        // In the forward pass this was: out += P v.
+        d_v.middleRows(first_key, keys).noalias() += s.transpose() * d_out_rows;
+      }
+      // The softmax's backward: ∂loss/∂s = P ∘ (∂loss/∂P − D).
+      for (Eigen::Index j = 0; j < keys; ++j) s.col(j).array() *= dp.col(j).array() - D;
+      // In the forward pass this was: s = (scale · q) kᵀ.
+      dq.noalias() += s * k.middleRows(first_key, keys);
+      d_k.middleRows(first_key, keys).noalias() += s.transpose() * qs;
+    });
+    d_q.middleRows(first_row, rows) = scale * dq;
   }
 }
 

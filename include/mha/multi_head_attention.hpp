@@ -3,7 +3,9 @@
 
 #include <mha/attention.hpp>
 #include <mha/config.hpp>
+#include <mha/gradients.hpp>
 #include <mha/mask.hpp>
+#include <mha/parameters.hpp>
 #include <mha/threads.hpp>
 
 #include <Eigen/Core>
@@ -11,8 +13,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <numeric>
 #include <random>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -46,14 +50,24 @@ struct AttentionResult {
 /// each head writes its output straight into its column block of the concatenation, which meets
 /// W^O in one more product.
 template <typename Scalar_>
-class MultiHeadAttention {
-  static_assert(std::is_floating_point<Scalar_>::value, "mha::MultiHeadAttention needs float or double");
+class MultiHeadAttention : public AttentionParameters<Scalar_> {
+  using Base = AttentionParameters<Scalar_>;
 
  public:
   using Scalar = Scalar_;
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
   using RowVector = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
   using Index = Eigen::Index;
+  /// The gradients of the parameters: the same shapes and views, grads.w_q(i) = ∂loss/∂W_i^Q.
+  using Gradients = AttentionParameters<Scalar>;
+
+  using Base::config;
+  using Base::d_k;
+  using Base::d_model;
+  using Base::d_v;
+  using Base::kdim;
+  using Base::num_heads;
+  using Base::vdim;
 
   /// A module of the given shape with deterministic weights: each projection matrix W (rows × cols)
   /// is drawn from U(−a, a), a = √(6 / (rows + cols)) (Xavier-uniform), in the order W^Q, W^K, W^V,
@@ -61,118 +75,16 @@ class MultiHeadAttention {
   /// Twister seeded with config.seed. The biases b^Q, b^K, b^V, b^O start at zero, as PyTorch's.
   /// Throws mha::invalid_argument if the configuration is invalid (see
   /// MultiHeadAttentionConfig::resolved).
-  explicit MultiHeadAttention(const MultiHeadAttentionConfig& config = {})
-      : config_(config.resolved()),
-        w_q_(config_.d_model, config_.num_heads * config_.d_k),
-        w_k_(config_.kdim, config_.num_heads * config_.d_k),
-        w_v_(config_.vdim, config_.num_heads * config_.d_v),
-        w_o_(config_.num_heads * config_.d_v, config_.d_model),
-        b_q_(RowVector::Zero(config_.bias ? w_q_.cols() : 0)),
-        b_k_(RowVector::Zero(config_.bias ? w_k_.cols() : 0)),
-        b_v_(RowVector::Zero(config_.bias ? w_v_.cols() : 0)),
-        b_o_(RowVector::Zero(config_.bias ? w_o_.cols() : 0)),
-        bias_k_(config_.add_bias_kv ? w_k_.cols() : 0),
-        bias_v_(config_.add_bias_kv ? w_v_.cols() : 0) {
+  explicit MultiHeadAttention(const MultiHeadAttentionConfig& config = {}) : Base(config) {
     std::mt19937_64 engine(config_.seed);
     for (Matrix* w : {&w_q_, &w_k_, &w_v_, &w_o_}) xavier_uniform(*w, engine);
     xavier_uniform(bias_k_, engine);
     xavier_uniform(bias_v_, engine);
   }
 
-  /// \returns the configuration, with d_k, d_v, kdim and vdim resolved.
-  const MultiHeadAttentionConfig& config() const { return config_; }
-  /// \returns d_model, the width of the queries and of the output.
-  Index d_model() const { return config_.d_model; }
-  /// \returns h, the number of heads.
-  Index num_heads() const { return config_.num_heads; }
-  /// \returns d_k, the width of each head's queries and keys.
-  Index d_k() const { return config_.d_k; }
-  /// \returns d_v, the width of each head's values and output.
-  Index d_v() const { return config_.d_v; }
-  /// \returns kdim, the width of the key rows.
-  Index kdim() const { return config_.kdim; }
-  /// \returns vdim, the width of the value rows.
-  Index vdim() const { return config_.vdim; }
-
-  /// \returns a writable view of W_i^Q (d_model × d_k) of head `head`.
-  auto w_q(Index head) { return w_q_.middleCols(checked(head, "w_q") * d_k(), d_k()); }
-  auto w_q(Index head) const { return w_q_.middleCols(checked(head, "w_q") * d_k(), d_k()); }
-  /// \returns a writable view of W_i^K (kdim × d_k) of head `head`.
-  auto w_k(Index head) { return w_k_.middleCols(checked(head, "w_k") * d_k(), d_k()); }
-  auto w_k(Index head) const { return w_k_.middleCols(checked(head, "w_k") * d_k(), d_k()); }
-  /// \returns a writable view of W_i^V (vdim × d_v) of head `head`.
-  auto w_v(Index head) { return w_v_.middleCols(checked(head, "w_v") * d_v(), d_v()); }
-  auto w_v(Index head) const { return w_v_.middleCols(checked(head, "w_v") * d_v(), d_v()); }
-
-  /// \returns a writable view of all heads' W^Q, d_model × (h·d_k), head i in column block i.
-  auto w_q() { return w_q_.leftCols(w_q_.cols()); }
-  auto w_q() const { return w_q_.leftCols(w_q_.cols()); }
-  /// \returns a writable view of all heads' W^K, kdim × (h·d_k), head i in column block i.
-  auto w_k() { return w_k_.leftCols(w_k_.cols()); }
-  auto w_k() const { return w_k_.leftCols(w_k_.cols()); }
-  /// \returns a writable view of all heads' W^V, vdim × (h·d_v), head i in column block i.
-  auto w_v() { return w_v_.leftCols(w_v_.cols()); }
-  auto w_v() const { return w_v_.leftCols(w_v_.cols()); }
-  /// \returns a writable view of W^O, (h·d_v) × d_model.
-  auto w_o() { return w_o_.leftCols(w_o_.cols()); }
-  auto w_o() const { return w_o_.leftCols(w_o_.cols()); }
-
-  /// \returns a writable view of b^Q, 1 × (h·d_k), head i in column block i (config.bias only).
-  auto b_q() {
-    require_bias("b_q");
-    return b_q_.leftCols(b_q_.cols());
-  }
-  auto b_q() const {
-    require_bias("b_q");
-    return b_q_.leftCols(b_q_.cols());
-  }
-  /// \returns a writable view of b^K, 1 × (h·d_k) (config.bias only).
-  auto b_k() {
-    require_bias("b_k");
-    return b_k_.leftCols(b_k_.cols());
-  }
-  auto b_k() const {
-    require_bias("b_k");
-    return b_k_.leftCols(b_k_.cols());
-  }
-  /// \returns a writable view of b^V, 1 × (h·d_v) (config.bias only).
-  auto b_v() {
-    require_bias("b_v");
-    return b_v_.leftCols(b_v_.cols());
-  }
-  auto b_v() const {
-    require_bias("b_v");
-    return b_v_.leftCols(b_v_.cols());
-  }
-  /// \returns a writable view of b^O, 1 × d_model (config.bias only).
-  auto b_o() {
-    require_bias("b_o");
-    return b_o_.leftCols(b_o_.cols());
-  }
-  auto b_o() const {
-    require_bias("b_o");
-    return b_o_.leftCols(b_o_.cols());
-  }
-  /// \returns a writable view of the key row appended to every sequence, 1 × (h·d_k), in projected
-  /// space (config.add_bias_kv only; PyTorch's bias_k).
-  auto bias_k() {
-    require_bias_kv("bias_k");
-    return bias_k_.leftCols(bias_k_.cols());
-  }
-  auto bias_k() const {
-    require_bias_kv("bias_k");
-    return bias_k_.leftCols(bias_k_.cols());
-  }
-  /// \returns a writable view of the value row appended to every sequence, 1 × (h·d_v)
-  /// (config.add_bias_kv only; PyTorch's bias_v).
-  auto bias_v() {
-    require_bias_kv("bias_v");
-    return bias_v_.leftCols(bias_v_.cols());
-  }
-  auto bias_v() const {
-    require_bias_kv("bias_v");
-    return bias_v_.leftCols(bias_v_.cols());
-  }
+  /// \returns gradients for this module, all zero: AttentionParameters of the same shapes, for
+  /// backward() to add into.
+  Gradients zero_gradients() const { return Gradients(config_); }
 
   /// Multi-head attention of L queries over S keys and values (cross-attention when they differ):
   ///   query: L × d_model, key: S × kdim, value: S × vdim  →  L × d_model.
@@ -181,13 +93,27 @@ class MultiHeadAttention {
   template <typename DerivedQ, typename DerivedK, typename DerivedV>
   Matrix forward(const Eigen::MatrixBase<DerivedQ>& query, const Eigen::MatrixBase<DerivedK>& key,
                  const Eigen::MatrixBase<DerivedV>& value, const AttentionOptions& options = {}) const {
-    return run(query, key, value, {query.rows()}, {key.rows()}, options, nullptr, "forward");
+    return run(query, key, value, {query.rows()}, {key.rows()}, options, {}, "forward");
   }
 
   /// Self-attention: forward(x, x, x, options), x: L × d_model  →  L × d_model.
   template <typename Derived>
   Matrix forward(const Eigen::MatrixBase<Derived>& x, const AttentionOptions& options = {}) const {
     return forward(x, x, x, options);
+  }
+
+  /// forward(query, key, value, options), recording into `tape` what backward() needs. The output
+  /// is the same as without a tape; the tape costs O((L + S) · width) memory, never L × S.
+  template <typename DerivedQ, typename DerivedK, typename DerivedV>
+  Matrix forward(const Eigen::MatrixBase<DerivedQ>& query, const Eigen::MatrixBase<DerivedK>& key,
+                 const Eigen::MatrixBase<DerivedV>& value, const AttentionOptions& options, Tape<Scalar>& tape) const {
+    return run(query, key, value, {query.rows()}, {key.rows()}, options, {nullptr, &tape, false}, "forward");
+  }
+
+  /// Self-attention forward(x, options), recording into `tape` what backward() needs (x once).
+  template <typename Derived>
+  Matrix forward(const Eigen::MatrixBase<Derived>& x, const AttentionOptions& options, Tape<Scalar>& tape) const {
+    return run(x, x, x, {x.rows()}, {x.rows()}, options, {nullptr, &tape, true}, "forward");
   }
 
   /// forward(query, key, value, options), and the attention weights softmax(…) of every head
@@ -200,7 +126,7 @@ class MultiHeadAttention {
                                                const AttentionOptions& options = {},
                                                AttentionWeights which = AttentionWeights::averaged) const {
     AttentionResult<Scalar> result;
-    result.output = run(query, key, value, {query.rows()}, {key.rows()}, options, &result.weights,
+    result.output = run(query, key, value, {query.rows()}, {key.rows()}, options, {&result.weights, nullptr, false},
                         "forward_with_weights");
     if (which == AttentionWeights::averaged) {
       Matrix mean = Matrix::Zero(query.rows(), key.rows() + extra_keys());
@@ -222,7 +148,109 @@ class MultiHeadAttention {
   Matrix forward_batch(const Eigen::MatrixBase<DerivedQ>& query, const Eigen::MatrixBase<DerivedK>& key,
                        const Eigen::MatrixBase<DerivedV>& value, const std::vector<Index>& query_lengths,
                        const std::vector<Index>& key_lengths, const AttentionOptions& options = {}) const {
-    return run(query, key, value, query_lengths, key_lengths, options, nullptr, "forward_batch");
+    return run(query, key, value, query_lengths, key_lengths, options, {}, "forward_batch");
+  }
+
+  /// forward_batch(…), recording into `tape` what backward() needs.
+  template <typename DerivedQ, typename DerivedK, typename DerivedV>
+  Matrix forward_batch(const Eigen::MatrixBase<DerivedQ>& query, const Eigen::MatrixBase<DerivedK>& key,
+                       const Eigen::MatrixBase<DerivedV>& value, const std::vector<Index>& query_lengths,
+                       const std::vector<Index>& key_lengths, const AttentionOptions& options,
+                       Tape<Scalar>& tape) const {
+    return run(query, key, value, query_lengths, key_lengths, options, {nullptr, &tape, false}, "forward_batch");
+  }
+
+  /// The backward pass of the forward pass recorded in `tape`: given d_output = ∂loss/∂output
+  /// (ΣL × d_model), ADDS ∂loss/∂(every parameter) into `gradients` (as PyTorch accumulates .grad;
+  /// call gradients.set_zero() between steps) and returns ∂loss/∂query, ∂loss/∂key, ∂loss/∂value.
+  /// Every option of the forward is differentiated: masks, causal, key padding, batches, biases,
+  /// add_bias_kv, add_zero_attn and dropout (the same dropped weights as the forward). The weights
+  /// must not have changed since the forward. The attention weights are recomputed tile by tile
+  /// from the saved log-sum-exp: nothing L × S is stored or allocated (beyond the masks themselves).
+  template <typename Derived>
+  InputGradients<Scalar> backward(const Tape<Scalar>& tape, const Eigen::MatrixBase<Derived>& d_output,
+                                  Gradients& gradients) const {
+    static_assert(std::is_same<Scalar, typename Derived::Scalar>::value,
+                  "mha::MultiHeadAttention::backward: d_output must have the module's scalar type");
+    if (tape.empty()) detail::fail("MultiHeadAttention::backward: the tape is empty; record a forward(…, tape) first");
+    if (!same_shape(tape.config_, config_))
+      detail::fail("MultiHeadAttention::backward: the tape was recorded by a module of another shape (",
+                   describe(tape.config_), ") than this one (", describe(config_), ")");
+    if (!same_shape(gradients.config(), config_))
+      detail::fail("MultiHeadAttention::backward: gradients are for a module of another shape (",
+                   describe(gradients.config()), ") than this one (", describe(config_), "); use zero_gradients()");
+    if (d_output.rows() != tape.q_.rows() || d_output.cols() != d_model())
+      detail::fail("MultiHeadAttention::backward: d_output is ", detail::shape(d_output),
+                   " but the forward's output was ", tape.q_.rows(), " x ", d_model());
+    const auto& dy = detail::evaluated(d_output);
+    const Index h = num_heads(), extra = extra_keys(), total_L = tape.q_.rows();
+    const Batch batch(tape.query_lengths_, tape.key_lengths_, extra);
+    const Matrix& query = tape.query_;
+    const Matrix& key = tape.self_attention_ ? tape.query_ : tape.key_;
+    const Matrix& value = tape.self_attention_ ? tape.query_ : tape.value_;
+    const Index total_S = key.rows();
+
+    // In the forward pass this was: output = concat · W^O + b^O.
+    Matrix d_concat(total_L, h * d_v());               // ΣL × h·d_v
+    Jobs jobs;
+    add_product(jobs, dy, w_o_.transpose(), d_concat, false);
+    add_product(jobs, tape.concat_.transpose(), dy, gradients.w_o_, true);
+    run_jobs(jobs, 4.0 * static_cast<double>(total_L * h * d_v() * d_model()));
+    if (config_.bias) gradients.b_o_ += dy.colwise().sum();
+
+    // In the forward pass this was: head_i = attention(Q W_i^Q, K W_i^K, V W_i^V), one task per
+    // sequence and head, each owning its rows of ∂loss/∂(Q W^Q), ∂loss/∂(K W^K), ∂loss/∂(V W^V).
+    Matrix d_q(total_L, h * d_k());                    // ΣL × h·d_k
+    Matrix d_keys(tape.keys_.rows(), h * d_k());       // (ΣS + B·extra) × h·d_k
+    Matrix d_values(tape.values_.rows(), h * d_v());   // (ΣS + B·extra) × h·d_v
+    const AttentionMasks<Scalar> masks(tape.options_);
+    const auto scale = static_cast<Scalar>(detail::resolve_scale(tape.options_, d_k()));
+    detail::parallel_tasks(
+        batch.size() * h, 2.5 * batch.attention_flops(h, d_k(), d_v()),
+        [&] { return detail::AttentionBackwardScratch<Scalar>::for_problem(batch.max_L, batch.max_S + extra, d_k()); },
+        [&](Index t, detail::AttentionBackwardScratch<Scalar>& scratch) {
+          const Index b = t / h, i = t % h;
+          const Index L_b = batch.query_lengths[b], S_b = batch.key_lengths[b] + extra;
+          const Index q0 = batch.q_offset[b], k0 = batch.k_offset[b];
+          detail::attention_backward<Scalar>(
+              tape.q_.block(q0, i * d_k(), L_b, d_k()), tape.keys_.block(k0, i * d_k(), S_b, d_k()),
+              tape.values_.block(k0, i * d_v(), S_b, d_v()), tape.concat_.block(q0, i * d_v(), L_b, d_v()),
+              tape.log_sum_exp_.col(i).data() + q0, d_concat.block(q0, i * d_v(), L_b, d_v()), scale,
+              visibility(tape.options_, masks, batch, b, i), scratch, d_q.block(q0, i * d_k(), L_b, d_k()),
+              d_keys.block(k0, i * d_k(), S_b, d_k()), d_values.block(k0, i * d_v(), S_b, d_v()));
+        });
+
+    // add_bias_kv and add_zero_attn: the extra rows' gradients go to bias_k and bias_v (the zero
+    // rows are constants); the rest are the gradients of the projected keys and values.
+    Matrix d_k_rows, d_v_rows;
+    if (extra > 0) {
+      d_k_rows.resize(total_S, d_keys.cols());
+      d_v_rows.resize(total_S, d_values.cols());
+      remove_extra_rows(d_keys, batch, d_k_rows, config_.add_bias_kv ? &gradients.bias_k_ : nullptr);
+      remove_extra_rows(d_values, batch, d_v_rows, config_.add_bias_kv ? &gradients.bias_v_ : nullptr);
+    }
+    const Matrix& d_k_projected = extra > 0 ? d_k_rows : d_keys;    // ΣS × h·d_k
+    const Matrix& d_v_projected = extra > 0 ? d_v_rows : d_values;  // ΣS × h·d_v
+
+    // In the forward pass this was: Q W^Q + b^Q, K W^K + b^K, V W^V + b^V.
+    InputGradients<Scalar> d_inputs;
+    d_inputs.query.resize(total_L, d_model());
+    d_inputs.key.resize(total_S, kdim());
+    d_inputs.value.resize(total_S, vdim());
+    add_product(jobs, d_q, w_q_.transpose(), d_inputs.query, false);
+    add_product(jobs, d_k_projected, w_k_.transpose(), d_inputs.key, false);
+    add_product(jobs, d_v_projected, w_v_.transpose(), d_inputs.value, false);
+    add_product(jobs, query.transpose(), d_q, gradients.w_q_, true);
+    add_product(jobs, key.transpose(), d_k_projected, gradients.w_k_, true);
+    add_product(jobs, value.transpose(), d_v_projected, gradients.w_v_, true);
+    run_jobs(jobs, 4.0 * static_cast<double>(total_L * d_model() * h * d_k() +
+                                             total_S * (kdim() * h * d_k() + vdim() * h * d_v())));
+    if (config_.bias) {
+      gradients.b_q_ += d_q.colwise().sum();
+      gradients.b_k_ += d_k_projected.colwise().sum();
+      gradients.b_v_ += d_v_projected.colwise().sum();
+    }
+    return d_inputs;
   }
 
  private:
@@ -230,6 +258,73 @@ class MultiHeadAttention {
   static constexpr Index kProjectionRows = 256;
   static Index row_blocks(Index rows) { return (rows + kProjectionRows - 1) / kProjectionRows; }
   static int no_scratch() { return 0; }
+
+  /// Where a forward pass puts what it returns beside the output.
+  struct Record {
+    std::vector<Matrix>* weights = nullptr;  ///< each head's attention weights (a batch of one only)
+    Tape<Scalar>* tape = nullptr;            ///< what backward() needs
+    bool self_attention = false;             ///< query, key and value are the same input
+  };
+
+  /// The sequences of a batch: their lengths and where their rows start.
+  struct Batch {
+    Batch(const std::vector<Index>& query_lengths_, const std::vector<Index>& key_lengths_, Index extra)
+        : query_lengths(query_lengths_), key_lengths(key_lengths_), q_offset(size() + 1, 0), k_offset(size() + 1, 0) {
+      for (Index b = 0; b < size(); ++b) {
+        q_offset[b + 1] = q_offset[b] + query_lengths[b];
+        k_offset[b + 1] = k_offset[b] + key_lengths[b] + extra;
+        max_L = std::max(max_L, query_lengths[b]);
+        max_S = std::max(max_S, key_lengths[b]);
+        extra_keys = extra;
+      }
+    }
+    Index size() const { return static_cast<Index>(query_lengths.size()); }
+    /// \returns the flops of the attention of every head of every sequence.
+    double attention_flops(Index h, Index d_k, Index d_v) const {
+      double flops = 0;
+      for (Index b = 0; b < size(); ++b)
+        flops += static_cast<double>(h) * detail::attention_flops(query_lengths[b], key_lengths[b] + extra_keys, d_k, d_v);
+      return flops;
+    }
+
+    const std::vector<Index>& query_lengths;
+    const std::vector<Index>& key_lengths;
+    std::vector<Index> q_offset, k_offset;  ///< first row of each sequence's queries; keys (with extras)
+    Index max_L = 0, max_S = 0, extra_keys = 0;
+  };
+
+  /// The masks of an options, as additive matrices of Scalar, made once for every head and sequence.
+  template <typename T>
+  struct AttentionMasks {
+    explicit AttentionMasks(const AttentionOptions& options)
+        : mask(options.mask.template additive_matrix<T>()),
+          key_padding(options.key_padding_mask.template additive_matrix<T>()) {}
+    Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> mask, key_padding;
+  };
+
+  /// How head i of sequence b hides and weighs its keys; the same in the forward and the backward.
+  detail::KeyVisibility<Scalar> visibility(const AttentionOptions& options, const AttentionMasks<Scalar>& masks,
+                                           const Batch& batch, Index b, Index i) const {
+    const Index L_b = batch.query_lengths[b], S_b = batch.key_lengths[b];
+    detail::KeyVisibility<Scalar> v;
+    v.masked_keys = S_b;
+    v.causal = options.causal;
+    v.causal_offset = options.alignment == CausalAlignment::bottom_right ? S_b - L_b : 0;
+    if (masks.mask.size() > 0) {
+      v.mask = &masks.mask;
+      v.mask_row = masks.mask.rows() == L_b ? 0 : i * L_b;  // one mask for all heads, or one per head
+    }
+    if (masks.key_padding.size() > 0) {
+      v.key_padding = &masks.key_padding;
+      v.key_padding_row = b;
+    }
+    if (options.training && config_.dropout > 0) {
+      v.dropout = config_.dropout;
+      v.dropout_seed = options.dropout_seed;
+      v.dropout_stream = static_cast<std::uint64_t>(b * num_heads() + i);
+    }
+    return v;
+  }
 
   /// The number of keys appended to every sequence: add_bias_kv's row, add_zero_attn's row.
   Index extra_keys() const { return Index(config_.add_bias_kv) + Index(config_.add_zero_attn); }
@@ -241,6 +336,30 @@ class MultiHeadAttention {
     auto out_rows = out.middleRows(first, rows);
     out_rows.noalias() = input.middleRows(first, rows) * w;
     if (b.size() > 0) out_rows.rowwise() += b;
+  }
+
+  /// Independent pieces of work, run in parallel by run_jobs.
+  using Jobs = std::vector<std::function<void()>>;
+
+  /// Adds to `jobs` the row blocks of out = lhs · rhs, or out += lhs · rhs when `accumulate`; lhs
+  /// and rhs are matrices or their transposes, kept by value (they view matrices, cheaply).
+  template <typename Lhs, typename Rhs>
+  static void add_product(Jobs& jobs, const Lhs& lhs, const Rhs& rhs, Matrix& out, bool accumulate) {
+    for (Index first = 0; first < out.rows(); first += kProjectionRows)
+      jobs.push_back([lhs, rhs, &out, first, accumulate] {
+        const Index rows = std::min(kProjectionRows, out.rows() - first);
+        if (accumulate)
+          out.middleRows(first, rows).noalias() += lhs.middleRows(first, rows) * rhs;
+        else
+          out.middleRows(first, rows).noalias() = lhs.middleRows(first, rows) * rhs;
+      });
+  }
+
+  /// Runs the jobs, worth about `flops` in all, in parallel, and empties the list.
+  static void run_jobs(Jobs& jobs, double flops) {
+    detail::parallel_tasks(static_cast<Index>(jobs.size()), flops, no_scratch,
+                           [&](Index t, int) { jobs[static_cast<std::size_t>(t)](); });
+    jobs.clear();
   }
 
   /// Sequence b's projected keys (or values) with the extra rows appended: S_b + extra rows.
@@ -256,12 +375,25 @@ class MultiHeadAttention {
     }
   }
 
-  /// The whole forward pass over a batch of sequences (one, for forward()). With `weights`, also
-  /// each head's attention weights (a batch of one only).
+  /// The backward of append_extra_rows: copies the sequences' own rows of `extended` into `out`
+  /// and adds the add_bias_kv rows into `bias_row` (when given).
+  void remove_extra_rows(const Matrix& extended, const Batch& batch, Matrix& out, RowVector* bias_row) const {
+    Index from = 0, to = 0;
+    for (const Index length : batch.key_lengths) {
+      out.middleRows(to, length) = extended.middleRows(from, length);
+      to += length;
+      from += length;
+      if (bias_row) *bias_row += extended.row(from);
+      from += batch.extra_keys;
+    }
+  }
+
+  /// The whole forward pass over a batch of sequences (one, for forward()), recording into
+  /// `record` what it asks for.
   template <typename DerivedQ, typename DerivedK, typename DerivedV>
   Matrix run(const Eigen::MatrixBase<DerivedQ>& query, const Eigen::MatrixBase<DerivedK>& key,
              const Eigen::MatrixBase<DerivedV>& value, const std::vector<Index>& query_lengths,
-             const std::vector<Index>& key_lengths, const AttentionOptions& options, std::vector<Matrix>* weights,
+             const std::vector<Index>& key_lengths, const AttentionOptions& options, Record record,
              const char* caller) const {
     static_assert(std::is_same<Scalar, typename DerivedQ::Scalar>::value &&
                       std::is_same<Scalar, typename DerivedK::Scalar>::value &&
@@ -274,18 +406,14 @@ class MultiHeadAttention {
       detail::fail("MultiHeadAttention::", caller, ": key has ", key.rows(), " rows but value has ", value.rows(),
                    " (key is ", detail::shape(key), ", value is ", detail::shape(value), ")");
     check_lengths(query_lengths, key_lengths, query.rows(), key.rows(), caller);
-    const Index batch = static_cast<Index>(query_lengths.size());
-    const Index L = query_lengths.empty() ? 0 : query_lengths.front();
-    const Index S = key_lengths.empty() ? 0 : key_lengths.front();
+    check_masks(options, query_lengths, key_lengths, caller);
     const Index h = num_heads(), extra = extra_keys();
-    const bool per_head_mask = check_masks(options, query_lengths, key_lengths, caller);
+    const Batch batch(query_lengths, key_lengths, extra);
     const auto scale = static_cast<Scalar>(detail::resolve_scale(options, d_k()));
     const auto& query_rows = detail::evaluated(query);
     const auto& key_rows = detail::evaluated(key);
     const auto& value_rows = detail::evaluated(value);
     const Index total_L = query.rows(), total_S = key.rows();
-    const Index max_L = batch ? *std::max_element(query_lengths.begin(), query_lengths.end()) : 0;
-    const Index max_S = batch ? *std::max_element(key_lengths.begin(), key_lengths.end()) : 0;
 
     // The projections of all heads and all sequences, one product each, in row blocks in parallel.
     Matrix q(total_L, h * d_k());                       // ΣL × h·d_k, head i in column block i
@@ -303,87 +431,79 @@ class MultiHeadAttention {
     // add_bias_kv and add_zero_attn: each sequence's keys and values get their extra rows.
     Matrix k_extended, v_extended;
     if (extra > 0) {
-      k_extended.resize(total_S + batch * extra, k.cols());
-      v_extended.resize(total_S + batch * extra, v.cols());
+      k_extended.resize(total_S + batch.size() * extra, k.cols());
+      v_extended.resize(total_S + batch.size() * extra, v.cols());
       append_extra_rows(k, bias_k_, key_lengths, k_extended);
       append_extra_rows(v, bias_v_, key_lengths, v_extended);
     }
-    const Matrix& keys = extra > 0 ? k_extended : k;
-    const Matrix& values = extra > 0 ? v_extended : v;
-
-    // The masks, as additive matrices of Scalar, once for every head and sequence.
-    const Matrix mask = options.mask.template additive_matrix<Scalar>();
-    const Matrix key_padding = options.key_padding_mask.template additive_matrix<Scalar>();
+    Matrix& keys = extra > 0 ? k_extended : k;
+    Matrix& values = extra > 0 ? v_extended : v;
 
     // One task per sequence, head and block of query rows; each writes its rows of the head's
-    // column block of the concatenation.
+    // column block of the concatenation (and of the log-sum-exp, for a tape).
     struct Task {
       Index sequence, head, block;
     };
     std::vector<Task> tasks;
-    std::vector<Index> q_offset(batch + 1, 0), k_offset(batch + 1, 0);
-    double attention_flops = 0;
-    for (Index b = 0; b < batch; ++b) {
-      q_offset[b + 1] = q_offset[b] + query_lengths[b];
-      k_offset[b + 1] = k_offset[b] + key_lengths[b] + extra;
-      attention_flops += static_cast<double>(h) * detail::attention_flops(query_lengths[b], key_lengths[b] + extra, d_k(), d_v());
+    for (Index b = 0; b < batch.size(); ++b)
       for (Index i = 0; i < h; ++i)
         for (Index block = 0; block < detail::query_blocks(query_lengths[b]); ++block) tasks.push_back({b, i, block});
-    }
-    if (weights) weights->assign(h, Matrix::Zero(L, S + extra));
+    if (record.weights) record.weights->assign(h, Matrix::Zero(total_L, keys.rows()));
+    Matrix log_sum_exp(record.tape ? total_L : 0, h);  // ΣL × h
     Matrix concat(total_L, h * d_v());                  // ΣL × h·d_v: [head_1 … head_h]
-    const bool dropout = options.training && config_.dropout > 0;
+    const AttentionMasks<Scalar> masks(options);
     detail::parallel_tasks(
-        static_cast<Index>(tasks.size()), attention_flops,
-        [&] { return detail::AttentionScratch<Scalar>::for_problem(max_L, max_S + extra, d_k()); },
+        static_cast<Index>(tasks.size()), batch.attention_flops(h, d_k(), d_v()),
+        [&] { return detail::AttentionScratch<Scalar>::for_problem(batch.max_L, batch.max_S + extra, d_k()); },
         [&](Index t, detail::AttentionScratch<Scalar>& scratch) {
           const Task& task = tasks[static_cast<std::size_t>(t)];
           const Index b = task.sequence, i = task.head;
-          const Index L_b = query_lengths[b], S_b = key_lengths[b];
-          detail::KeyVisibility<Scalar> visibility;
-          visibility.masked_keys = S_b;
-          visibility.causal = options.causal;
-          visibility.causal_offset = options.alignment == CausalAlignment::bottom_right ? S_b - L_b : 0;
-          if (mask.size() > 0) {
-            visibility.mask = &mask;
-            visibility.mask_row = per_head_mask ? i * L_b : 0;
-          }
-          if (key_padding.size() > 0) {
-            visibility.key_padding = &key_padding;
-            visibility.key_padding_row = b;
-          }
-          if (dropout) {
-            visibility.dropout = config_.dropout;
-            visibility.dropout_seed = options.dropout_seed;
-            visibility.dropout_stream = static_cast<std::uint64_t>(b * h + i);
-          }
-          const Index rows_b = L_b, keys_b = S_b + extra;
+          const Index L_b = query_lengths[b], S_b = key_lengths[b] + extra;
+          const Index q0 = batch.q_offset[b], k0 = batch.k_offset[b];
           detail::attention_query_block<Scalar>(
-              q.block(q_offset[b], i * d_k(), rows_b, d_k()), keys.block(k_offset[b], i * d_k(), keys_b, d_k()),
-              values.block(k_offset[b], i * d_v(), keys_b, d_v()), scale, visibility, task.block, scratch,
-              concat.block(q_offset[b], i * d_v(), rows_b, d_v()), weights ? &(*weights)[static_cast<std::size_t>(i)] : nullptr);
+              q.block(q0, i * d_k(), L_b, d_k()), keys.block(k0, i * d_k(), S_b, d_k()),
+              values.block(k0, i * d_v(), S_b, d_v()), scale, visibility(options, masks, batch, b, i), task.block,
+              scratch, concat.block(q0, i * d_v(), L_b, d_v()),
+              record.weights ? &(*record.weights)[static_cast<std::size_t>(i)] : nullptr,
+              record.tape ? log_sum_exp.col(i).data() + q0 : nullptr);
         });
 
     Matrix output(total_L, d_model());                  // ΣL × d_model = concat · W^O + b^O
     const double output_flops = 2.0 * static_cast<double>(total_L * h * d_v() * d_model());
     detail::parallel_tasks(q_blocks, output_flops, no_scratch,
                            [&](Index t, int) { project(concat, w_o_, b_o_, t, output); });
+
+    if (Tape<Scalar>* tape = record.tape) {
+      tape->recorded_ = true;
+      tape->self_attention_ = record.self_attention;
+      tape->config_ = config_;
+      tape->options_ = options;
+      tape->query_lengths_ = query_lengths;
+      tape->key_lengths_ = key_lengths;
+      tape->query_ = query_rows;
+      tape->key_ = record.self_attention ? Matrix() : Matrix(key_rows);
+      tape->value_ = record.self_attention ? Matrix() : Matrix(value_rows);
+      tape->q_ = std::move(q);
+      tape->keys_ = std::move(keys);
+      tape->values_ = std::move(values);
+      tape->concat_ = std::move(concat);
+      tape->log_sum_exp_ = std::move(log_sum_exp);
+    }
     return output;
   }
 
-  Index checked(Index head, const char* accessor) const {
-    if (head < 0 || head >= num_heads())
-      detail::fail(accessor, "(", head, "): head index out of range; the module has num_heads = ",
-                   num_heads(), " (valid heads 0 to ", num_heads() - 1, ")");
-    return head;
+  /// Whether two configurations give parameters and tapes of the same shapes.
+  static bool same_shape(const MultiHeadAttentionConfig& a, const MultiHeadAttentionConfig& b) {
+    return a.d_model == b.d_model && a.num_heads == b.num_heads && a.d_k == b.d_k && a.d_v == b.d_v &&
+           a.kdim == b.kdim && a.vdim == b.vdim && a.bias == b.bias && a.add_bias_kv == b.add_bias_kv &&
+           a.add_zero_attn == b.add_zero_attn;
   }
 
-  void require_bias(const char* accessor) const {
-    if (!config_.bias) detail::fail(accessor, "(): the module has no biases; set config.bias = true");
-  }
-
-  void require_bias_kv(const char* accessor) const {
-    if (!config_.add_bias_kv) detail::fail(accessor, "(): the module has no bias_k and bias_v; set config.add_bias_kv = true");
+  static std::string describe(const MultiHeadAttentionConfig& c) {
+    return "d_model " + std::to_string(c.d_model) + ", num_heads " + std::to_string(c.num_heads) + ", d_k " +
+           std::to_string(c.d_k) + ", d_v " + std::to_string(c.d_v) + ", kdim " + std::to_string(c.kdim) + ", vdim " +
+           std::to_string(c.vdim) + (c.bias ? ", bias" : "") + (c.add_bias_kv ? ", add_bias_kv" : "") +
+           (c.add_zero_attn ? ", add_zero_attn" : "");
   }
 
   template <typename Derived>
@@ -412,20 +532,19 @@ class MultiHeadAttention {
                    " rows");
   }
 
-  /// Checks the masks' shapes against the batch. \returns whether options.mask has one mask per head.
-  bool check_masks(const AttentionOptions& options, const std::vector<Index>& query_lengths,
+  /// Checks the masks' shapes against the batch.
+  void check_masks(const AttentionOptions& options, const std::vector<Index>& query_lengths,
                    const std::vector<Index>& key_lengths, const char* caller) const {
     const auto all_equal = [](const std::vector<Index>& v) {
       return std::all_of(v.begin(), v.end(), [&](Index n) { return n == v.front(); });
     };
     const Index batch = static_cast<Index>(query_lengths.size());
     const Index L = batch ? query_lengths.front() : 0, S = batch ? key_lengths.front() : 0;
-    bool per_head = false;
     if (!options.mask.empty()) {
       if (!all_equal(query_lengths) || !all_equal(key_lengths))
         detail::fail("MultiHeadAttention::", caller, ": options.mask is shared by every sequence, so all need the "
                      "same query and key lengths");
-      per_head = options.mask.rows() == num_heads() * L && num_heads() > 1;
+      const bool per_head = options.mask.rows() == num_heads() * L && num_heads() > 1;
       if ((options.mask.rows() != L && !per_head) || options.mask.cols() != S)
         detail::fail("MultiHeadAttention::", caller, ": options.mask is ", options.mask.rows(), " x ", options.mask.cols(),
                      " but must be L x S = ", L, " x ", S, " (or h*L x S = ", num_heads() * L, " x ", S,
@@ -441,7 +560,6 @@ class MultiHeadAttention {
                      batch, " x ", S,
                      " (one row per sequence)");
     }
-    return per_head;
   }
 
   template <typename Dense>
@@ -456,9 +574,17 @@ class MultiHeadAttention {
       }
   }
 
-  MultiHeadAttentionConfig config_;
-  Matrix w_q_, w_k_, w_v_, w_o_;
-  RowVector b_q_, b_k_, b_v_, b_o_, bias_k_, bias_v_;
+  using Base::b_k_;
+  using Base::b_o_;
+  using Base::b_q_;
+  using Base::b_v_;
+  using Base::bias_k_;
+  using Base::bias_v_;
+  using Base::config_;
+  using Base::w_k_;
+  using Base::w_o_;
+  using Base::w_q_;
+  using Base::w_v_;
 };
 
 }  // namespace mha
