@@ -127,43 +127,22 @@ template <typename Scalar>
                                        << ": the feature does not matter on this fixture";
 }
 
-::testing::AssertionResult has_shape(const Eigen::MatrixXd& m, Index rows, Index cols) {
-  if (m.rows() == rows && m.cols() == cols) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << "matrix is " << m.rows() << " x " << m.cols() << ", expected " << rows
-                                       << " x " << cols;
-}
-
-/// A feature fixture loaded into a module of `Scalar`, with the masks it holds. Not copyable: the
-/// options it makes view its masks.
+/// A feature fixture loaded into a module of `Scalar`, with the masks it holds (FixtureOptions:
+/// attn_mask_bool, ..., and options()). Not copyable: the options it makes view its masks.
 template <typename Scalar>
-struct Problem {
+struct Problem : mha_test::FixtureOptions<Scalar> {
   using Matrix = mha_test::Matrix<Scalar>;
   Fixture f;
   Index h = 0, L = 0, S = 0, batch = 0, extra = 0;
   Matrix query, key, value;
-  BoolMatrix attn_mask_bool, key_padding_bool;  // empty when the fixture has none
-  Matrix attn_mask_float, key_padding_float;    // likewise
   std::unique_ptr<mha::MultiHeadAttention<Scalar>> module;
 
   Problem() = default;
   Problem(const Problem&) = delete;
   Problem& operator=(const Problem&) = delete;
 
-  bool has(const std::string& name) const { return f.matrices.count(name) != 0; }
+  bool has(const std::string& name) const { return f.has(name); }
   const Eigen::MatrixXd& expected() const { return f.matrix("output"); }
-
-  /// The options the fixture describes: causal and alignment, attn_mask_bool as blocked or
-  /// attn_mask_float as additive, key_padding_mask as blocked or key_padding_mask_float as additive.
-  mha::AttentionOptions options() const {
-    mha::AttentionOptions o;
-    o.causal = f.value("causal") != 0;
-    o.alignment = f.value("bottom_right") != 0 ? mha::CausalAlignment::bottom_right : mha::CausalAlignment::top_left;
-    if (attn_mask_bool.size() > 0) o.mask = mha::AttentionMask::blocked(attn_mask_bool);
-    if (attn_mask_float.size() > 0) o.mask = mha::AttentionMask::additive(attn_mask_float);
-    if (key_padding_bool.size() > 0) o.key_padding_mask = mha::AttentionMask::blocked(key_padding_bool);
-    if (key_padding_float.size() > 0) o.key_padding_mask = mha::AttentionMask::additive(key_padding_float);
-    return o;
-  }
 
   /// The module's output for the fixture's inputs: forward, or forward_batch with equal lengths.
   Matrix run(const mha::AttentionOptions& o) const { return run(*module, o); }
@@ -181,35 +160,18 @@ std::unique_ptr<Problem<Scalar>> load(const std::string& name) {
   try {
     p->f = mha_test::load_fixture(feature_dir() + "/" + name);
     const Fixture& f = p->f;
-    mha::MultiHeadAttentionConfig cfg;
-    cfg.d_model = f.value("d_model");
-    cfg.num_heads = f.value("num_heads");
-    cfg.d_k = f.value("d_k");
-    cfg.d_v = f.value("d_v");
-    cfg.kdim = f.value("kdim");
-    cfg.vdim = f.value("vdim");
-    cfg.bias = f.value("bias") != 0;
-    cfg.add_bias_kv = f.value("add_bias_kv") != 0;
-    cfg.add_zero_attn = f.value("add_zero_attn") != 0;
-    cfg.seed = 1;
+    const mha::MultiHeadAttentionConfig cfg = mha_test::module_config(f);
     p->h = cfg.num_heads;
     p->L = f.value("L");
     p->S = f.value("S");
     p->batch = f.value("batch");
     p->extra = Index(cfg.add_bias_kv) + Index(cfg.add_zero_attn);
-    const Index E = cfg.d_model, B = p->batch, hk = p->h * cfg.d_k, hv = p->h * cfg.d_v;
+    const Index E = cfg.d_model, B = p->batch;
 
-    const auto shaped = [&](const std::string& matrix, Index rows, Index cols) -> const Eigen::MatrixXd& {
-      const Eigen::MatrixXd& m = f.matrix(matrix);
-      if (!has_shape(m, rows, cols))
-        throw std::runtime_error(matrix + " is " + std::to_string(m.rows()) + " x " + std::to_string(m.cols()) +
-                                 ", expected " + std::to_string(rows) + " x " + std::to_string(cols));
-      return m;
-    };
-    p->query = shaped("query", B * p->L, E).template cast<Scalar>();
-    p->key = shaped("key", B * p->S, cfg.kdim).template cast<Scalar>();
-    p->value = shaped("value", B * p->S, cfg.vdim).template cast<Scalar>();
-    shaped("output", B * p->L, E);
+    p->query = f.matrix("query", B * p->L, E).template cast<Scalar>();
+    p->key = f.matrix("key", B * p->S, cfg.kdim).template cast<Scalar>();
+    p->value = f.matrix("value", B * p->S, cfg.vdim).template cast<Scalar>();
+    f.matrix("output", B * p->L, E);
     const auto same = [&](const char* a, const char* b) {
       const Eigen::MatrixXd &x = f.matrix(a), &y = f.matrix(b);
       return x.rows() == y.rows() && x.cols() == y.cols() && x == y;
@@ -218,39 +180,10 @@ std::unique_ptr<Problem<Scalar>> load(const std::string& name) {
       throw std::runtime_error("self_attention fixture whose query, key and value differ");
 
     p->module = std::make_unique<mha::MultiHeadAttention<Scalar>>(cfg);
-    auto& m = *p->module;
-    m.w_q() = shaped("w_q", E, hk).template cast<Scalar>();
-    m.w_k() = shaped("w_k", cfg.kdim, hk).template cast<Scalar>();
-    m.w_v() = shaped("w_v", cfg.vdim, hv).template cast<Scalar>();
-    m.w_o() = shaped("w_o", hv, E).template cast<Scalar>();
-    if (cfg.bias) {
-      m.b_q() = shaped("b_q", 1, hk).template cast<Scalar>();
-      m.b_k() = shaped("b_k", 1, hk).template cast<Scalar>();
-      m.b_v() = shaped("b_v", 1, hv).template cast<Scalar>();
-      m.b_o() = shaped("b_o", 1, E).template cast<Scalar>();
-    }
-    if (cfg.add_bias_kv) {
-      m.bias_k() = shaped("bias_k", 1, hk).template cast<Scalar>();
-      m.bias_v() = shaped("bias_v", 1, hv).template cast<Scalar>();
-    }
-    const auto mask_rows = [&](const Eigen::MatrixXd& mask) {
-      if (mask.cols() != p->S || (mask.rows() != p->L && mask.rows() != p->h * p->L))
-        throw std::runtime_error("attention mask is " + std::to_string(mask.rows()) + " x " +
-                                 std::to_string(mask.cols()) + ", expected L x S or h*L x S");
-    };
-    if (p->has("attn_mask_bool")) {
-      mask_rows(f.matrix("attn_mask_bool"));
-      p->attn_mask_bool = f.matrix("attn_mask_bool").array() != 0.0;
-    }
-    if (p->has("attn_mask_float")) {
-      mask_rows(f.matrix("attn_mask_float"));
-      p->attn_mask_float = f.matrix("attn_mask_float").template cast<Scalar>();
-    }
-    if (p->has("key_padding_mask")) p->key_padding_bool = shaped("key_padding_mask", B, p->S).array() != 0.0;
-    if (p->has("key_padding_mask_float"))
-      p->key_padding_float = shaped("key_padding_mask_float", B, p->S).template cast<Scalar>();
-    if (p->has("weights")) shaped("weights", p->L, p->S + p->extra);
-    if (p->has("weights_per_head")) shaped("weights_per_head", p->h * p->L, p->S + p->extra);
+    mha_test::load_parameters(f, *p->module);
+    p->read(f);
+    if (p->has("weights")) f.matrix("weights", p->L, p->S + p->extra);
+    if (p->has("weights_per_head")) f.matrix("weights_per_head", p->h * p->L, p->S + p->extra);
   } catch (const std::exception& e) {
     ADD_FAILURE() << "cannot load fixture " << name << ": " << e.what();
     return nullptr;
