@@ -55,7 +55,10 @@ struct Problem {
   }
 
   Matrix forward(mha::Tape<double>* tape = nullptr) {
-    if (self_attention) return tape ? attn.forward(query, options, *tape) : attn.forward(query, options);
+    if (self_attention && query_lengths.size() == 1)
+      return tape ? attn.forward(query, options, *tape) : attn.forward(query, options);
+    if (self_attention)
+      return tape ? attn.forward_batch(query, query_lengths, options, *tape) : attn.forward_batch(query, query_lengths, options);
     if (tape) return attn.forward_batch(query, key, value, query_lengths, key_lengths, options, *tape);
     return attn.forward_batch(query, key, value, query_lengths, key_lengths, options);
   }
@@ -157,6 +160,13 @@ TEST(Gradients, CrossAttentionMatchesFiniteDifferences) {
 TEST(Gradients, SelfAttentionGradientIsTheSumOverQueryKeyAndValue) {
   Problem p(config(8, 2), {6}, {6});
   p.self_attention = true;
+  expect_gradients_match_finite_differences(p);
+}
+
+TEST(Gradients, RaggedSelfAttentionBatchMatchesFiniteDifferences) {
+  Problem p(config(8, 2), {3, 6, 1}, {3, 6, 1});
+  p.self_attention = true;
+  p.options.causal = true;
   expect_gradients_match_finite_differences(p);
 }
 

@@ -160,6 +160,20 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     return run(query, key, value, query_lengths, key_lengths, options, {nullptr, &tape, false}, "forward_batch");
   }
 
+  /// Self-attention over a batch: forward_batch(x, x, x, lengths, lengths, options).
+  template <typename Derived>
+  Matrix forward_batch(const Eigen::MatrixBase<Derived>& x, const std::vector<Index>& lengths,
+                       const AttentionOptions& options = {}) const {
+    return run(x, x, x, lengths, lengths, options, {}, "forward_batch");
+  }
+
+  /// Self-attention over a batch, recording into `tape` what backward() needs (x once).
+  template <typename Derived>
+  Matrix forward_batch(const Eigen::MatrixBase<Derived>& x, const std::vector<Index>& lengths,
+                       const AttentionOptions& options, Tape<Scalar>& tape) const {
+    return run(x, x, x, lengths, lengths, options, {nullptr, &tape, true}, "forward_batch");
+  }
+
   /// The backward pass of the forward pass recorded in `tape`: given d_output = ∂loss/∂output
   /// (ΣL × d_model), ADDS ∂loss/∂(every parameter) into `gradients` (as PyTorch accumulates .grad;
   /// call gradients.set_zero() between steps) and returns ∂loss/∂query, ∂loss/∂key, ∂loss/∂value.
@@ -341,17 +355,27 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   /// Independent pieces of work, run in parallel by run_jobs.
   using Jobs = std::vector<std::function<void()>>;
 
+  /// A matrix by reference, an expression (a transpose, which views a matrix) by value: what a job
+  /// keeps of an operand, so that it neither copies a matrix nor outlives a temporary expression.
+  template <typename T>
+  using Operand = std::conditional_t<std::is_base_of<Eigen::PlainObjectBase<T>, T>::value, const T&, T>;
+
   /// Adds to `jobs` the row blocks of out = lhs · rhs, or out += lhs · rhs when `accumulate`; lhs
-  /// and rhs are matrices or their transposes, kept by value (they view matrices, cheaply).
+  /// and rhs are matrices (which must outlive the jobs) or their transposes.
   template <typename Lhs, typename Rhs>
   static void add_product(Jobs& jobs, const Lhs& lhs, const Rhs& rhs, Matrix& out, bool accumulate) {
+    struct Operands {
+      Operand<Lhs> lhs;
+      Operand<Rhs> rhs;
+    };
     for (Index first = 0; first < out.rows(); first += kProjectionRows)
-      jobs.push_back([lhs, rhs, &out, first, accumulate] {
+      jobs.push_back([operands = Operands{lhs, rhs}, &out, first, accumulate] {
         const Index rows = std::min(kProjectionRows, out.rows() - first);
+        const auto product = operands.lhs.middleRows(first, rows) * operands.rhs;
         if (accumulate)
-          out.middleRows(first, rows).noalias() += lhs.middleRows(first, rows) * rhs;
+          out.middleRows(first, rows).noalias() += product;
         else
-          out.middleRows(first, rows).noalias() = lhs.middleRows(first, rows) * rhs;
+          out.middleRows(first, rows).noalias() = product;
       });
   }
 
