@@ -216,14 +216,14 @@ struct ReverseModel {
   Matrix logits(const Tokens& tokens) const {
     const Matrix x = embed(tokens);
     const std::vector<Index> lengths(static_cast<std::size_t>(tokens.rows()), kLength);
-    return read_out(attention.forward_batch(x, x, x, lengths, lengths));
+    return read_out(attention.forward_batch(x, lengths));
   }
 
   /// One forward and backward pass over a batch: fills every gradient and returns loss and accuracy.
   Score forward_backward(const Tokens& tokens) {
     const Matrix x = embed(tokens);                                     // N × d_model
     const std::vector<Index> lengths(static_cast<std::size_t>(tokens.rows()), kLength);
-    const Matrix a = attention.forward_batch(x, x, x, lengths, lengths, {}, tape);  // N × d_model
+    const Matrix a = attention.forward_batch(x, lengths, {}, tape);  // N × d_model, x recorded once
     Matrix d_logits;                                                    // N × vocab
     const Score score = cross_entropy(read_out(a), reversed(tokens), &d_logits);
 
