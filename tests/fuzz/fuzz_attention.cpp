@@ -4,7 +4,8 @@
 // Properties checked, besides "no crash and no sanitizer report":
 //   - invalid input throws mha::invalid_argument, and only invalid input does;
 //   - the result has the documented shape;
-//   - finite inputs of moderate size (|x| ≤ 1e3, so that no product can overflow) give finite output.
+//   - finite inputs of moderate size (|x| ≤ 1e3, so that no product can overflow) give finite output,
+//     and finite gradients in the backward pass, whose taped forward gives the same output.
 // Built with clang's -fsanitize=fuzzer; fuzz_replay.cpp runs the same function over the committed
 // corpus in every build, so each input the fuzzer ever found becomes a regression test.
 #include <mha/mha.hpp>
@@ -174,6 +175,21 @@ void multi_head(Bytes& in) {
       if (!valid) violated("invalid input was accepted by forward_batch");
       if (out.rows() != L || out.cols() != attn.d_model()) violated("forward_batch returned the wrong shape");
       if (moderate && !out.allFinite()) violated("finite moderate input gave a non-finite output");
+      // Training: the taped forward gives the same output; the backward gives gradients of the
+      // inputs' and parameters' shapes, finite for finite moderate input.
+      mha::Tape<Scalar> tape;
+      const Matrix<Scalar> taped = attn.forward_batch(query, key, value, query_lengths, key_lengths, o, tape);
+      if (!(taped.array() == out.array() || (taped.array() != taped.array() && out.array() != out.array())).all())
+        violated("the taped forward differs from the forward");
+      const auto d_output = matrix<Scalar>(in, L, attn.d_model(), moderate);
+      auto gradients = attn.zero_gradients();
+      const auto d = attn.backward(tape, d_output, gradients);
+      if (d.query.rows() != L || d.query.cols() != attn.d_model() || d.key.rows() != S ||
+          d.key.cols() != attn.kdim() || d.value.rows() != S || d.value.cols() != attn.vdim())
+        violated("backward returned input gradients of the wrong shape");
+      bool finite = d.query.allFinite() && d.key.allFinite() && d.value.allFinite();
+      for (const auto& g : gradients.parameters()) finite = finite && g.value.allFinite();
+      if (moderate && !finite) violated("finite moderate input gave a non-finite gradient");
     } catch (const mha::invalid_argument&) {
       if (valid) violated("valid input was rejected by forward_batch");
     }
