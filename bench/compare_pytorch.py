@@ -55,30 +55,32 @@ DEFAULT_BENCH = os.path.join("build", "bench", "bench_forward")
 TARGETS = ((1024, 8, False, 2.0), (1024, 1, False, 2.0), (4096, 8, True, 4.0))
 
 
-def running_bench_forward():
-    """Process ids of running bench_forward processes (from /proc; [] where there is no /proc)."""
+def running_bench_forward(names=("bench_forward",)):
+    """Process ids of running processes called one of `names` (default: bench_forward) (from /proc;
+    [] where there is no /proc). compare_pytorch_training.py passes every benchmark binary."""
     pids = []
     entries = os.listdir("/proc") if os.path.isdir("/proc") else []
     for pid in (entry for entry in entries if entry.isdigit()):
         try:
             with open(f"/proc/{pid}/comm", encoding="utf-8") as f:
-                if f.read().strip() == "bench_forward":
+                if f.read().strip() in names:
                     pids.append(int(pid))
         except OSError:
             pass
     return pids
 
 
-def run_mha(bench, out_json):
-    """Run the benchmark binary on the compared shapes, writing Google Benchmark JSON to out_json."""
+def run_mha(bench, out_json, benchmark_filter=FILTER, default_bench=DEFAULT_BENCH):
+    """Run the benchmark binary on the compared shapes (benchmark_filter), writing Google Benchmark
+    JSON to out_json; default_bench is also looked for from the repository root."""
     if not os.path.isfile(bench):
         script_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         candidate = os.path.join(script_root, bench)
-        if bench == DEFAULT_BENCH and os.path.isfile(candidate):
+        if bench == default_bench and os.path.isfile(candidate):
             bench = candidate
         else:
             sys.exit(f"{bench}: no such benchmark binary (build it, or pass --bench / --mha-json)")
-    command = [bench, f"--benchmark_filter={FILTER}", "--benchmark_repetitions=3",
+    command = [bench, f"--benchmark_filter={benchmark_filter}", "--benchmark_repetitions=3",
                "--benchmark_report_aggregates_only=true", f"--benchmark_out={out_json}",
                "--benchmark_out_format=json"]
     print("running " + " ".join(command), file=sys.stderr, flush=True)
@@ -134,8 +136,8 @@ def time_calls(call, runs, min_time, budget, warm_up=True):
             return statistics.median(times), len(times)
 
 
-def measure_torch(args):
-    """{(N, h, causal): (median ms, calls, path)}, Markdown lines about PyTorch, and notes."""
+def import_torch():
+    """Import PyTorch, on one thread, seeded with 0."""
     # One thread means one thread: torch.set_num_threads does not reach the BLAS library's own
     # thread pool (OpenBLAS's pthreads build starts one thread per core), so pin it before import.
     for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -144,6 +146,12 @@ def measure_torch(args):
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    return torch
+
+
+def describe_torch(torch, args):
+    """Markdown lines about PyTorch (version, threads, build, a GEMM rate of the projections'
+    shape, the BLAS it has loaded) and notes (a warning on the reference BLAS)."""
     info = [f"PyTorch {torch.__version__}; threads: intra-op {torch.get_num_threads()}, "
             f"inter-op {torch.get_num_interop_threads()}."]
     config = torch.__config__.show().strip().splitlines()
@@ -153,33 +161,7 @@ def measure_torch(args):
     blas_info = [s.strip() for s in settings.split(",") if s.strip().startswith(("BLAS_INFO", "LAPACK_INFO"))]
     info.append("PyTorch built with: " + "; ".join(build[:5] + blas_info) + ".")
 
-    results, notes = {}, []
-    native = torch._native_multi_head_attention
-    native_calls = []
-
-    def counting_native(*a, **k):
-        native_calls.append(1)
-        return native(*a, **k)
-
-    def first_call(call):
-        """Call once (the warm-up); True if 1.13 took the fused native kernel."""
-        native_calls.clear()
-        torch._native_multi_head_attention = counting_native
-        try:
-            call()
-        finally:
-            torch._native_multi_head_attention = native
-        return bool(native_calls)
-
-    def zero_bias_twin(module):
-        """The same module with biases, all zero: the same function, accepted by the fast path."""
-        twin = torch.nn.MultiheadAttention(D_MODEL, module.num_heads, bias=True, batch_first=True).eval()
-        twin.in_proj_weight.copy_(module.in_proj_weight)
-        twin.out_proj.weight.copy_(module.out_proj.weight)
-        twin.in_proj_bias.zero_()
-        twin.out_proj.bias.zero_()
-        return twin
-
+    notes = []
     with torch.inference_mode():
         # A GEMM of the projections' shape, for scale; it also loads the BLAS library.
         n = 1024
@@ -196,7 +178,42 @@ def measure_torch(args):
             notes.append("PyTorch's matrix products run on the unoptimised reference BLAS here, so "
                          "the speed-ups compare mha with that build, not with PyTorch on an "
                          "optimised BLAS (OpenBLAS, MKL); mind this before quoting them.")
+    return info, notes
 
+
+def takes_native_path(torch, call):
+    """Call once; True if 1.13 took the fused native kernel (torch._native_multi_head_attention)."""
+    native = torch._native_multi_head_attention
+    native_calls = []
+
+    def counting_native(*a, **k):
+        native_calls.append(1)
+        return native(*a, **k)
+
+    torch._native_multi_head_attention = counting_native
+    try:
+        call()
+    finally:
+        torch._native_multi_head_attention = native
+    return bool(native_calls)
+
+
+def measure_torch(args):
+    """{(N, h, causal): (median ms, calls, path)}, Markdown lines about PyTorch, and notes."""
+    torch = import_torch()
+    info, notes = describe_torch(torch, args)
+    results = {}
+
+    def zero_bias_twin(module):
+        """The same module with biases, all zero: the same function, accepted by the fast path."""
+        twin = torch.nn.MultiheadAttention(D_MODEL, module.num_heads, bias=True, batch_first=True).eval()
+        twin.in_proj_weight.copy_(module.in_proj_weight)
+        twin.out_proj.weight.copy_(module.out_proj.weight)
+        twin.in_proj_bias.zero_()
+        twin.out_proj.bias.zero_()
+        return twin
+
+    with torch.inference_mode():
         for n in args.lengths:
             x = torch.randn(1, n, D_MODEL)
             mask = torch.triu(torch.ones(n, n, dtype=torch.bool), 1)
@@ -209,12 +226,12 @@ def measure_torch(args):
                     # h without a mask, but that kernel rejects bias=False (qkv_bias must be a
                     # Tensor): there, time the same module with zero biases instead.
                     try:
-                        path = "native fast path" if first_call(call) else "Python path"
+                        path = "native fast path" if takes_native_path(torch, call) else "Python path"
                     except TypeError as error:
                         if "bias" not in str(error):
                             raise
                         call = lambda m=zero_bias_twin(module): m(x, x, x, **kwargs)  # noqa: E731
-                        fast = first_call(call)
+                        fast = takes_native_path(torch, call)
                         path = ("native fast path" if fast else "Python path") + ", zero biases*"
                         note = ("\\* PyTorch 1.13's fused kernel rejects bias=False (qkv_bias must be "
                                 "a Tensor): these rows time the same module with zero biases.")
