@@ -78,14 +78,28 @@ void mask_future_keys(Tile& scores, Eigen::Index first_row, Eigen::Index offset,
   }
 }
 
+/// Sets to −∞ the scores of a tile whose keys lie too far before their query: key j is hidden from
+/// the tile's row r when j ≤ first_row + r + offset − window (a sliding window of `window` keys).
+template <typename Tile>
+void mask_past_keys(Tile& scores, Eigen::Index first_row, Eigen::Index offset, Eigen::Index window,
+                    Eigen::Index first_key) {
+  using Scalar = typename Tile::Scalar;
+  for (Eigen::Index c = 0; c < scores.cols(); ++c) {
+    // Key j = first_key + c is hidden from the rows r ≥ j − offset + window − first_row.
+    const Eigen::Index visible = std::clamp<Eigen::Index>(first_key + c - offset + window - first_row, 0, scores.rows());
+    scores.col(c).tail(scores.rows() - visible).setConstant(-std::numeric_limits<Scalar>::infinity());
+  }
+}
+
 /// How one head of one sequence hides and weighs its keys, beyond the plain scaled scores. Keys
-/// [0, masked_keys) obey the causal rule and the masks; keys from masked_keys on (PyTorch's
-/// add_bias_kv and add_zero_attn rows) are always visible.
+/// [0, masked_keys) obey the causal rule, the window and the masks; keys from masked_keys on
+/// (PyTorch's add_bias_kv and add_zero_attn rows) are always visible.
 template <typename Scalar>
 struct KeyVisibility {
   Eigen::Index masked_keys = 0;
-  bool causal = false;
-  Eigen::Index causal_offset = 0;       ///< key j hidden from query r when j > r + causal_offset
+  Eigen::Index position_offset = 0;      ///< query r is at the position of key r + position_offset
+  bool causal = false;                   ///< key j hidden from query r when j > r + position_offset
+  Eigen::Index window = 0;               ///< if > 0, key j hidden when j ≤ r + position_offset − window
   const Matrix<Scalar>* mask = nullptr;  ///< additive; this head's query r is row mask_row + r
   Eigen::Index mask_row = 0;
   const Matrix<Scalar>* key_padding = nullptr;  ///< additive; this sequence is row key_padding_row
@@ -126,18 +140,22 @@ void drop_out(Tile& p, const KeyVisibility<typename Tile::Scalar>& visibility, E
   }
 }
 
-/// The key ranges a query block visits: [0, first_end) subject to causal rule and masks, then
-/// [masked_keys, S) always visible. Causal blocks wholly after the block's last row are left out.
+/// The key ranges a query block visits: [masked_begin, masked_end) subject to the causal rule, the
+/// window and the masks, then [masked_keys, S) always visible. Keys wholly after the block's last
+/// row (causal) or before its first row's window are left out.
 struct KeyRanges {
-  Eigen::Index masked_end, extra_begin, extra_end;
+  Eigen::Index masked_begin, masked_end, extra_begin, extra_end;
 };
 
 template <typename Scalar>
-KeyRanges key_ranges(const KeyVisibility<Scalar>& visibility, Eigen::Index last_row, Eigen::Index S) {
-  Eigen::Index end = visibility.masked_keys;
-  // The block's last row sees keys j ≤ last_row + offset.
-  if (visibility.causal) end = std::clamp<Eigen::Index>(last_row + visibility.causal_offset + 1, 0, end);
-  return {end, visibility.masked_keys, S};
+KeyRanges key_ranges(const KeyVisibility<Scalar>& visibility, Eigen::Index first_row, Eigen::Index last_row,
+                     Eigen::Index S) {
+  Eigen::Index begin = 0, end = visibility.masked_keys;
+  // The block's last row sees keys j ≤ last_row + offset; its first row keys j > first_row + offset − window.
+  if (visibility.causal) end = std::clamp<Eigen::Index>(last_row + visibility.position_offset + 1, 0, end);
+  if (visibility.window > 0)
+    begin = std::clamp<Eigen::Index>(first_row + visibility.position_offset - visibility.window + 1, 0, end);
+  return {begin, end, visibility.masked_keys, S};
 }
 
 /// What tile_scores found: the tile is hidden entirely (skip it), or its scores are finite, or
@@ -159,9 +177,14 @@ TileScores tile_scores(const ConstMatrixRef<Scalar>& k, const KeyVisibility<Scal
       visibility.mask->block(visibility.mask_row + first_row, first_key, rows, keys).maxCoeff() == minus_infinity)
     return TileScores::hidden;
   s.noalias() = scaled_q * k.middleRows(first_key, keys).transpose();
-  const bool crosses_diagonal = visibility.causal && first_key + keys - 1 > first_row + visibility.causal_offset;
-  if (!masked || !(crosses_diagonal || visibility.mask || visibility.key_padding)) return TileScores::finite;
-  if (crosses_diagonal) mask_future_keys(s, first_row, visibility.causal_offset, first_key);
+  const Eigen::Index offset = visibility.position_offset;
+  const bool crosses_diagonal = visibility.causal && first_key + keys - 1 > first_row + offset;
+  // The last row's window starts latest: a key before it is hidden from some row.
+  const bool crosses_window = visibility.window > 0 && first_key <= first_row + rows - 1 + offset - visibility.window;
+  if (!masked || !(crosses_diagonal || crosses_window || visibility.mask || visibility.key_padding))
+    return TileScores::finite;
+  if (crosses_diagonal) mask_future_keys(s, first_row, offset, first_key);
+  if (crosses_window) mask_past_keys(s, first_row, offset, visibility.window, first_key);
   if (visibility.mask) s += visibility.mask->block(visibility.mask_row + first_row, first_key, rows, keys);
   if (visibility.key_padding)
     for (Eigen::Index j = 0; j < keys; ++j)
@@ -178,11 +201,12 @@ template <typename Scalar, typename Step>
 void for_each_tile(const ConstMatrixRef<Scalar>& k, const KeyVisibility<Scalar>& visibility, Eigen::Index first_row,
                    const Eigen::Ref<const Matrix<Scalar>>& scaled_q, Matrix<Scalar>& scores, const Step& step) {
   const Eigen::Index rows = scaled_q.rows();
-  const KeyRanges ranges = key_ranges(visibility, first_row + rows - 1, k.rows());
+  const KeyRanges ranges = key_ranges(visibility, first_row, first_row + rows - 1, k.rows());
   const auto plain_exp = [](const auto& x) { return x.exp(); };
   const auto flushed_exp = [](const auto& x) { return exp_flushed(x); };
   for (const bool masked : {true, false}) {
-    const Eigen::Index begin = masked ? 0 : ranges.extra_begin, end = masked ? ranges.masked_end : ranges.extra_end;
+    const Eigen::Index begin = masked ? ranges.masked_begin : ranges.extra_begin;
+    const Eigen::Index end = masked ? ranges.masked_end : ranges.extra_end;
     for (Eigen::Index first_key = begin; first_key < end; first_key += kKeyBlock) {
       auto s = scores.topLeftCorner(rows, std::min(kKeyBlock, end - first_key));  // B_r × B_c
       const TileScores kind = tile_scores<Scalar>(k, visibility, first_row, first_key, masked, scaled_q, s);
@@ -260,6 +284,26 @@ void attention_query_block(const ConstMatrixRef<Scalar>& q, const ConstMatrixRef
   }
 }
 
+/// Merges one block of queries' attention computed separately over disjoint parts of the keys (a
+/// long key/value cache split across threads): part c gave the output O_c, normalised over its own
+/// keys, and each row's log-sum-exp lse_c (outs: L × (parts·d_v), part c in column block c;
+/// lses: L × parts). The whole is O = Σ_c e^(lse_c − lse) O_c with e^lse = Σ_c e^(lse_c): the same
+/// rescaling as the online softmax, summed in the fixed order c = 0, 1, … so that the result does
+/// not depend on which thread computed which part. A row that no part let see a key gets zeros.
+template <typename Scalar>
+void merge_key_parts(const ConstMatrixRef<Scalar>& outs, const ConstMatrixRef<Scalar>& lses, MatrixRef<Scalar> out) {
+  const Eigen::Index parts = lses.cols(), d_v = out.cols();
+  const Column<Scalar> shift = stable_shift(Column<Scalar>(lses.rowwise().maxCoeff()));
+  Column<Scalar> total = Column<Scalar>::Zero(lses.rows()), weight(lses.rows());
+  out.setZero();
+  for (Eigen::Index c = 0; c < parts; ++c) {
+    weight = exp_flushed(lses.col(c).array() - shift);
+    total += weight;
+    out.array() += outs.middleCols(c * d_v, d_v).array().colwise() * weight;
+  }
+  out.array().colwise() *= (total == Scalar(0)).select(Scalar(1), total).inverse();
+}
+
 /// The per-thread working memory of attention_backward: tiles of weights, of their gradient and
 /// of the dropout factors, B_r × B_c each, and a block of query rows and their gradient.
 template <typename Scalar>
@@ -288,8 +332,9 @@ struct AttentionBackwardScratch {
 
 /// The backward of one head's attention (attention_query_block over every block): given what the
 /// forward read (q: L × d_k, k: S × d_k, v: S × d_v, the same scale and visibility), what it wrote
-/// (out: L × d_v, log_sum_exp: L) and d_out = ∂loss/∂out (L × d_v), writes d_q (L × d_k),
-/// d_k (S × d_k) and d_v (S × d_v), the gradients of the loss with respect to q, k and v.
+/// (out: L × d_v, log_sum_exp: L) and d_out = ∂loss/∂out (L × d_v), writes d_q (L × d_k) and
+/// adds into d_k (S × d_k) and d_v (S × d_v) the gradients of the loss with respect to q, k and v
+/// (adds: the heads that share keys and values, in grouped-query attention, sum there).
 ///
 /// FlashAttention-2's backward: nothing L × S was kept, so each tile's weights are recomputed from
 /// the scores and the saved log-sum-exp, P = exp(s − lse), exactly as the forward normalised them.
@@ -306,8 +351,6 @@ void attention_backward(const ConstMatrixRef<Scalar>& q, const ConstMatrixRef<Sc
                         const Scalar* log_sum_exp, const ConstMatrixRef<Scalar>& d_out, Scalar scale,
                         const KeyVisibility<Scalar>& visibility, AttentionBackwardScratch<Scalar>& scratch,
                         MatrixRef<Scalar> d_q, MatrixRef<Scalar> d_k, MatrixRef<Scalar> d_v) {
-  d_k.setZero();
-  d_v.setZero();
   for (Eigen::Index first_row = 0; first_row < q.rows(); first_row += kQueryBlock) {
     const Eigen::Index rows = std::min(kQueryBlock, q.rows() - first_row);
     auto qs = scratch.scaled_q.topRows(rows);
@@ -386,7 +429,8 @@ Eigen::Matrix<typename DerivedQ::Scalar, Eigen::Dynamic, Eigen::Dynamic> scaled_
   detail::KeyVisibility<Scalar> visibility;
   visibility.masked_keys = S;
   visibility.causal = options.causal;
-  visibility.causal_offset = options.alignment == CausalAlignment::bottom_right ? S - L : 0;
+  visibility.position_offset = options.alignment == CausalAlignment::bottom_right ? S - L : 0;
+  visibility.window = detail::resolve_window(options);
   if (mask.size() > 0) visibility.mask = &mask;
   if (key_padding.size() > 0) visibility.key_padding = &key_padding;
   detail::Matrix<Scalar> out(L, v.cols());

@@ -81,6 +81,18 @@ struct AttentionOptions {
   /// Seed of the dropout pattern, which depends only on (seed, sequence, head, query, key), not
   /// on threads or tiles: the same seed gives the same pattern.
   std::uint64_t dropout_seed = 0;
+  /// Sliding-window attention: a query at position p sees only the keys at positions > p − window
+  /// (with causal: the last `window` keys, itself included); 0 means no window. Key j of a sequence
+  /// is at position j, and query i at position i, or i + S − L with bottom-right alignment.
+  Eigen::Index window = 0;
+};
+
+/// Which coordinates of a head's query or key rotary position embeddings rotate together.
+enum class RotaryPairs {
+  /// (2i, 2i + 1): the RoFormer paper, GPT-J, Meta's LLaMA.
+  interleaved,
+  /// (i, i + d_k / 2): GPT-NeoX, Hugging Face's LLaMA ("rotate_half").
+  halves,
 };
 
 /// The shape of a multi-head attention module. d_k = d_v = 0 mean d_model / num_heads, the choice
@@ -97,6 +109,16 @@ struct MultiHeadAttentionConfig {
   bool add_zero_attn = false;  ///< a zero key row and value row appended (after add_bias_kv's)
   double dropout = 0.0;        ///< probability of dropping an attention weight in training mode
   std::uint64_t seed = 0;      ///< seed of the deterministic Xavier-uniform initialisation
+  /// h_kv, the heads of keys and values (grouped-query attention; 1 is multi-query attention);
+  /// 0 means num_heads. It must divide num_heads: query head i reads key/value head
+  /// i / (num_heads / num_kv_heads), as PyTorch's repeat_interleave of K and V over the heads does.
+  Eigen::Index num_kv_heads = 0;
+  /// Rotary position embeddings (RoPE, Su et al. 2021) on each head's projected queries and keys:
+  /// each pair of coordinates (a, b) of a row at position p turns by the angle p·θ_i,
+  /// θ_i = rotary_base^(−2i/d_k), to (a cos pθ_i − b sin pθ_i, a sin pθ_i + b cos pθ_i). Needs an even d_k.
+  bool rotary = false;
+  double rotary_base = 10000.0;                       ///< the base of the rotary angles
+  RotaryPairs rotary_pairs = RotaryPairs::interleaved;  ///< which coordinates rotate together
 
   /// \returns this configuration with d_k, d_v, kdim and vdim resolved; throws
   /// mha::invalid_argument if it describes no valid module.
@@ -108,6 +130,13 @@ struct MultiHeadAttentionConfig {
     if (kdim < 0) detail::fail("kdim must be positive (or 0 for d_model), got kdim = ", kdim);
     if (vdim < 0) detail::fail("vdim must be positive (or 0 for d_model), got vdim = ", vdim);
     if (!(dropout >= 0.0 && dropout < 1.0)) detail::fail("dropout must be in [0, 1), got dropout = ", dropout);
+    if (num_kv_heads < 0)
+      detail::fail("num_kv_heads must be positive (or 0 for num_heads), got num_kv_heads = ", num_kv_heads);
+    if (num_kv_heads > 0 && num_heads % num_kv_heads != 0)
+      detail::fail("num_kv_heads = ", num_kv_heads, " does not divide num_heads = ", num_heads,
+                   "; each key/value head serves num_heads / num_kv_heads query heads");
+    if (rotary && !(std::isfinite(rotary_base) && rotary_base > 0))
+      detail::fail("rotary_base must be positive and finite, got rotary_base = ", rotary_base);
     if ((d_k == 0 || d_v == 0) && d_model % num_heads != 0)
       detail::fail("d_model = ", d_model, " is not divisible by num_heads = ", num_heads,
                    "; set d_k and d_v explicitly or choose a divisor");
@@ -116,11 +145,20 @@ struct MultiHeadAttentionConfig {
     if (r.d_v == 0) r.d_v = d_model / num_heads;
     if (r.kdim == 0) r.kdim = d_model;
     if (r.vdim == 0) r.vdim = d_model;
+    if (r.num_kv_heads == 0) r.num_kv_heads = num_heads;
+    if (rotary && r.d_k % 2 != 0)
+      detail::fail("rotary embeddings rotate pairs of coordinates, so d_k must be even, got d_k = ", r.d_k);
     return r;
   }
 };
 
 namespace detail {
+
+/// The window of the options; throws on a negative one.
+inline Eigen::Index resolve_window(const AttentionOptions& options) {
+  if (options.window < 0) fail("options.window must be >= 0 (0 = no window), got ", options.window);
+  return options.window;
+}
 
 /// The scale of the scores: options.scale if set, else 1/√d_k (1 when d_k = 0, where every score
 /// is 0 anyway). Throws on a non-finite scale.

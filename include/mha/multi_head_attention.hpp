@@ -4,8 +4,10 @@
 #include <mha/attention.hpp>
 #include <mha/config.hpp>
 #include <mha/gradients.hpp>
+#include <mha/kv_cache.hpp>
 #include <mha/mask.hpp>
 #include <mha/parameters.hpp>
+#include <mha/rotary.hpp>
 #include <mha/threads.hpp>
 
 #include <Eigen/Core>
@@ -15,6 +17,7 @@
 #include <cstdint>
 #include <functional>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <string>
 #include <type_traits>
@@ -67,6 +70,7 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   using Base::d_v;
   using Base::kdim;
   using Base::num_heads;
+  using Base::num_kv_heads;
   using Base::vdim;
 
   /// A module of the given shape with deterministic weights: each projection matrix W (rows × cols)
@@ -174,6 +178,39 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     return run(x, x, x, lengths, lengths, options, {nullptr, &tape, true}, "forward_batch");
   }
 
+  /// \returns an empty key/value cache for decoding `sequences` sequences with this module, holding
+  /// up to `max_length` tokens each (0: growing as needed). See KVCache.
+  KVCache<Scalar> make_cache(Index sequences = 1, Index max_length = 0) const {
+    return KVCache<Scalar>(config_, sequences, max_length);
+  }
+
+  /// A decode step of causal self-attention: the new tokens x (L_new × d_model) of the cache's one
+  /// sequence are projected, their keys and values appended to the cache, and their queries
+  /// attend to everything cached, new token i of a sequence that held n tokens at position n + i
+  /// seeing the positions ≤ n + i (and > n + i − window with options.window): bottom-right causal.
+  /// Its rows equal the rows of forward(all tokens so far, causal) at the same positions, for the
+  /// cost of the new tokens alone. One new token over a long cache is split across threads by
+  /// parts of 512 keys, merged in log-sum-exp fashion; results do not depend on the thread count.
+  /// Options: scale and window; decoding is causal by construction (options.causal and alignment
+  /// are not read) and rejects masks, training, add_bias_kv and add_zero_attn.
+  /// \returns the new tokens' outputs, L_new × d_model.
+  template <typename Derived>
+  Matrix decode(const Eigen::MatrixBase<Derived>& x, KVCache<Scalar>& cache, const AttentionOptions& options = {}) const {
+    if (cache.sequences() != 1)
+      detail::fail("MultiHeadAttention::decode: the cache holds ", cache.sequences(),
+                   " sequences; decode_batch takes the new tokens of each");
+    return run_decode(x, {x.rows()}, cache, options, "decode");
+  }
+
+  /// A decode step for every sequence of a batch cache: sequence b's new tokens are the next
+  /// new_lengths[b] rows of x (0 for a sequence that has finished), as in decode().
+  /// \returns the new tokens' outputs, stacked the same way: (Σ new_lengths) × d_model.
+  template <typename Derived>
+  Matrix decode_batch(const Eigen::MatrixBase<Derived>& x, const std::vector<Index>& new_lengths,
+                      KVCache<Scalar>& cache, const AttentionOptions& options = {}) const {
+    return run_decode(x, new_lengths, cache, options, "decode_batch");
+  }
+
   /// The backward pass of the forward pass recorded in `tape`: given d_output = ∂loss/∂output
   /// (ΣL × d_model), ADDS ∂loss/∂(every parameter) into `gradients` (as PyTorch accumulates .grad;
   /// call gradients.set_zero() between steps) and returns ∂loss/∂query, ∂loss/∂key, ∂loss/∂value.
@@ -187,7 +224,8 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     static_assert(std::is_same<Scalar, typename Derived::Scalar>::value,
                   "mha::MultiHeadAttention::backward: d_output must have the module's scalar type");
     if (tape.empty()) detail::fail("MultiHeadAttention::backward: the tape is empty; record a forward(…, tape) first");
-    if (!same_shape(tape.config_, config_))
+    if (!same_shape(tape.config_, config_) || tape.config_.rotary != config_.rotary ||
+        tape.config_.rotary_base != config_.rotary_base || tape.config_.rotary_pairs != config_.rotary_pairs)
       detail::fail("MultiHeadAttention::backward: the tape was recorded by a module of another shape (",
                    describe(tape.config_), ") than this one (", describe(config_), ")");
     if (!same_shape(gradients.config(), config_))
@@ -197,7 +235,8 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
       detail::fail("MultiHeadAttention::backward: d_output is ", detail::shape(d_output),
                    " but the forward's output was ", tape.q_.rows(), " x ", d_model());
     const auto& dy = detail::evaluated(d_output);
-    const Index h = num_heads(), extra = extra_keys(), total_L = tape.q_.rows();
+    const Index h = num_heads(), h_kv = num_kv_heads(), group = h / h_kv, extra = extra_keys();
+    const Index total_L = tape.q_.rows();
     const Batch batch(tape.query_lengths_, tape.key_lengths_, extra);
     const Matrix& query = tape.query_;
     const Matrix& key = tape.self_attention_ ? tape.query_ : tape.key_;
@@ -212,26 +251,32 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     run_jobs(jobs, 4.0 * static_cast<double>(total_L * h * d_v() * d_model()));
     if (config_.bias) gradients.b_o_ += dy.colwise().sum();
 
-    // In the forward pass this was: head_i = attention(Q W_i^Q, K W_i^K, V W_i^V), one task per
-    // sequence and head, each owning its rows of ∂loss/∂(Q W^Q), ∂loss/∂(K W^K), ∂loss/∂(V W^V).
-    Matrix d_q(total_L, h * d_k());                    // ΣL × h·d_k
-    Matrix d_keys(tape.keys_.rows(), h * d_k());       // (ΣS + B·extra) × h·d_k
-    Matrix d_values(tape.values_.rows(), h * d_v());   // (ΣS + B·extra) × h·d_v
+    // In the forward pass this was: head_i = attention(Q W_i^Q, K W_j^K, V W_j^V), j = i / group.
+    // One task per sequence and key/value head, owning its rows of ∂loss/∂(K W^K) and
+    // ∂loss/∂(V W^V), to which the heads of its group add in turn, and their ∂loss/∂(Q W^Q).
+    Matrix d_q(total_L, h * d_k());                       // ΣL × h·d_k
+    Matrix d_keys(tape.keys_.rows(), h_kv * d_k());       // (ΣS + B·extra) × h_kv·d_k
+    Matrix d_values(tape.values_.rows(), h_kv * d_v());   // (ΣS + B·extra) × h_kv·d_v
     const AttentionMasks<Scalar> masks(tape.options_);
     const auto scale = static_cast<Scalar>(detail::resolve_scale(tape.options_, d_k()));
     detail::parallel_tasks(
-        batch.size() * h, 2.5 * batch.attention_flops(h, d_k(), d_v()),
+        batch.size() * h_kv, 2.5 * batch.attention_flops(h, d_k(), d_v()),
         [&] { return detail::AttentionBackwardScratch<Scalar>::for_problem(batch.max_L, batch.max_S + extra, d_k()); },
         [&](Index t, detail::AttentionBackwardScratch<Scalar>& scratch) {
-          const Index b = t / h, i = t % h;
+          const Index b = t / h_kv, j = t % h_kv;
           const Index L_b = batch.query_lengths[b], S_b = batch.key_lengths[b] + extra;
           const Index q0 = batch.q_offset[b], k0 = batch.k_offset[b];
-          detail::attention_backward<Scalar>(
-              tape.q_.block(q0, i * d_k(), L_b, d_k()), tape.keys_.block(k0, i * d_k(), S_b, d_k()),
-              tape.values_.block(k0, i * d_v(), S_b, d_v()), tape.concat_.block(q0, i * d_v(), L_b, d_v()),
-              tape.log_sum_exp_.col(i).data() + q0, d_concat.block(q0, i * d_v(), L_b, d_v()), scale,
-              visibility(tape.options_, masks, batch, b, i), scratch, d_q.block(q0, i * d_k(), L_b, d_k()),
-              d_keys.block(k0, i * d_k(), S_b, d_k()), d_values.block(k0, i * d_v(), S_b, d_v()));
+          auto d_k_head = d_keys.block(k0, j * d_k(), S_b, d_k());
+          auto d_v_head = d_values.block(k0, j * d_v(), S_b, d_v());
+          d_k_head.setZero();
+          d_v_head.setZero();
+          for (Index i = j * group; i < (j + 1) * group; ++i)
+            detail::attention_backward<Scalar>(
+                tape.q_.block(q0, i * d_k(), L_b, d_k()), tape.keys_.block(k0, j * d_k(), S_b, d_k()),
+                tape.values_.block(k0, j * d_v(), S_b, d_v()), tape.concat_.block(q0, i * d_v(), L_b, d_v()),
+                tape.log_sum_exp_.col(i).data() + q0, d_concat.block(q0, i * d_v(), L_b, d_v()), scale,
+                visibility(tape.options_, masks, batch, b, i), scratch, d_q.block(q0, i * d_k(), L_b, d_k()),
+                d_k_head, d_v_head);
         });
 
     // add_bias_kv and add_zero_attn: the extra rows' gradients go to bias_k and bias_v (the zero
@@ -243,8 +288,17 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
       remove_extra_rows(d_keys, batch, d_k_rows, config_.add_bias_kv ? &gradients.bias_k_ : nullptr);
       remove_extra_rows(d_values, batch, d_v_rows, config_.add_bias_kv ? &gradients.bias_v_ : nullptr);
     }
-    const Matrix& d_k_projected = extra > 0 ? d_k_rows : d_keys;    // ΣS × h·d_k
-    const Matrix& d_v_projected = extra > 0 ? d_v_rows : d_values;  // ΣS × h·d_v
+    Matrix& d_k_projected = extra > 0 ? d_k_rows : d_keys;          // ΣS × h_kv·d_k
+    const Matrix& d_v_projected = extra > 0 ? d_v_rows : d_values;  // ΣS × h_kv·d_v
+
+    // In the forward pass this was: the rows of Q W^Q + b^Q and K W^K + b^K turned by their
+    // positions. A rotation's inverse is its transpose: the gradients turn back by the same angles.
+    if (config_.rotary) {
+      const Positions positions(batch, tape.options_);
+      add_rotation(jobs, d_q, positions.query.data(), true);
+      add_rotation(jobs, d_k_projected, positions.key.data(), true);
+      run_jobs(jobs, 0);
+    }
 
     // In the forward pass this was: Q W^Q + b^Q, K W^K + b^K, V W^V + b^V.
     InputGradients<Scalar> d_inputs;
@@ -258,7 +312,7 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     add_product(jobs, key.transpose(), d_k_projected, gradients.w_k_, true);
     add_product(jobs, value.transpose(), d_v_projected, gradients.w_v_, true);
     run_jobs(jobs, 4.0 * static_cast<double>(total_L * d_model() * h * d_k() +
-                                             total_S * (kdim() * h * d_k() + vdim() * h * d_v())));
+                                             total_S * (kdim() * h_kv * d_k() + vdim() * h_kv * d_v())));
     if (config_.bias) {
       gradients.b_q_ += d_q.colwise().sum();
       gradients.b_k_ += d_k_projected.colwise().sum();
@@ -272,6 +326,8 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   static constexpr Index kProjectionRows = 256;
   static Index row_blocks(Index rows) { return (rows + kProjectionRows - 1) / kProjectionRows; }
   static int no_scratch() { return 0; }
+  /// Independent pieces of work, run in parallel by run_jobs.
+  using Jobs = std::vector<std::function<void()>>;
 
   /// Where a forward pass puts what it returns beside the output.
   struct Record {
@@ -323,7 +379,8 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     detail::KeyVisibility<Scalar> v;
     v.masked_keys = S_b;
     v.causal = options.causal;
-    v.causal_offset = options.alignment == CausalAlignment::bottom_right ? S_b - L_b : 0;
+    v.position_offset = options.alignment == CausalAlignment::bottom_right ? S_b - L_b : 0;
+    v.window = options.window;
     if (masks.mask.size() > 0) {
       v.mask = &masks.mask;
       v.mask_row = masks.mask.rows() == L_b ? 0 : i * L_b;  // one mask for all heads, or one per head
@@ -343,17 +400,43 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   /// The number of keys appended to every sequence: add_bias_kv's row, add_zero_attn's row.
   Index extra_keys() const { return Index(config_.add_bias_kv) + Index(config_.add_zero_attn); }
 
-  /// Row block `block` of out = input · w + b (b empty: no bias).
+  /// Row block `block` of out = input · w + b (b empty: no bias), its rows then turned by their
+  /// positions when given (rotary embeddings).
   template <typename Input>
-  static void project(const Input& input, const Matrix& w, const RowVector& b, Index block, Matrix& out) {
+  void project(const Input& input, const Matrix& w, const RowVector& b, Index block, Matrix& out,
+               const Index* positions = nullptr) const {
     const Index first = block * kProjectionRows, rows = std::min(kProjectionRows, input.rows() - first);
     auto out_rows = out.middleRows(first, rows);
     out_rows.noalias() = input.middleRows(first, rows) * w;
     if (b.size() > 0) out_rows.rowwise() += b;
+    if (positions) rotary().apply(out_rows, positions + first);
   }
 
-  /// Independent pieces of work, run in parallel by run_jobs.
-  using Jobs = std::vector<std::function<void()>>;
+  /// The rotary embedding of this module's heads.
+  detail::Rotary rotary() const { return {config_.rotary_base, config_.rotary_pairs, d_k()}; }
+
+  /// The positions of a batch's rows for rotary embeddings: key j of a sequence is at position j,
+  /// query i at i, or at i + S − L with bottom-right alignment (the newest L of S tokens).
+  struct Positions {
+    Positions(const Batch& batch, const AttentionOptions& options) {
+      for (Index b = 0; b < batch.size(); ++b) {
+        const Index L = batch.query_lengths[b], S = batch.key_lengths[b];
+        const Index offset = options.alignment == CausalAlignment::bottom_right ? S - L : 0;
+        for (Index i = 0; i < L; ++i) query.push_back(i + offset);
+        for (Index j = 0; j < S; ++j) key.push_back(j);
+      }
+    }
+    std::vector<Index> query, key;
+  };
+
+  /// Adds to `jobs` the row blocks of rotating (or, with `inverse`, unrotating) the rows of x.
+  void add_rotation(Jobs& jobs, Matrix& x, const Index* positions, bool inverse) const {
+    for (Index first = 0; first < x.rows(); first += kProjectionRows)
+      jobs.push_back([this, &x, positions, inverse, first] {
+        const Index rows = std::min(kProjectionRows, x.rows() - first);
+        rotary().apply(x.middleRows(first, rows), positions + first, inverse);
+      });
+  }
 
   /// A matrix by reference, an expression (a transpose, which views a matrix) by value: what a job
   /// keeps of an operand, so that it neither copies a matrix nor outlives a temporary expression.
@@ -431,25 +514,29 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
                    " (key is ", detail::shape(key), ", value is ", detail::shape(value), ")");
     check_lengths(query_lengths, key_lengths, query.rows(), key.rows(), caller);
     check_masks(options, query_lengths, key_lengths, caller);
-    const Index h = num_heads(), extra = extra_keys();
+    const Index h = num_heads(), h_kv = num_kv_heads(), group = h / h_kv, extra = extra_keys();
     const Batch batch(query_lengths, key_lengths, extra);
     const auto scale = static_cast<Scalar>(detail::resolve_scale(options, d_k()));
+    detail::resolve_window(options);
     const auto& query_rows = detail::evaluated(query);
     const auto& key_rows = detail::evaluated(key);
     const auto& value_rows = detail::evaluated(value);
     const Index total_L = query.rows(), total_S = key.rows();
 
     // The projections of all heads and all sequences, one product each, in row blocks in parallel.
+    // Rotary embeddings turn the projected queries and keys, rows by their positions.
     Matrix q(total_L, h * d_k());                       // ΣL × h·d_k, head i in column block i
-    Matrix k(total_S, h * d_k());                       // ΣS × h·d_k
-    Matrix v(total_S, h * d_v());                       // ΣS × h·d_v
+    Matrix k(total_S, h_kv * d_k());                    // ΣS × h_kv·d_k, key/value head j in block j
+    Matrix v(total_S, h_kv * d_v());                    // ΣS × h_kv·d_v
     const Index q_blocks = row_blocks(total_L), kv_blocks = row_blocks(total_S);
-    const double projection_flops =
-        2.0 * static_cast<double>(total_L * d_model() * h * d_k() + total_S * (kdim() * h * d_k() + vdim() * h * d_v()));
+    const double projection_flops = 2.0 * static_cast<double>(total_L * d_model() * h * d_k() +
+                                                              total_S * (kdim() * h_kv * d_k() + vdim() * h_kv * d_v()));
+    const std::optional<Positions> positions =
+        config_.rotary ? std::optional<Positions>(std::in_place, batch, options) : std::nullopt;
     detail::parallel_tasks(q_blocks + 2 * kv_blocks, projection_flops, no_scratch, [&](Index t, int) {
-      if (t < q_blocks) return project(query_rows, w_q_, b_q_, t, q);
+      if (t < q_blocks) return project(query_rows, w_q_, b_q_, t, q, positions ? positions->query.data() : nullptr);
       t -= q_blocks;
-      if (t < kv_blocks) return project(key_rows, w_k_, b_k_, t, k);
+      if (t < kv_blocks) return project(key_rows, w_k_, b_k_, t, k, positions ? positions->key.data() : nullptr);
       project(value_rows, w_v_, b_v_, t - kv_blocks, v);
     });
     // add_bias_kv and add_zero_attn: each sequence's keys and values get their extra rows.
@@ -484,9 +571,10 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
           const Index b = task.sequence, i = task.head;
           const Index L_b = query_lengths[b], S_b = key_lengths[b] + extra;
           const Index q0 = batch.q_offset[b], k0 = batch.k_offset[b];
+          const Index j = i / group;  // the key/value head of query head i
           detail::attention_query_block<Scalar>(
-              q.block(q0, i * d_k(), L_b, d_k()), keys.block(k0, i * d_k(), S_b, d_k()),
-              values.block(k0, i * d_v(), S_b, d_v()), scale, visibility(options, masks, batch, b, i), task.block,
+              q.block(q0, i * d_k(), L_b, d_k()), keys.block(k0, j * d_k(), S_b, d_k()),
+              values.block(k0, j * d_v(), S_b, d_v()), scale, visibility(options, masks, batch, b, i), task.block,
               scratch, concat.block(q0, i * d_v(), L_b, d_v()),
               record.weights ? &(*record.weights)[static_cast<std::size_t>(i)] : nullptr,
               record.tape ? log_sum_exp.col(i).data() + q0 : nullptr);
@@ -516,15 +604,139 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     return output;
   }
 
+  /// The decode step of decode() and decode_batch().
+  template <typename Derived>
+  Matrix run_decode(const Eigen::MatrixBase<Derived>& x, const std::vector<Index>& new_lengths, KVCache<Scalar>& cache,
+                    const AttentionOptions& options, const char* caller) const {
+    static_assert(std::is_same<Scalar, typename Derived::Scalar>::value,
+                  "mha::MultiHeadAttention: inputs must have the module's scalar type");
+    check_width(x, "x", d_model(), "d_model", caller);
+    if (!same_shape(cache.config_, config_))
+      detail::fail("MultiHeadAttention::", caller, ": the cache was made for a module of another shape (",
+                   describe(cache.config_), ") than this one (", describe(config_), "); use make_cache()");
+    if (static_cast<Index>(new_lengths.size()) != cache.sequences())
+      detail::fail("MultiHeadAttention::", caller, ": new_lengths has ", new_lengths.size(),
+                   " sequences but the cache holds ", cache.sequences());
+    check_lengths(new_lengths, new_lengths, x.rows(), x.rows(), caller);
+    if (!options.mask.empty() || !options.key_padding_mask.empty())
+      detail::fail("MultiHeadAttention::", caller, ": options.mask and options.key_padding_mask are not read when "
+                   "decoding (decoding is causal by construction); leave them empty");
+    if (options.training) detail::fail("MultiHeadAttention::", caller, ": decoding is inference; options.training must be false");
+    if (extra_keys() > 0)
+      detail::fail("MultiHeadAttention::", caller, ": a module with add_bias_kv or add_zero_attn cannot decode with a cache");
+    detail::resolve_window(options);
+    const auto scale = static_cast<Scalar>(detail::resolve_scale(options, d_k()));
+    for (std::size_t b = 0; b < new_lengths.size(); ++b) cache.check_room(b, new_lengths[b]);
+
+    const Index h = num_heads(), h_kv = num_kv_heads(), group = h / h_kv, total = x.rows();
+    const Index sequences = cache.sequences();
+    // New token i of sequence b is at position cache.length(b) + i, for the rotary embeddings.
+    std::vector<Index> offset(static_cast<std::size_t>(sequences) + 1, 0), positions;
+    for (Index b = 0; b < sequences; ++b) {
+      offset[b + 1] = offset[b] + new_lengths[b];
+      for (Index i = 0; i < new_lengths[b]; ++i) positions.push_back(cache.length(b) + i);
+    }
+    const Index* rotate = config_.rotary ? positions.data() : nullptr;
+
+    // The new tokens' projections, then their keys and values join the cache.
+    const auto& rows = detail::evaluated(x);
+    Matrix q(total, h * d_k());                 // ΣL_new × h·d_k
+    Matrix k(total, h_kv * d_k());              // ΣL_new × h_kv·d_k
+    Matrix v(total, h_kv * d_v());              // ΣL_new × h_kv·d_v
+    const Index blocks = row_blocks(total);
+    detail::parallel_tasks(3 * blocks, 2.0 * static_cast<double>(total * d_model() * (h + 2 * h_kv) * d_k()), no_scratch,
+                           [&](Index t, int) {
+                             if (t < blocks) return project(rows, w_q_, b_q_, t, q, rotate);
+                             if (t < 2 * blocks) return project(rows, w_k_, b_k_, t - blocks, k, rotate);
+                             project(rows, w_v_, b_v_, t - 2 * blocks, v);
+                           });
+    for (Index b = 0; b < sequences; ++b)
+      cache.append(static_cast<std::size_t>(b), k.middleRows(offset[b], new_lengths[b]), v.middleRows(offset[b], new_lengths[b]));
+
+    // Attention over the cache. A sequence with at most one block of new queries (one token, say)
+    // has its keys split into parts of kKeyBlock, one task each, merged afterwards: so that one
+    // token over a long cache uses every thread. Longer steps (a prompt) run by query blocks.
+    struct Task {
+      Index sequence, head, part, block;
+    };
+    std::vector<Task> tasks, merges;
+    std::vector<Index> parts(static_cast<std::size_t>(sequences), 0);
+    std::vector<Matrix> part_outs(static_cast<std::size_t>(sequences)), part_lses(static_cast<std::size_t>(sequences));
+    double flops = 0;
+    Index max_L = 0, max_S = 0;
+    for (Index b = 0; b < sequences; ++b) {
+      const Index L = new_lengths[b], S = cache.length(b);
+      if (L == 0) continue;
+      flops += static_cast<double>(h) * detail::attention_flops(L, S, d_k(), d_v());
+      max_L = std::max(max_L, L);
+      max_S = std::max(max_S, S);
+      if (L <= detail::kQueryBlock) {
+        const Index n = (S + detail::kKeyBlock - 1) / detail::kKeyBlock;
+        parts[b] = n;
+        part_outs[b].resize(L, n * h * d_v());  // head i's part c in column block i·n + c
+        part_lses[b].resize(L, n * h);
+        for (Index i = 0; i < h; ++i) {
+          merges.push_back({b, i, 0, 0});
+          for (Index c = 0; c < n; ++c) tasks.push_back({b, i, c, 0});
+        }
+      } else {
+        for (Index i = 0; i < h; ++i)
+          for (Index block = 0; block < detail::query_blocks(L); ++block) tasks.push_back({b, i, -1, block});
+      }
+    }
+    Matrix concat(total, h * d_v());            // ΣL_new × h·d_v: [head_1 … head_h]
+    detail::parallel_tasks(
+        static_cast<Index>(tasks.size()), flops,
+        [&] { return detail::AttentionScratch<Scalar>::for_problem(max_L, max_S, d_k()); },
+        [&](Index t, detail::AttentionScratch<Scalar>& scratch) {
+          const Task& task = tasks[static_cast<std::size_t>(t)];
+          const Index b = task.sequence, i = task.head, j = i / group, L = new_lengths[b], S = cache.length(b);
+          const auto cached_keys = cache.keys_[static_cast<std::size_t>(b)].block(0, j * d_k(), S, d_k());
+          const auto cached_values = cache.values_[static_cast<std::size_t>(b)].block(0, j * d_v(), S, d_v());
+          const auto queries = q.block(offset[b], i * d_k(), L, d_k());
+          detail::KeyVisibility<Scalar> visibility;
+          visibility.causal = true;
+          visibility.window = options.window;
+          if (task.part < 0) {
+            visibility.masked_keys = S;
+            visibility.position_offset = S - L;
+            detail::attention_query_block<Scalar>(queries, cached_keys, cached_values, scale, visibility, task.block,
+                                                  scratch, concat.block(offset[b], i * d_v(), L, d_v()));
+            return;
+          }
+          // Part c holds keys first … first + keys − 1: its key r is the cache's key first + r.
+          const Index first = task.part * detail::kKeyBlock, keys = std::min(detail::kKeyBlock, S - first);
+          const Index column = i * parts[b] + task.part;
+          visibility.masked_keys = keys;
+          visibility.position_offset = S - L - first;
+          detail::attention_query_block<Scalar>(queries, cached_keys.middleRows(first, keys),
+                                                cached_values.middleRows(first, keys), scale, visibility, 0, scratch,
+                                                part_outs[b].middleCols(column * d_v(), d_v()), nullptr,
+                                                part_lses[b].col(column).data());
+        });
+    detail::parallel_tasks(static_cast<Index>(merges.size()), 0, no_scratch, [&](Index t, int) {
+      const Task& task = merges[static_cast<std::size_t>(t)];
+      const Index b = task.sequence, i = task.head, n = parts[b];
+      detail::merge_key_parts<Scalar>(part_outs[b].middleCols(i * n * d_v(), n * d_v()), part_lses[b].middleCols(i * n, n),
+                                      concat.block(offset[b], i * d_v(), new_lengths[b], d_v()));
+    });
+
+    Matrix output(total, d_model());            // ΣL_new × d_model = concat · W^O + b^O
+    detail::parallel_tasks(blocks, 2.0 * static_cast<double>(total * h * d_v() * d_model()), no_scratch,
+                           [&](Index t, int) { project(concat, w_o_, b_o_, t, output); });
+    return output;
+  }
+
   /// Whether two configurations give parameters and tapes of the same shapes.
   static bool same_shape(const MultiHeadAttentionConfig& a, const MultiHeadAttentionConfig& b) {
-    return a.d_model == b.d_model && a.num_heads == b.num_heads && a.d_k == b.d_k && a.d_v == b.d_v &&
-           a.kdim == b.kdim && a.vdim == b.vdim && a.bias == b.bias && a.add_bias_kv == b.add_bias_kv &&
-           a.add_zero_attn == b.add_zero_attn;
+    return a.d_model == b.d_model && a.num_heads == b.num_heads && a.num_kv_heads == b.num_kv_heads &&
+           a.d_k == b.d_k && a.d_v == b.d_v && a.kdim == b.kdim && a.vdim == b.vdim && a.bias == b.bias &&
+           a.add_bias_kv == b.add_bias_kv && a.add_zero_attn == b.add_zero_attn;
   }
 
   static std::string describe(const MultiHeadAttentionConfig& c) {
-    return "d_model " + std::to_string(c.d_model) + ", num_heads " + std::to_string(c.num_heads) + ", d_k " +
+    return "d_model " + std::to_string(c.d_model) + ", num_heads " + std::to_string(c.num_heads) +
+           (c.num_kv_heads != c.num_heads ? ", num_kv_heads " + std::to_string(c.num_kv_heads) : "") + ", d_k " +
            std::to_string(c.d_k) + ", d_v " + std::to_string(c.d_v) + ", kdim " + std::to_string(c.kdim) + ", vdim " +
            std::to_string(c.vdim) + (c.bias ? ", bias" : "") + (c.add_bias_kv ? ", add_bias_kv" : "") +
            (c.add_zero_attn ? ", add_zero_attn" : "");

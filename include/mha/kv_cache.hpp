@@ -1,0 +1,125 @@
+// mha — the key/value cache of a decoder: each sequence's projected keys and values so far, so that
+// a decode step projects only its new tokens instead of recomputing everything.
+#pragma once
+
+#include <mha/config.hpp>
+
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <cstddef>
+#include <vector>
+
+namespace mha {
+
+template <typename Scalar>
+class MultiHeadAttention;
+
+/// The keys K W^K (+ b^K, turned by their positions with rotary embeddings) and values V W^V (+ b^V)
+/// of every token a decoder has seen, per sequence of a batch: length(b) × (h_kv·d_k) and
+/// length(b) × (h_kv·d_v), key/value head j in column block j. With grouped-query attention
+/// (num_kv_heads < num_heads) the cache is num_heads / num_kv_heads times smaller.
+/// MultiHeadAttention::decode appends to it; reset() and truncate() roll it back. Storage grows by
+/// doubling (amortised O(1) per token) unless max_length fixes the capacity, which is then
+/// allocated at once, and a decode step that would exceed it throws, leaving the cache unchanged.
+template <typename Scalar>
+class KVCache {
+ public:
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
+  using Index = Eigen::Index;
+
+  /// An empty cache for `sequences` sequences of a module configured by `config`, holding up to
+  /// `max_length` tokens per sequence (0: no limit). Throws mha::invalid_argument on a bad argument.
+  explicit KVCache(const MultiHeadAttentionConfig& config, Index sequences = 1, Index max_length = 0)
+      : config_(config.resolved()), max_length_(max_length) {
+    if (sequences < 1) detail::fail("KVCache: sequences must be >= 1, got ", sequences);
+    if (max_length < 0) detail::fail("KVCache: max_length must be >= 0 (0 = no limit), got ", max_length);
+    const auto count = static_cast<std::size_t>(sequences);
+    keys_.assign(count, Matrix(max_length, key_width()));
+    values_.assign(count, Matrix(max_length, value_width()));
+    lengths_.assign(count, 0);
+  }
+
+  /// \returns the number of sequences.
+  Index sequences() const { return static_cast<Index>(lengths_.size()); }
+  /// \returns the number of tokens cached for `sequence`.
+  Index length(Index sequence = 0) const { return lengths_[checked(sequence, "length")]; }
+  /// \returns the most tokens a sequence may hold, 0 for no limit.
+  Index max_length() const { return max_length_; }
+  /// \returns h_kv·d_k, the width of a cached key row.
+  Index key_width() const { return config_.num_kv_heads * config_.d_k; }
+  /// \returns h_kv·d_v, the width of a cached value row.
+  Index value_width() const { return config_.num_kv_heads * config_.d_v; }
+
+  /// \returns the cached keys of `sequence`, length × (h_kv·d_k), key/value head j in column block j.
+  auto keys(Index sequence = 0) const {
+    return keys_[checked(sequence, "keys")].topRows(lengths_[static_cast<std::size_t>(sequence)]);
+  }
+  /// \returns the cached values of `sequence`, length × (h_kv·d_v).
+  auto values(Index sequence = 0) const {
+    return values_[checked(sequence, "values")].topRows(lengths_[static_cast<std::size_t>(sequence)]);
+  }
+
+  /// \returns the bytes the cache has allocated (its capacity, not only its length).
+  std::size_t bytes() const {
+    std::size_t n = 0;
+    for (std::size_t b = 0; b < keys_.size(); ++b)
+      n += static_cast<std::size_t>(keys_[b].size() + values_[b].size()) * sizeof(Scalar);
+    return n;
+  }
+
+  /// Forgets every token of every sequence; the memory is kept for the next ones.
+  void reset() { std::fill(lengths_.begin(), lengths_.end(), Index(0)); }
+
+  /// Keeps only the first `length` tokens of sequence 0 (see truncate(sequence, length)).
+  void truncate(Index length) { truncate(0, length); }
+
+  /// Keeps only the first `length` tokens of `sequence`: the rollback of speculative decoding (the
+  /// draft tokens that were rejected) or of a beam search. The next decode step continues at
+  /// position `length`.
+  void truncate(Index sequence, Index length) {
+    const std::size_t b = checked(sequence, "truncate");
+    if (length < 0 || length > lengths_[b])
+      detail::fail("KVCache::truncate: sequence ", sequence, " holds ", lengths_[b],
+                   " tokens; cannot truncate it to ", length);
+    lengths_[b] = length;
+  }
+
+ private:
+  friend class MultiHeadAttention<Scalar>;
+
+  std::size_t checked(Index sequence, const char* accessor) const {
+    if (sequence < 0 || sequence >= sequences())
+      detail::fail("KVCache::", accessor, ": sequence ", sequence, " out of range; the cache holds ", sequences(),
+                   " sequences");
+    return static_cast<std::size_t>(sequence);
+  }
+
+  /// Throws unless sequence b can take `more` tokens.
+  void check_room(std::size_t b, Index more) const {
+    if (max_length_ > 0 && lengths_[b] + more > max_length_)
+      detail::fail("KVCache: sequence ", b, " holds ", lengths_[b], " of at most ", max_length_, " tokens; ", more,
+                   " more do not fit (make the cache with a larger max_length, or truncate it)");
+  }
+
+  /// Appends rows of keys and values to sequence b, growing its storage by doubling if needed.
+  template <typename Keys, typename Values>
+  void append(std::size_t b, const Keys& keys, const Values& values) {
+    const Index length = lengths_[b], needed = length + keys.rows();
+    if (needed > keys_[b].rows()) {
+      const Index capacity = std::max<Index>({needed, 2 * keys_[b].rows(), 16});
+      keys_[b].conservativeResize(capacity, Eigen::NoChange);
+      values_[b].conservativeResize(capacity, Eigen::NoChange);
+    }
+    keys_[b].middleRows(length, keys.rows()) = keys;
+    values_[b].middleRows(length, values.rows()) = values;
+    lengths_[b] = needed;
+  }
+
+  MultiHeadAttentionConfig config_;  ///< of the module it was made for
+  Index max_length_;
+  std::vector<Matrix> keys_, values_;  ///< per sequence: capacity × width, the first length rows used
+  std::vector<Index> lengths_;
+};
+
+}  // namespace mha
