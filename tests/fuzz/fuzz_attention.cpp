@@ -1,11 +1,12 @@
 // A libFuzzer harness over the public API. The bytes choose a scalar type, shapes, head counts,
-// d_k/d_v, kdim/vdim, biases, batches, masks, options and values (including NaN, ±Inf, huge and
-// denormal numbers), valid and invalid.
+// d_k/d_v, kdim/vdim, biases, batches, masks, options, key/value heads, rotary embeddings, windows,
+// decode steps and values (including NaN, ±Inf, huge and denormal numbers), valid and invalid.
 // Properties checked, besides "no crash and no sanitizer report":
 //   - invalid input throws mha::invalid_argument, and only invalid input does;
 //   - the result has the documented shape;
 //   - finite inputs of moderate size (|x| ≤ 1e3, so that no product can overflow) give finite output,
-//     and finite gradients in the backward pass, whose taped forward gives the same output.
+//     and finite gradients in the backward pass, whose taped forward gives the same output;
+//   - a decode step appends its tokens to the cache, and a rejected one leaves the cache as it was.
 // Built with clang's -fsanitize=fuzzer; fuzz_replay.cpp runs the same function over the committed
 // corpus in every build, so each input the fuzzer ever found becomes a regression test.
 #include <mha/mha.hpp>
@@ -227,16 +228,86 @@ void softmax(Bytes& in) {
   if (moderate && !p.allFinite()) violated("softmax_rows of finite moderate logits is not finite");
 }
 
+/// Grouped-query attention, rotary embeddings, windows and a key/value cache: a few decode steps
+/// of ragged new lengths over one to three sequences, now and then past a fixed max_length (which
+/// must throw and leave the cache as it was), then a truncation.
+template <typename Scalar>
+void decoding(Bytes& in) {
+  mha::MultiHeadAttentionConfig config;
+  config.d_model = in.in(1, 24);
+  config.num_heads = in.in(1, 6);
+  config.num_kv_heads = in.in(-1, 6);
+  config.d_k = in.in(0, 6);
+  config.d_v = in.in(0, 6);
+  const int flags = in.byte();
+  config.bias = flags & 1;
+  config.rotary = flags & 2;
+  config.rotary_pairs = (flags & 4) ? mha::RotaryPairs::halves : mha::RotaryPairs::interleaved;
+  config.rotary_base = (flags & 8) ? 0.0 : std::pow(10.0, in.in(0, 6));
+  const Eigen::Index d_k = config.d_k > 0 ? config.d_k : config.d_model / config.num_heads;
+  const bool config_valid = ((config.d_k > 0 && config.d_v > 0) || config.d_model % config.num_heads == 0) &&
+                            config.num_kv_heads >= 0 &&
+                            (config.num_kv_heads == 0 || config.num_heads % config.num_kv_heads == 0) &&
+                            (!config.rotary || (config.rotary_base > 0 && d_k % 2 == 0));
+  try {
+    const mha::MultiHeadAttention<Scalar> attn(config);
+    if (!config_valid) violated("an invalid configuration was accepted");
+    const int sequences = in.in(1, 3), max_length = in.in(0, 30);
+    auto cache = attn.make_cache(sequences, max_length);
+    bool options_valid = true;
+    auto o = options(in, options_valid);
+    o.window = in.in(-1, 8);
+    options_valid = options_valid && o.window >= 0;
+    bool cached_moderate = true;  // every token in the cache came from finite moderate input
+    for (int step = in.in(1, 4); step > 0; --step) {
+      std::vector<Eigen::Index> lengths, before;
+      Eigen::Index rows = 0;
+      bool fits = true;
+      for (int b = 0; b < sequences; ++b) {
+        lengths.push_back(in.in(0, 12));
+        before.push_back(cache.length(b));
+        rows += lengths.back();
+        fits = fits && (max_length == 0 || cache.length(b) + lengths.back() <= max_length);
+      }
+      bool moderate = true;
+      const auto x = matrix<Scalar>(in, rows, attn.d_model(), moderate);
+      cached_moderate = cached_moderate && moderate;  // the new tokens' keys join the cache first
+      try {
+        const Matrix<Scalar> out = sequences == 1 ? attn.decode(x, cache, o) : attn.decode_batch(x, lengths, cache, o);
+        if (!options_valid || !fits) violated("invalid input was accepted by decode");
+        if (out.rows() != rows || out.cols() != attn.d_model()) violated("decode returned the wrong shape");
+        if (cached_moderate && !out.allFinite()) violated("finite moderate input gave a non-finite decode output");
+        for (int b = 0; b < sequences; ++b)
+          if (cache.length(b) != before[b] + lengths[b]) violated("decode did not append the new tokens");
+      } catch (const mha::invalid_argument&) {
+        if (options_valid && fits) violated("valid input was rejected by decode");
+        for (int b = 0; b < sequences; ++b)
+          if (cache.length(b) != before[b]) violated("a rejected decode step changed the cache");
+      }
+    }
+    const int b = in.in(0, sequences - 1), keep = in.in(0, 40);
+    try {
+      cache.truncate(b, keep);
+      if (cache.length(b) != keep) violated("truncate did not keep the given length");
+    } catch (const mha::invalid_argument&) {
+      if (keep <= cache.length(b)) violated("a valid truncate was rejected");
+    }
+  } catch (const mha::invalid_argument&) {
+    if (config_valid) violated("a valid configuration was rejected");
+  }
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   Bytes in(data, size);
   const std::uint8_t what = in.byte();
   const bool use_double = what & 1;
-  switch ((what >> 1) % 3) {
+  switch ((what >> 1) % 4) {
     case 0: use_double ? multi_head<double>(in) : multi_head<float>(in); break;
     case 1: use_double ? single_head<double>(in) : single_head<float>(in); break;
-    default: use_double ? softmax<double>(in) : softmax<float>(in); break;
+    case 2: use_double ? softmax<double>(in) : softmax<float>(in); break;
+    default: use_double ? decoding<double>(in) : decoding<float>(in); break;
   }
   return 0;
 }
