@@ -396,7 +396,7 @@ void attention_backward(const ConstMatrixRef<Scalar>& q, const ConstMatrixRef<Sc
 /// Scaled dot-product attention of one head: softmax(q kᵀ · scale) v, optionally causal.
 ///   q: L × d_k (one row per query token), k: S × d_k, v: S × d_v  →  L × d_v.
 /// The scale is options.scale or 1/√d_k; options.mask (L × S), options.key_padding_mask (1 × S),
-/// causal and its alignment apply as in MultiHeadAttention (no dropout here). Any Eigen
+/// causal and its alignment, and the window apply as in MultiHeadAttention (no dropout here). Any Eigen
 /// expressions are accepted (blocks, maps, row-major matrices). A row with no visible key (S = 0,
 /// or all masked) gives zeros; L = 0 gives a 0 × d_v matrix. Query blocks run in parallel on
 /// mha::num_threads() threads.
