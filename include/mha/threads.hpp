@@ -22,8 +22,8 @@ inline std::atomic<int>& thread_setting() {
 
 }  // namespace detail
 
-/// Sets how many threads mha's own loops use: the heads × query blocks of attention and the row
-/// blocks of the projections. 0 restores the default, OpenMP's (OMP_NUM_THREADS, else one per
+/// Sets how many threads mha's own loops use: the heads × query blocks of attention, the heads of
+/// its backward pass, the heads × key parts of a decode step and the row blocks of the projections. 0 restores the default, OpenMP's (OMP_NUM_THREADS, else one per
 /// core). Without OpenMP (the code compiled without -fopenmp) mha always runs on the calling
 /// thread. Results are bit-identical for every thread count.
 inline void set_num_threads(int threads) {
