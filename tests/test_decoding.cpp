@@ -925,7 +925,8 @@ TYPED_TEST(KVCache, DecodeRejectsWhatItCannotDo) {
   EXPECT_EQ(error_of([&] { attn.decode_batch(x, Lengths{1, 2}, cache); }),
             "mha: MultiHeadAttention::decode_batch: new_lengths has 2 sequences but the cache holds 1");
   auto two = attn.make_cache(2, 0);
-  EXPECT_THROW(attn.decode_batch(x, Lengths{1, 1}, two), mha::invalid_argument);
+  EXPECT_EQ(error_of([&] { attn.decode_batch(x, Lengths{1, 1}, two); }),
+            "mha: MultiHeadAttention::decode_batch: new_lengths add up to 2 but x has 3 rows");
   EXPECT_EQ(error_of([&] { attn.decode_batch(x, Lengths{4, -1}, two); }),
             "mha: MultiHeadAttention::decode_batch: sequence lengths must be >= 0, got -1");
   EXPECT_EQ(error_of([&] { attn.decode(x, two); }),
@@ -954,6 +955,29 @@ TYPED_TEST(KVCache, DecodeRejectsWhatItCannotDo) {
             "d_k 4, d_v 4, kdim 8, vdim 8) than this one (d_model 8, num_heads 2, num_kv_heads 1, d_k 4, d_v 4, kdim 8, "
             "vdim 8); use make_cache()");
   EXPECT_EQ(other_cache.length(), 0);
+  // And to modules that turn the keys alike: a cache holds rotated keys.
+  auto rotating = decoder_config(8, 2, 1);
+  rotating.rotary = true;
+  const auto rotary = make_module<TypeParam>(rotating);
+  auto rotated_cache = rotary.make_cache(1, 0);
+  EXPECT_EQ(error_of([&] { attn.decode(x, rotated_cache); }),
+            "mha: MultiHeadAttention::decode: the cache was made for a module of another shape (d_model 8, num_heads 2, "
+            "num_kv_heads 1, d_k 4, d_v 4, kdim 8, vdim 8, rotary interleaved base 10000) than this one (d_model 8, "
+            "num_heads 2, num_kv_heads 1, d_k 4, d_v 4, kdim 8, vdim 8); use make_cache()");
+  EXPECT_EQ(rotated_cache.length(), 0);
+}
+
+// Decoding is self-attention: the new tokens are the queries, the keys and the values at once.
+TYPED_TEST(KVCache, ModulesWithOtherKeyOrValueWidthsCannotDecode) {
+  auto c = decoder_config(8, 2, 1);
+  c.kdim = 5;
+  c.vdim = 7;
+  const mha::MultiHeadAttention<TypeParam> attn(c);
+  auto cache = attn.make_cache(1, 0);
+  EXPECT_EQ(error_of([&] { attn.decode(random_matrix<TypeParam>(3, 8, 1), cache); }),
+            "mha: MultiHeadAttention::decode: decoding is self-attention, so kdim and vdim must equal d_model = 8; "
+            "this module has kdim = 5 and vdim = 7");
+  EXPECT_EQ(cache.length(), 0);
 }
 
 TYPED_TEST(KVCache, BadCacheArgumentsAreRejected) {

@@ -19,6 +19,7 @@
 #include <numeric>
 #include <optional>
 #include <random>
+#include <sstream>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -224,8 +225,7 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     static_assert(std::is_same<Scalar, typename Derived::Scalar>::value,
                   "mha::MultiHeadAttention::backward: d_output must have the module's scalar type");
     if (tape.empty()) detail::fail("MultiHeadAttention::backward: the tape is empty; record a forward(…, tape) first");
-    if (!same_shape(tape.config_, config_) || tape.config_.rotary != config_.rotary ||
-        tape.config_.rotary_base != config_.rotary_base || tape.config_.rotary_pairs != config_.rotary_pairs)
+    if (!same_shape(tape.config_, config_) || !same_rotation(tape.config_, config_))
       detail::fail("MultiHeadAttention::backward: the tape was recorded by a module of another shape (",
                    describe(tape.config_), ") than this one (", describe(config_), ")");
     if (!same_shape(gradients.config(), config_))
@@ -611,13 +611,20 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     static_assert(std::is_same<Scalar, typename Derived::Scalar>::value,
                   "mha::MultiHeadAttention: inputs must have the module's scalar type");
     check_width(x, "x", d_model(), "d_model", caller);
-    if (!same_shape(cache.config_, config_))
+    if (kdim() != d_model() || vdim() != d_model())
+      detail::fail("MultiHeadAttention::", caller, ": decoding is self-attention, so kdim and vdim must equal d_model = ",
+                   d_model(), "; this module has kdim = ", kdim(), " and vdim = ", vdim());
+    if (!same_shape(cache.config_, config_) || !same_rotation(cache.config_, config_))
       detail::fail("MultiHeadAttention::", caller, ": the cache was made for a module of another shape (",
                    describe(cache.config_), ") than this one (", describe(config_), "); use make_cache()");
     if (static_cast<Index>(new_lengths.size()) != cache.sequences())
       detail::fail("MultiHeadAttention::", caller, ": new_lengths has ", new_lengths.size(),
                    " sequences but the cache holds ", cache.sequences());
-    check_lengths(new_lengths, new_lengths, x.rows(), x.rows(), caller);
+    for (const Index n : new_lengths)
+      if (n < 0) detail::fail("MultiHeadAttention::", caller, ": sequence lengths must be >= 0, got ", n);
+    const Index new_rows = std::accumulate(new_lengths.begin(), new_lengths.end(), Index(0));
+    if (new_rows != x.rows())
+      detail::fail("MultiHeadAttention::", caller, ": new_lengths add up to ", new_rows, " but x has ", x.rows(), " rows");
     if (!options.mask.empty() || !options.key_padding_mask.empty())
       detail::fail("MultiHeadAttention::", caller, ": options.mask and options.key_padding_mask are not read when "
                    "decoding (decoding is causal by construction); leave them empty");
@@ -734,12 +741,22 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
            a.add_bias_kv == b.add_bias_kv && a.add_zero_attn == b.add_zero_attn;
   }
 
+  /// Whether two configurations turn queries and keys alike (what a tape or a cache holds depends on it).
+  static bool same_rotation(const MultiHeadAttentionConfig& a, const MultiHeadAttentionConfig& b) {
+    return a.rotary == b.rotary && (!a.rotary || (a.rotary_base == b.rotary_base && a.rotary_pairs == b.rotary_pairs));
+  }
+
   static std::string describe(const MultiHeadAttentionConfig& c) {
+    std::ostringstream base;
+    base << c.rotary_base;
     return "d_model " + std::to_string(c.d_model) + ", num_heads " + std::to_string(c.num_heads) +
            (c.num_kv_heads != c.num_heads ? ", num_kv_heads " + std::to_string(c.num_kv_heads) : "") + ", d_k " +
            std::to_string(c.d_k) + ", d_v " + std::to_string(c.d_v) + ", kdim " + std::to_string(c.kdim) + ", vdim " +
            std::to_string(c.vdim) + (c.bias ? ", bias" : "") + (c.add_bias_kv ? ", add_bias_kv" : "") +
-           (c.add_zero_attn ? ", add_zero_attn" : "");
+           (c.add_zero_attn ? ", add_zero_attn" : "") +
+           (c.rotary ? ", rotary " + std::string(c.rotary_pairs == RotaryPairs::interleaved ? "interleaved" : "halves") +
+                           " base " + base.str()
+                     : "");
   }
 
   template <typename Derived>
