@@ -339,13 +339,16 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   /// The sequences of a batch: their lengths and where their rows start.
   struct Batch {
     Batch(const std::vector<Index>& query_lengths_, const std::vector<Index>& key_lengths_, Index extra)
-        : query_lengths(query_lengths_), key_lengths(key_lengths_), q_offset(size() + 1, 0), k_offset(size() + 1, 0) {
+        : query_lengths(query_lengths_),
+          key_lengths(key_lengths_),
+          q_offset(size() + 1, 0),
+          k_offset(size() + 1, 0),
+          extra_keys(extra) {
       for (Index b = 0; b < size(); ++b) {
         q_offset[b + 1] = q_offset[b] + query_lengths[b];
         k_offset[b + 1] = k_offset[b] + key_lengths[b] + extra;
         max_L = std::max(max_L, query_lengths[b]);
         max_S = std::max(max_S, key_lengths[b]);
-        extra_keys = extra;
       }
     }
     Index size() const { return static_cast<Index>(query_lengths.size()); }
@@ -360,7 +363,8 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     const std::vector<Index>& query_lengths;
     const std::vector<Index>& key_lengths;
     std::vector<Index> q_offset, k_offset;  ///< first row of each sequence's queries; keys (with extras)
-    Index max_L = 0, max_S = 0, extra_keys = 0;
+    Index extra_keys;                       ///< add_bias_kv's and add_zero_attn's rows per sequence
+    Index max_L = 0, max_S = 0;
   };
 
   /// The masks of an options, as additive matrices of Scalar, made once for every head and sequence.
