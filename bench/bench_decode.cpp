@@ -1,0 +1,189 @@
+// bench_decode — the cost of generating tokens one at a time with a key/value cache, f32, d_model =
+// 512, h = 8 (d_k = d_v = 64), causal self-attention, in one run. One thread unless a name says
+// threads.
+//
+//   BM_GenerateCached/tokens           1024 tokens from an empty cache, one decode(x_t) per token
+//   BM_GenerateRecompute/tokens        the same 1024 outputs without a cache: at step t the full causal
+//                                      forward over tokens 0 … t, as a decoder without a cache must
+//                                      (one iteration per repetition: it takes seconds)
+//   BM_DecodeStep/h_kv/cache           one decode step over a cache of `cache` tokens (the cache
+//                                      filled before the timing, truncated back after each step),
+//                                      h_kv = 8 (multi-head), 2 (grouped-query), 1 (multi-query)
+//   BM_DecodeStepThreads/h_kv/cache/threads   the same, h_kv = 8, on 1 and 2 threads (wall clock)
+//
+// The model is one attention layer, so the token fed at step t is simply row t of a fixed random
+// matrix, not the embedding of what step t − 1 chose. Both generations produce the same 1024 output
+// rows (decode's rows equal the causal forward's: tested in tests/).
+//
+// Counters:
+//   tokens_per_second  generated tokens per second (the generation cases)
+//   FLOPS              useful flops per second. A decode step at position p (p tokens cached)
+//                      costs 2·d·(h·d_k) + 2·d·(2·h_kv·d_k) + 2·(h·d_v)·d for the four projections of
+//                      one row and 4·(p + 1)·d for its query against p + 1 keys; a cached generation
+//                      of T tokens adds these up, which for h_kv = h is exactly the causal forward of T
+//                      tokens, 8·T·d² + 2·T·(T+1)·d. The recompute case counts the flops of the
+//                      forward passes it does run, Σ_{n=1…T} 8·n·d² + 2·n·(n+1)·d: its rate is
+//                      comparable with bench_forward's, its waste is in the time.
+//   bytes_per_second   (decode steps) the bytes a step must read at least, the projection matrices
+//                      (4 B × d·(2·h·d_k + 2·h_kv·d_k)) and the cached keys and values
+//                      (4 B × (p + 1)·h_kv·2·d_k), per second: one token is a matrix-vector
+//                      product, bound by memory, not by flops.
+//   cache_MiB          cache.bytes() / 2^20: the cache made with room for exactly `cache` + 1 tokens
+//
+//   bench_decode --benchmark_out=decode.json --benchmark_out_format=json
+//                --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
+//                --benchmark_enable_random_interleaving=true
+//   python3 bench/plot_decode.py decode.json --out decode.png --summary decode_summary.md
+
+#include "bench_common.hpp"
+
+#include <mha/mha.hpp>
+
+#include <Eigen/Core>
+#include <benchmark/benchmark.h>
+
+#include <cstdint>
+#include <string>
+
+namespace {
+
+using mha_bench::random_matrix;
+using Matrix = Eigen::MatrixXf;
+using Index = Eigen::Index;
+
+constexpr Index kDModel = 512;
+constexpr Index kHeads = 8;
+constexpr Index kHeadWidth = kDModel / kHeads;  // d_k = d_v = 64
+
+mha::MultiHeadAttention<float> make_module(Index kv_heads) {
+  mha::MultiHeadAttentionConfig config;
+  config.d_model = kDModel;
+  config.num_heads = kHeads;
+  config.num_kv_heads = kv_heads;
+  config.seed = 1;
+  return mha::MultiHeadAttention<float>(config);
+}
+
+/// Useful flops of one decode step whose token sits at position p (p tokens already cached).
+double step_flops(double p, double kv_heads) {
+  const double d = kDModel, q_width = kHeads * kHeadWidth, kv_width = kv_heads * kHeadWidth;
+  return 2.0 * d * q_width + 4.0 * d * kv_width + 2.0 * q_width * d + 4.0 * (p + 1.0) * q_width;
+}
+
+/// Bytes a decode step at position p must read: the four projection matrices and p + 1 cached
+/// keys and values.
+double step_bytes(double p, double kv_heads) {
+  const double d = kDModel, q_width = kHeads * kHeadWidth, kv_width = kv_heads * kHeadWidth;
+  return sizeof(float) * (2.0 * d * q_width + 2.0 * d * kv_width + (p + 1.0) * 2.0 * kv_width);
+}
+
+/// Useful flops of the causal forward pass over n tokens (bench_forward's formula).
+double forward_flops(double n) {
+  const double d = kDModel;
+  return 8.0 * n * d * d + 2.0 * n * (n + 1.0) * d;
+}
+
+void set_rate(benchmark::State& state, const char* name, double per_iteration) {
+  state.counters[name] =
+      benchmark::Counter(per_iteration, benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
+}
+
+/// Arg {tokens}: decode one token at a time from an empty cache; each iteration is a whole generation.
+void BM_GenerateCached(benchmark::State& state) {
+  const Index tokens = state.range(0);
+  const auto attn = make_module(kHeads);
+  const Matrix x = random_matrix(tokens, kDModel, 2);  // row t: the token fed at step t
+  auto cache = attn.make_cache(/*sequences=*/1, /*max_length=*/tokens);
+  const mha::AttentionOptions options;  // decode is always causal
+  for (auto _ : state) {
+    cache.reset();
+    for (Index t = 0; t < tokens; ++t) {
+      Matrix y = attn.decode(x.row(t), cache, options);  // 1 × d_model: the output at position t
+      benchmark::DoNotOptimize(y.data());
+    }
+    benchmark::ClobberMemory();
+  }
+  double flops = 0;
+  for (Index p = 0; p < tokens; ++p) flops += step_flops(static_cast<double>(p), kHeads);
+  set_rate(state, "FLOPS", flops);
+  set_rate(state, "tokens_per_second", static_cast<double>(tokens));
+}
+
+/// Arg {tokens}: the same outputs without a cache, the causal forward over tokens 0 … t at step t.
+void BM_GenerateRecompute(benchmark::State& state) {
+  const Index tokens = state.range(0);
+  const auto attn = make_module(kHeads);
+  const Matrix x = random_matrix(tokens, kDModel, 2);
+  mha::AttentionOptions causal;
+  causal.causal = true;
+  for (auto _ : state) {
+    for (Index t = 1; t <= tokens; ++t) {
+      Matrix y = attn.forward(x.topRows(t), causal);  // t × d_model; a decoder would keep the last row
+      benchmark::DoNotOptimize(y.data());
+    }
+    benchmark::ClobberMemory();
+  }
+  double flops = 0;
+  for (Index n = 1; n <= tokens; ++n) flops += forward_flops(static_cast<double>(n));
+  set_rate(state, "FLOPS", flops);
+  set_rate(state, "tokens_per_second", static_cast<double>(tokens));
+}
+
+/// One decode step over a cache of `length` tokens, with `kv_heads` heads of keys and values.
+void run_decode_step(benchmark::State& state, Index kv_heads, Index length) {
+  const auto attn = make_module(kv_heads);
+  auto cache = attn.make_cache(/*sequences=*/1, /*max_length=*/length + 1);
+  const mha::AttentionOptions options;
+  const Matrix prompt = random_matrix(length, kDModel, 2);  // length × d_model
+  const Matrix token = random_matrix(1, kDModel, 3);        // 1 × d_model
+  attn.decode(prompt, cache, options);                      // the prefill, untimed
+  for (auto _ : state) {
+    Matrix y = attn.decode(token, cache, options);  // 1 × d_model
+    benchmark::DoNotOptimize(y.data());
+    cache.truncate(length);  // back to `length`: every iteration decodes at the same position
+    benchmark::ClobberMemory();
+  }
+  const double p = static_cast<double>(length), h_kv = static_cast<double>(kv_heads);
+  set_rate(state, "FLOPS", step_flops(p, h_kv));
+  state.SetBytesProcessed(static_cast<std::int64_t>(step_bytes(p, h_kv)) * state.iterations());
+  state.counters["cache_MiB"] = static_cast<double>(cache.bytes()) / (1 << 20);
+}
+
+/// Args {h_kv, cache}.
+void BM_DecodeStep(benchmark::State& state) { run_decode_step(state, state.range(0), state.range(1)); }
+
+/// Args {h_kv, cache, threads}.
+void BM_DecodeStepThreads(benchmark::State& state) {
+  mha::set_num_threads(static_cast<int>(state.range(2)));
+  run_decode_step(state, state.range(0), state.range(1));
+  mha::set_num_threads(1);
+}
+
+constexpr int kCacheLengths[] = {128, 256, 512, 1024, 2048, 4096, 8192};
+
+void decode_grid(benchmark::internal::Benchmark* b) {
+  for (int length : kCacheLengths)
+    for (int kv_heads : {8, 2, 1}) b->Args({kv_heads, length});
+}
+
+void threads_grid(benchmark::internal::Benchmark* b) {
+  for (int length : kCacheLengths)
+    for (int threads : {1, 2}) b->Args({kHeads, length, threads});
+}
+
+BENCHMARK(BM_GenerateCached)->ArgName("tokens")->Arg(1024)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_GenerateRecompute)->ArgName("tokens")->Arg(1024)->Iterations(1)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_DecodeStep)->Apply(decode_grid)->ArgNames({"h_kv", "cache"})->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_DecodeStepThreads)
+    ->Apply(threads_grid)
+    ->ArgNames({"h_kv", "cache", "threads"})
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  return mha_bench::run(argc, argv, {{"d_model", std::to_string(kDModel)},
+                                     {"num_heads", std::to_string(kHeads)},
+                                     {"scalar", "float"}});
+}
