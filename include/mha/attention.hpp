@@ -24,6 +24,17 @@ template <typename Scalar>
 using ConstMatrixRef = Eigen::Ref<const Matrix<Scalar>>;
 template <typename Scalar>
 using MatrixRef = Eigen::Ref<Matrix<Scalar>>;
+/// A read-only view of keys or values, one per row: column-major (a block of a sequence's
+/// projections) or row-major (a key/value cache, which grows a row at a time).
+template <typename Scalar, int Layout>
+using KeysRef = Eigen::Ref<const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Layout>>;
+template <typename T>
+struct Identity {
+  using type = T;
+};
+/// T, in a parameter that must not decide a template argument (the layout defaults instead).
+template <typename T>
+using NoDeduce = typename Identity<T>::type;
 
 // Tile sizes, chosen by measurement (f32, d_model 512, one thread; README "Performance"): at
 // N = 2048 and h = 8 the attention ran at 89 useful GFLOP/s with 64 × 256 tiles, 105 with
@@ -164,9 +175,9 @@ enum class TileScores { hidden, finite, masked };
 
 /// The scaled, masked scores of one tile into `s` (B_r × B_c), unless the masks hide every key of
 /// the tile from every row (TileScores::hidden, `s` left unspecified).
-template <typename Scalar, typename Tile>
-TileScores tile_scores(const ConstMatrixRef<Scalar>& k, const KeyVisibility<Scalar>& visibility, Eigen::Index first_row,
-                 Eigen::Index first_key, bool masked, const Eigen::Ref<const Matrix<Scalar>>& scaled_q, Tile& s) {
+template <typename Scalar, int Layout, typename Tile>
+TileScores tile_scores(const KeysRef<Scalar, Layout>& k, const KeyVisibility<Scalar>& visibility, Eigen::Index first_row,
+                       Eigen::Index first_key, bool masked, const Eigen::Ref<const Matrix<Scalar>>& scaled_q, Tile& s) {
   const Eigen::Index rows = s.rows(), keys = s.cols();
   constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
   // A tile is skipped when its largest mask value is −∞ (a vectorised reduction).
@@ -197,8 +208,8 @@ TileScores tile_scores(const ConstMatrixRef<Scalar>& k, const KeyVisibility<Scal
 /// exponential to take of them: Eigen's own where all are finite, exp_flushed where a mask may have
 /// put −∞ (Eigen's exp(−∞) is a denormal, not 0; flushing costs about 5% at h = 8). Tiles the masks
 /// hide entirely are skipped. The forward and the backward walk the same tiles through this.
-template <typename Scalar, typename Step>
-void for_each_tile(const ConstMatrixRef<Scalar>& k, const KeyVisibility<Scalar>& visibility, Eigen::Index first_row,
+template <typename Scalar, int Layout, typename Step>
+void for_each_tile(const KeysRef<Scalar, Layout>& k, const KeyVisibility<Scalar>& visibility, Eigen::Index first_row,
                    const Eigen::Ref<const Matrix<Scalar>>& scaled_q, Matrix<Scalar>& scores, const Step& step) {
   const Eigen::Index rows = scaled_q.rows();
   const KeyRanges ranges = key_ranges(visibility, first_row, first_row + rows - 1, k.rows());
@@ -209,7 +220,7 @@ void for_each_tile(const ConstMatrixRef<Scalar>& k, const KeyVisibility<Scalar>&
     const Eigen::Index end = masked ? ranges.masked_end : ranges.extra_end;
     for (Eigen::Index first_key = begin; first_key < end; first_key += kKeyBlock) {
       auto s = scores.topLeftCorner(rows, std::min(kKeyBlock, end - first_key));  // B_r × B_c
-      const TileScores kind = tile_scores<Scalar>(k, visibility, first_row, first_key, masked, scaled_q, s);
+      const TileScores kind = tile_scores<Scalar, Layout>(k, visibility, first_row, first_key, masked, scaled_q, s);
       if (kind == TileScores::finite) step(s, first_key, plain_exp);
       if (kind == TileScores::masked) step(s, first_key, flushed_exp);
     }
@@ -229,10 +240,11 @@ void for_each_tile(const ConstMatrixRef<Scalar>& k, const KeyVisibility<Scalar>&
 /// once, at the end. Causal key blocks wholly after the block's last row are never visited, tiles
 /// the masks hide entirely are skipped, and only tiles that cross the diagonal are masked. A row
 /// with no visible key outputs zeros (and zero weights). Dropout, in training, removes weights
-/// after ℓ is summed, as PyTorch does: the kept weights are scaled by 1/(1 − p).
-template <typename Scalar>
-void attention_query_block(const ConstMatrixRef<Scalar>& q, const ConstMatrixRef<Scalar>& k,
-                           const ConstMatrixRef<Scalar>& v, Scalar scale, const KeyVisibility<Scalar>& visibility,
+/// after ℓ is summed, as PyTorch does: the kept weights are scaled by 1/(1 − p). Keys and values
+/// are column-major views unless Layout says row-major (a key/value cache).
+template <typename Scalar, int Layout = Eigen::ColMajor>
+void attention_query_block(const ConstMatrixRef<Scalar>& q, const NoDeduce<KeysRef<Scalar, Layout>>& k,
+                           const NoDeduce<KeysRef<Scalar, Layout>>& v, Scalar scale, const KeyVisibility<Scalar>& visibility,
                            Eigen::Index block, AttentionScratch<Scalar>& scratch, MatrixRef<Scalar> out,
                            Matrix<Scalar>* weights = nullptr, Scalar* log_sum_exp = nullptr) {
   const Eigen::Index first_row = block * kQueryBlock;
@@ -249,18 +261,30 @@ void attention_query_block(const ConstMatrixRef<Scalar>& q, const ConstMatrixRef
   auto qs = scratch.scaled_q.topRows(rows);
   qs.noalias() = scale * q.middleRows(first_row, rows);
 
-  for_each_tile<Scalar>(k, visibility, first_row, qs, scratch.scores, [&](auto& s, Eigen::Index first_key, const auto& exp) {
-    // The softmax runs down the tile one key (column) at a time, vectorised over the rows: Eigen's
-    // row-wise reductions of a column-major tile were 2× slower (README "Performance").
+  for_each_tile<Scalar, Layout>(k, visibility, first_row, qs, scratch.scores, [&](auto& s, Eigen::Index first_key, const auto& exp) {
     m_new = m;
-    for (Eigen::Index j = 0; j < s.cols(); ++j) m_new = m_new.max(s.col(j).array());
-    shift = stable_shift(m_new);
-    alpha = exp_flushed(m - shift);  // e^(m − m′): 0 on the first tile, where m = −∞
-    l *= alpha;
-    for (Eigen::Index j = 0; j < s.cols(); ++j) {
-      auto p = s.col(j).array();
-      p = exp(p - shift);
-      l += p;
+    if (rows == 1 && s.outerStride() == 1) {
+      // One query (a decode step): the tile is one contiguous row, and the softmax runs along
+      // it, vectorised over the keys (a column at a time it would be one scalar exp per key).
+      Eigen::Map<Eigen::Array<Scalar, 1, Eigen::Dynamic>> p(s.data(), s.cols());
+      m_new(0) = std::max(m(0), p.maxCoeff());
+      shift = stable_shift(m_new);
+      alpha = exp_flushed(m - shift);
+      l *= alpha;
+      p = exp(p - shift(0));
+      l(0) += p.sum();
+    } else {
+      // The softmax runs down the tile one key (column) at a time, vectorised over the rows:
+      // Eigen's row-wise reductions of a column-major tile were 2× slower (README "Performance").
+      for (Eigen::Index j = 0; j < s.cols(); ++j) m_new = m_new.max(s.col(j).array());
+      shift = stable_shift(m_new);
+      alpha = exp_flushed(m - shift);  // e^(m − m′): 0 on the first tile, where m = −∞
+      l *= alpha;
+      for (Eigen::Index j = 0; j < s.cols(); ++j) {
+        auto p = s.col(j).array();
+        p = exp(p - shift);
+        l += p;
+      }
     }
     if (visibility.dropout > 0) drop_out(s, visibility, first_row, first_key);
     acc.array().colwise() *= alpha;
@@ -276,7 +300,7 @@ void attention_query_block(const ConstMatrixRef<Scalar>& q, const ConstMatrixRef
   if (weights) {
     // A second pass recomputes each tile's scores against the final maximum and sum.
     shift = stable_shift(m);
-    for_each_tile<Scalar>(k, visibility, first_row, qs, scratch.scores, [&](auto& s, Eigen::Index first_key, const auto& exp) {
+    for_each_tile<Scalar, Layout>(k, visibility, first_row, qs, scratch.scores, [&](auto& s, Eigen::Index first_key, const auto& exp) {
       for (Eigen::Index j = 0; j < s.cols(); ++j) s.col(j).array() = exp(s.col(j).array() - shift) * inverse_sum;
       if (visibility.dropout > 0) drop_out(s, visibility, first_row, first_key);
       weights->block(first_row, first_key, rows, s.cols()) = s;
@@ -363,7 +387,8 @@ void attention_backward(const ConstMatrixRef<Scalar>& q, const ConstMatrixRef<Sc
     auto D = scratch.d_dot_out.head(rows);
     D = d_out_rows.cwiseProduct(out.middleRows(first_row, rows)).rowwise().sum();
 
-    for_each_tile<Scalar>(k, visibility, first_row, qs, scratch.scores, [&](auto& s, Eigen::Index first_key, const auto& exp) {
+    for_each_tile<Scalar, Eigen::ColMajor>(k, visibility, first_row, qs, scratch.scores,
+                                           [&](auto& s, Eigen::Index first_key, const auto& exp) {
       const Eigen::Index keys = s.cols();
       // In the forward pass this was: P = exp(s − m) / ℓ, which is exp(s − lse).
       for (Eigen::Index j = 0; j < keys; ++j) s.col(j).array() = exp(s.col(j).array() - shift);

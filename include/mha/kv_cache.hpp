@@ -25,7 +25,8 @@ class MultiHeadAttention;
 template <typename Scalar>
 class KVCache {
  public:
-  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
+  /// Row-major: a decode step appends whole rows, each one contiguous write.
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   using Index = Eigen::Index;
 
   /// An empty cache for `sequences` sequences of a module configured by `config`, holding up to

@@ -711,8 +711,9 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
           if (task.part < 0) {
             visibility.masked_keys = S;
             visibility.position_offset = S - L;
-            detail::attention_query_block<Scalar>(queries, cached_keys, cached_values, scale, visibility, task.block,
-                                                  scratch, concat.block(offset[b], i * d_v(), L, d_v()));
+            detail::attention_query_block<Scalar, Eigen::RowMajor>(queries, cached_keys, cached_values, scale, visibility,
+                                                                   task.block, scratch,
+                                                                   concat.block(offset[b], i * d_v(), L, d_v()));
             return;
           }
           // Part c holds keys first … first + keys − 1: its key r is the cache's key first + r.
@@ -720,10 +721,9 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
           const Index column = i * parts[b] + task.part;
           visibility.masked_keys = keys;
           visibility.position_offset = S - L - first;
-          detail::attention_query_block<Scalar>(queries, cached_keys.middleRows(first, keys),
-                                                cached_values.middleRows(first, keys), scale, visibility, 0, scratch,
-                                                part_outs[b].middleCols(column * d_v(), d_v()), nullptr,
-                                                part_lses[b].col(column).data());
+          detail::attention_query_block<Scalar, Eigen::RowMajor>(
+              queries, cached_keys.middleRows(first, keys), cached_values.middleRows(first, keys), scale, visibility, 0,
+              scratch, part_outs[b].middleCols(column * d_v(), d_v()), nullptr, part_lses[b].col(column).data());
         });
     detail::parallel_tasks(static_cast<Index>(merges.size()), 0, no_scratch, [&](Index t, int) {
       const Task& task = merges[static_cast<std::size_t>(t)];
