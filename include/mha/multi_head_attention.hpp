@@ -192,6 +192,7 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   /// Its rows equal the rows of forward(all tokens so far, causal) at the same positions, for the
   /// cost of the new tokens alone. One new token over a long cache is split across threads by
   /// parts of 512 keys, merged in log-sum-exp fashion; results do not depend on the thread count.
+  /// The query heads that share a key/value head read its cached keys and values in turn, from cache.
   /// Options: scale and window; decoding is causal by construction (options.causal and alignment
   /// are not read) and rejects masks, training, add_bias_kv and add_zero_attn.
   /// \returns the new tokens' outputs, L_new × d_model.
@@ -664,14 +665,17 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     for (Index b = 0; b < sequences; ++b)
       cache.append(static_cast<std::size_t>(b), k.middleRows(offset[b], new_lengths[b]), v.middleRows(offset[b], new_lengths[b]));
 
-    // Attention over the cache. A sequence with at most one block of new queries (one token, say)
-    // has its keys split into parts of kKeyBlock, one task each, merged afterwards: so that one
-    // token over a long cache uses every thread. Longer steps (a prompt) run by query blocks.
+    // Attention over the cache. Several new tokens (a prompt, draft tokens) run by query blocks,
+    // one task per head and block. One new token sees every cached key of its window, so no mask
+    // is needed; its keys are split into parts of kKeyBlock, one task per key/value head and part,
+    // merged afterwards, so that one token over a long cache uses every thread. A task runs the
+    // query heads that share its key/value head one after the other, while the part's keys and
+    // values are still in cache: they are read from memory once per group, not once per head.
     struct Task {
-      Index sequence, head, part, block;
+      Index sequence, head, part, block;  ///< part < 0: a query block of head `head`; else a KV head's part
     };
     std::vector<Task> tasks, merges;
-    std::vector<Index> parts(static_cast<std::size_t>(sequences), 0);
+    std::vector<Index> first_key(static_cast<std::size_t>(sequences), 0), parts(static_cast<std::size_t>(sequences), 0);
     std::vector<Matrix> part_outs(static_cast<std::size_t>(sequences)), part_lses(static_cast<std::size_t>(sequences));
     double flops = 0;
     Index max_L = 0, max_S = 0;
@@ -681,15 +685,16 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
       flops += static_cast<double>(h) * detail::attention_flops(L, S, d_k(), d_v());
       max_L = std::max(max_L, L);
       max_S = std::max(max_S, S);
-      if (L <= detail::kQueryBlock) {
-        const Index n = (S + detail::kKeyBlock - 1) / detail::kKeyBlock;
+      if (L == 1) {
+        // The token at position S − 1 sees the keys from S − window on (all, without a window).
+        first_key[b] = options.window > 0 ? std::max<Index>(0, S - options.window) : 0;
+        const Index n = (S - first_key[b] + detail::kKeyBlock - 1) / detail::kKeyBlock;
         parts[b] = n;
-        part_outs[b].resize(L, n * h * d_v());  // head i's part c in column block i·n + c
-        part_lses[b].resize(L, n * h);
-        for (Index i = 0; i < h; ++i) {
-          merges.push_back({b, i, 0, 0});
-          for (Index c = 0; c < n; ++c) tasks.push_back({b, i, c, 0});
-        }
+        part_outs[b].resize(1, n * h * d_v());  // query head i's part c in column block i·n + c
+        part_lses[b].resize(1, n * h);
+        for (Index i = 0; i < h; ++i) merges.push_back({b, i, 0, 0});
+        for (Index j = 0; j < h_kv; ++j)
+          for (Index c = 0; c < n; ++c) tasks.push_back({b, j, c, 0});
       } else {
         for (Index i = 0; i < h; ++i)
           for (Index block = 0; block < detail::query_blocks(L); ++block) tasks.push_back({b, i, -1, block});
@@ -701,35 +706,38 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
         [&] { return detail::AttentionScratch<Scalar>::for_problem(max_L, max_S, d_k()); },
         [&](Index t, detail::AttentionScratch<Scalar>& scratch) {
           const Task& task = tasks[static_cast<std::size_t>(t)];
-          const Index b = task.sequence, i = task.head, j = i / group, L = new_lengths[b], S = cache.length(b);
-          const auto cached_keys = cache.keys_[static_cast<std::size_t>(b)].block(0, j * d_k(), S, d_k());
-          const auto cached_values = cache.values_[static_cast<std::size_t>(b)].block(0, j * d_v(), S, d_v());
-          const auto queries = q.block(offset[b], i * d_k(), L, d_k());
+          const Index b = task.sequence, L = new_lengths[b], S = cache.length(b);
+          const auto& cached_keys = cache.keys_[static_cast<std::size_t>(b)];
+          const auto& cached_values = cache.values_[static_cast<std::size_t>(b)];
           detail::KeyVisibility<Scalar> visibility;
-          visibility.causal = true;
-          visibility.window = options.window;
           if (task.part < 0) {
+            const Index i = task.head, j = i / group;
             visibility.masked_keys = S;
+            visibility.causal = true;
             visibility.position_offset = S - L;
-            detail::attention_query_block<Scalar, Eigen::RowMajor>(queries, cached_keys, cached_values, scale, visibility,
-                                                                   task.block, scratch,
-                                                                   concat.block(offset[b], i * d_v(), L, d_v()));
+            visibility.window = options.window;
+            detail::attention_query_block<Scalar, Eigen::RowMajor>(
+                q.block(offset[b], i * d_k(), L, d_k()), cached_keys.block(0, j * d_k(), S, d_k()),
+                cached_values.block(0, j * d_v(), S, d_v()), scale, visibility, task.block, scratch,
+                concat.block(offset[b], i * d_v(), L, d_v()));
             return;
           }
-          // Part c holds keys first … first + keys − 1: its key r is the cache's key first + r.
-          const Index first = task.part * detail::kKeyBlock, keys = std::min(detail::kKeyBlock, S - first);
-          const Index column = i * parts[b] + task.part;
+          // Key/value head j's part c: keys first … first + keys − 1, for each of its query heads.
+          const Index j = task.head, n = parts[b];
+          const Index first = first_key[b] + task.part * detail::kKeyBlock, keys = std::min(detail::kKeyBlock, S - first);
           visibility.masked_keys = keys;
-          visibility.position_offset = S - L - first;
-          detail::attention_query_block<Scalar, Eigen::RowMajor>(
-              queries, cached_keys.middleRows(first, keys), cached_values.middleRows(first, keys), scale, visibility, 0,
-              scratch, part_outs[b].middleCols(column * d_v(), d_v()), nullptr, part_lses[b].col(column).data());
+          for (Index i = j * group; i < (j + 1) * group; ++i)
+            detail::attention_query_block<Scalar, Eigen::RowMajor>(
+                q.block(offset[b], i * d_k(), 1, d_k()), cached_keys.block(first, j * d_k(), keys, d_k()),
+                cached_values.block(first, j * d_v(), keys, d_v()), scale, visibility, 0, scratch,
+                part_outs[b].middleCols((i * n + task.part) * d_v(), d_v()), nullptr,
+                part_lses[b].col(i * n + task.part).data());
         });
     detail::parallel_tasks(static_cast<Index>(merges.size()), 0, no_scratch, [&](Index t, int) {
       const Task& task = merges[static_cast<std::size_t>(t)];
       const Index b = task.sequence, i = task.head, n = parts[b];
       detail::merge_key_parts<Scalar>(part_outs[b].middleCols(i * n * d_v(), n * d_v()), part_lses[b].middleCols(i * n, n),
-                                      concat.block(offset[b], i * d_v(), new_lengths[b], d_v()));
+                                      concat.block(offset[b], i * d_v(), 1, d_v()));
     });
 
     Matrix output(total, d_model());            // ΣL_new × d_model = concat · W^O + b^O
