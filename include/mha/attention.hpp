@@ -219,7 +219,9 @@ void for_each_tile(const KeysRef<Scalar, Layout>& k, const KeyVisibility<Scalar>
     const Eigen::Index begin = masked ? ranges.masked_begin : ranges.extra_begin;
     const Eigen::Index end = masked ? ranges.masked_end : ranges.extra_end;
     for (Eigen::Index first_key = begin; first_key < end; first_key += kKeyBlock) {
-      auto s = scores.topLeftCorner(rows, std::min(kKeyBlock, end - first_key));  // B_r × B_c
+      // B_r × B_c, contiguous in the scratch whatever the block's row count: a one-row tile is one
+      // contiguous row.
+      Eigen::Map<Matrix<Scalar>> s(scores.data(), rows, std::min(kKeyBlock, end - first_key));
       const TileScores kind = tile_scores<Scalar, Layout>(k, visibility, first_row, first_key, masked, scaled_q, s);
       if (kind == TileScores::finite) step(s, first_key, plain_exp);
       if (kind == TileScores::masked) step(s, first_key, flushed_exp);
@@ -263,7 +265,7 @@ void attention_query_block(const ConstMatrixRef<Scalar>& q, const NoDeduce<KeysR
 
   for_each_tile<Scalar, Layout>(k, visibility, first_row, qs, scratch.scores, [&](auto& s, Eigen::Index first_key, const auto& exp) {
     m_new = m;
-    if (rows == 1 && s.outerStride() == 1) {
+    if (rows == 1) {
       // One query (a decode step): the tile is one contiguous row, and the softmax runs along
       // it, vectorised over the keys (a column at a time it would be one scalar exp per key).
       Eigen::Map<Eigen::Array<Scalar, 1, Eigen::Dynamic>> p(s.data(), s.cols());
@@ -338,7 +340,7 @@ struct AttentionBackwardScratch {
         d_q(block_rows, d_k),
         scores(block_rows, block_keys),
         d_weights(block_rows, block_keys),
-        keep(block_rows, block_keys),
+        keep(0, 0),
         shift(block_rows),
         d_dot_out(block_rows) {}
   /// The scratch for an L × d_k query against S keys.
@@ -350,7 +352,7 @@ struct AttentionBackwardScratch {
   Matrix<Scalar> d_q;        ///< B_r × d_k: ∂loss/∂(q kᵀ) · k, summed over the key tiles
   Matrix<Scalar> scores;     ///< B_r × B_c: a tile of scores, then weights P, then ∂loss/∂scores
   Matrix<Scalar> d_weights;  ///< B_r × B_c: ∂loss/∂P
-  Matrix<Scalar> keep;       ///< B_r × B_c: the dropout factors 0 or 1/(1 − p), then P after dropout
+  Matrix<Scalar> keep;       ///< B_r × B_c (with dropout only): the factors 0 or 1/(1 − p), then P after dropout
   Column<Scalar> shift, d_dot_out;  ///< B_r each: the log-sum-exp (0 where −∞), D = rowsum(dO ∘ O)
 };
 
@@ -396,6 +398,7 @@ void attention_backward(const ConstMatrixRef<Scalar>& q, const ConstMatrixRef<Sc
       dp.noalias() = d_out_rows * v.middleRows(first_key, keys).transpose();
       if (visibility.dropout > 0) {
         // In the forward pass this was: P̃ = P ∘ keep (drop_out), then out += P̃ v.
+        scratch.keep.resize(scratch.scores.rows(), scratch.scores.cols());  // once per thread, then a no-op
         auto keep = scratch.keep.topLeftCorner(rows, keys);
         keep.setOnes();
         drop_out(keep, visibility, first_row, first_key);
