@@ -417,6 +417,33 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     if (positions) rotary().apply(out_rows, positions + first);
   }
 
+  /// q = query · W^Q + b^Q, k = key · W^K + b^K, v = value · W^V + b^V: each one product for all
+  /// heads, cut into row blocks that run in parallel. With positions, the rows of q and k are then
+  /// turned by them (rotary embeddings).
+  template <typename Query, typename Key, typename Value>
+  void project_inputs(const Query& query, const Key& key, const Value& value, const Index* query_positions,
+                      const Index* key_positions, Matrix& q, Matrix& k, Matrix& v) const {
+    q.resize(query.rows(), w_q_.cols());
+    k.resize(key.rows(), w_k_.cols());
+    v.resize(value.rows(), w_v_.cols());
+    const Index q_blocks = row_blocks(q.rows()), kv_blocks = row_blocks(k.rows());
+    const double flops = 2.0 * static_cast<double>(q.size() * query.cols() + k.size() * key.cols() + v.size() * value.cols());
+    detail::parallel_tasks(q_blocks + 2 * kv_blocks, flops, no_scratch, [&](Index t, int) {
+      if (t < q_blocks) return project(query, w_q_, b_q_, t, q, query_positions);
+      t -= q_blocks;
+      if (t < kv_blocks) return project(key, w_k_, b_k_, t, k, key_positions);
+      project(value, w_v_, b_v_, t - kv_blocks, v);
+    });
+  }
+
+  /// \returns concat · W^O + b^O, in row blocks in parallel.
+  Matrix project_output(const Matrix& concat) const {
+    Matrix output(concat.rows(), d_model());
+    detail::parallel_tasks(row_blocks(concat.rows()), 2.0 * static_cast<double>(output.size() * concat.cols()),
+                           no_scratch, [&](Index t, int) { project(concat, w_o_, b_o_, t, output); });
+    return output;
+  }
+
   /// The rotary embedding of this module's heads.
   detail::Rotary rotary() const { return {config_.rotary_base, config_.rotary_pairs, d_k()}; }
 
@@ -528,22 +555,12 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     const auto& value_rows = detail::evaluated(value);
     const Index total_L = query.rows(), total_S = key.rows();
 
-    // The projections of all heads and all sequences, one product each, in row blocks in parallel.
-    // Rotary embeddings turn the projected queries and keys, rows by their positions.
-    Matrix q(total_L, h * d_k());                       // ΣL × h·d_k, head i in column block i
-    Matrix k(total_S, h_kv * d_k());                    // ΣS × h_kv·d_k, key/value head j in block j
-    Matrix v(total_S, h_kv * d_v());                    // ΣS × h_kv·d_v
-    const Index q_blocks = row_blocks(total_L), kv_blocks = row_blocks(total_S);
-    const double projection_flops = 2.0 * static_cast<double>(total_L * d_model() * h * d_k() +
-                                                              total_S * (kdim() * h_kv * d_k() + vdim() * h_kv * d_v()));
+    // The projections of all heads and all sequences; rotary embeddings turn the queries and keys.
+    Matrix q, k, v;                                     // ΣL × h·d_k, ΣS × h_kv·d_k, ΣS × h_kv·d_v
     const std::optional<Positions> positions =
         config_.rotary ? std::optional<Positions>(std::in_place, batch, options) : std::nullopt;
-    detail::parallel_tasks(q_blocks + 2 * kv_blocks, projection_flops, no_scratch, [&](Index t, int) {
-      if (t < q_blocks) return project(query_rows, w_q_, b_q_, t, q, positions ? positions->query.data() : nullptr);
-      t -= q_blocks;
-      if (t < kv_blocks) return project(key_rows, w_k_, b_k_, t, k, positions ? positions->key.data() : nullptr);
-      project(value_rows, w_v_, b_v_, t - kv_blocks, v);
-    });
+    project_inputs(query_rows, key_rows, value_rows, positions ? positions->query.data() : nullptr,
+                   positions ? positions->key.data() : nullptr, q, k, v);
     // add_bias_kv and add_zero_attn: each sequence's keys and values get their extra rows.
     Matrix k_extended, v_extended;
     if (extra > 0) {
@@ -585,10 +602,7 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
               record.tape ? log_sum_exp.col(i).data() + q0 : nullptr);
         });
 
-    Matrix output(total_L, d_model());                  // ΣL × d_model = concat · W^O + b^O
-    const double output_flops = 2.0 * static_cast<double>(total_L * h * d_v() * d_model());
-    detail::parallel_tasks(q_blocks, output_flops, no_scratch,
-                           [&](Index t, int) { project(concat, w_o_, b_o_, t, output); });
+    Matrix output = project_output(concat);             // ΣL × d_model
 
     if (Tape<Scalar>* tape = record.tape) {
       tape->recorded_ = true;
@@ -625,11 +639,7 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     if (static_cast<Index>(new_lengths.size()) != cache.sequences())
       detail::fail("MultiHeadAttention::", caller, ": new_lengths has ", new_lengths.size(),
                    " sequences but the cache holds ", cache.sequences());
-    for (const Index n : new_lengths)
-      if (n < 0) detail::fail("MultiHeadAttention::", caller, ": sequence lengths must be >= 0, got ", n);
-    const Index new_rows = std::accumulate(new_lengths.begin(), new_lengths.end(), Index(0));
-    if (new_rows != x.rows())
-      detail::fail("MultiHeadAttention::", caller, ": new_lengths add up to ", new_rows, " but x has ", x.rows(), " rows");
+    check_lengths_add_up(new_lengths, x.rows(), "new_lengths", "x", caller);
     if (!options.mask.empty() || !options.key_padding_mask.empty())
       detail::fail("MultiHeadAttention::", caller, ": options.mask and options.key_padding_mask are not read when "
                    "decoding (decoding is causal by construction); leave them empty");
@@ -652,16 +662,8 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
 
     // The new tokens' projections, then their keys and values join the cache.
     const auto& rows = detail::evaluated(x);
-    Matrix q(total, h * d_k());                 // ΣL_new × h·d_k
-    Matrix k(total, h_kv * d_k());              // ΣL_new × h_kv·d_k
-    Matrix v(total, h_kv * d_v());              // ΣL_new × h_kv·d_v
-    const Index blocks = row_blocks(total);
-    detail::parallel_tasks(3 * blocks, 2.0 * static_cast<double>(total * d_model() * (h + 2 * h_kv) * d_k()), no_scratch,
-                           [&](Index t, int) {
-                             if (t < blocks) return project(rows, w_q_, b_q_, t, q, rotate);
-                             if (t < 2 * blocks) return project(rows, w_k_, b_k_, t - blocks, k, rotate);
-                             project(rows, w_v_, b_v_, t - 2 * blocks, v);
-                           });
+    Matrix q, k, v;                             // ΣL_new × h·d_k, ΣL_new × h_kv·d_k, ΣL_new × h_kv·d_v
+    project_inputs(rows, rows, rows, rotate, rotate, q, k, v);
     for (Index b = 0; b < sequences; ++b)
       cache.append(static_cast<std::size_t>(b), k.middleRows(offset[b], new_lengths[b]), v.middleRows(offset[b], new_lengths[b]));
 
@@ -740,10 +742,7 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
                                       concat.block(offset[b], i * d_v(), 1, d_v()));
     });
 
-    Matrix output(total, d_model());            // ΣL_new × d_model = concat · W^O + b^O
-    detail::parallel_tasks(blocks, 2.0 * static_cast<double>(total * h * d_v() * d_model()), no_scratch,
-                           [&](Index t, int) { project(concat, w_o_, b_o_, t, output); });
-    return output;
+    return project_output(concat);              // ΣL_new × d_model
   }
 
   /// Whether two configurations give parameters and tapes of the same shapes.
@@ -784,17 +783,19 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     if (query_lengths.size() != key_lengths.size())
       detail::fail("MultiHeadAttention::", caller, ": query_lengths has ", query_lengths.size(),
                    " sequences but key_lengths has ", key_lengths.size());
-    for (const auto* lengths : {&query_lengths, &key_lengths})
-      for (const Index n : *lengths)
-        if (n < 0) detail::fail("MultiHeadAttention::", caller, ": sequence lengths must be >= 0, got ", n);
-    const Index sum_q = std::accumulate(query_lengths.begin(), query_lengths.end(), Index(0));
-    const Index sum_k = std::accumulate(key_lengths.begin(), key_lengths.end(), Index(0));
-    if (sum_q != query_rows)
-      detail::fail("MultiHeadAttention::", caller, ": query_lengths add up to ", sum_q, " but query has ",
-                   query_rows, " rows");
-    if (sum_k != key_rows)
-      detail::fail("MultiHeadAttention::", caller, ": key_lengths add up to ", sum_k, " but key has ", key_rows,
-                   " rows");
+    check_lengths_add_up(query_lengths, query_rows, "query_lengths", "query", caller);
+    check_lengths_add_up(key_lengths, key_rows, "key_lengths", "key", caller);
+  }
+
+  /// Checks that sequence lengths are >= 0 and add up to the rows of the stacked input.
+  static void check_lengths_add_up(const std::vector<Index>& lengths, Index rows, const char* lengths_name,
+                                   const char* rows_name, const char* caller) {
+    for (const Index n : lengths)
+      if (n < 0) detail::fail("MultiHeadAttention::", caller, ": sequence lengths must be >= 0, got ", n);
+    const Index sum = std::accumulate(lengths.begin(), lengths.end(), Index(0));
+    if (sum != rows)
+      detail::fail("MultiHeadAttention::", caller, ": ", lengths_name, " add up to ", sum, " but ", rows_name, " has ",
+                   rows, " rows");
   }
 
   /// Checks the masks' shapes against the batch.
