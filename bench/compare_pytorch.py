@@ -249,6 +249,18 @@ def fmt_ms(ms):
     return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}"
 
 
+def add_timing_arguments(parser, what, lengths):
+    """The options of PyTorch's timing loop, shared with compare_pytorch_training.py."""
+    parser.add_argument("--runs", type=int, default=7,
+                        help=f"PyTorch: at least this many timed {what} per shape (default: 7) ...")
+    parser.add_argument("--min-time", type=float, default=0.5,
+                        help="... and at least this many seconds (default: 0.5) ...")
+    parser.add_argument("--budget", type=float, default=20.0,
+                        help=f"... but stop after 3 {what} once this many seconds passed (default: 20)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=list(lengths),
+                        help=f"PyTorch: N to measure (default: {' '.join(map(str, lengths))})")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bench", default=DEFAULT_BENCH,
@@ -257,14 +269,7 @@ def main():
                         help="reuse this bench_forward JSON instead of running the binary")
     parser.add_argument("--skip-mha", action="store_true",
                         help="do not run the binary (mha columns come from --mha-json, or stay empty)")
-    parser.add_argument("--runs", type=int, default=7,
-                        help="PyTorch: at least this many timed calls per shape (default: 7) ...")
-    parser.add_argument("--min-time", type=float, default=0.5,
-                        help="... and at least this many seconds (default: 0.5) ...")
-    parser.add_argument("--budget", type=float, default=20.0,
-                        help="... but stop after 3 calls once this many seconds passed (default: 20)")
-    parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS),
-                        help="PyTorch: N to measure (default: 256 1024 4096)")
+    add_timing_arguments(parser, "calls", LENGTHS)
     args = parser.parse_args()
 
     # 1. mha, alone on the machine.

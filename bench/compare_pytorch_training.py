@@ -57,8 +57,8 @@ import time
 
 sys.dont_write_bytecode = True  # no __pycache__ next to the scripts
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare_pytorch import (D_MODEL, describe_torch, fmt_ms, import_torch, run_mha,  # noqa: E402
-                             running_bench_forward, takes_native_path, time_calls)
+from compare_pytorch import (D_MODEL, add_timing_arguments, describe_torch, fmt_ms,  # noqa: E402
+                             import_torch, run_mha, running_bench_forward, takes_native_path, time_calls)
 from summarize import TO_MS, context_line  # noqa: E402
 
 # (N, h, causal): bench_training's grid.
@@ -227,14 +227,7 @@ def main():
                         help=f"bench_training JSON to read mha's times from (default: {DEFAULT_JSON})")
     parser.add_argument("--bench", nargs="?", const=DEFAULT_BENCH, metavar="BINARY",
                         help=f"run this bench_training binary instead (default: {DEFAULT_BENCH})")
-    parser.add_argument("--runs", type=int, default=7,
-                        help="PyTorch: at least this many timed steps per shape (default: 7) ...")
-    parser.add_argument("--min-time", type=float, default=0.5,
-                        help="... and at least this many seconds (default: 0.5) ...")
-    parser.add_argument("--budget", type=float, default=20.0,
-                        help="... but stop after 3 steps once this many seconds passed (default: 20)")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096],
-                        help="PyTorch: N to measure (default: 1024 4096)")
+    add_timing_arguments(parser, "steps", (1024, 4096))
     parser.add_argument("--no-memory", action="store_true",
                         help=f"skip the peak-memory subprocess (N = {MEMORY_SHAPE[0]}, h = {MEMORY_SHAPE[1]}, causal)")
     parser.add_argument("--memory-probe", nargs=3, type=int, metavar=("N", "H", "CAUSAL"),
