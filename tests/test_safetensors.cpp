@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <initializer_list>
 #include <limits>
@@ -340,6 +341,19 @@ TEST(SafeTensors, RejectsFilesTooShortForTheirHeader) {
   EXPECT_EQ(parse_error(huge), "mha: safetensors buffer: header length 9223372036854775808 exceeds the 8 bytes that follow it");
 }
 
+TEST(SafeTensors, HeaderLengthsAboveTheLimitAreRejectedBeforeReading) {
+  // A file of 100 MB + 9 bytes (sparse: written as a few bytes and extended) whose header length,
+  // 100 000 001, fits in the file but is above the limit: rejected before the header is allocated.
+  const std::uint64_t n = 100000001;
+  Bytes prefix;
+  for (int i = 0; i < 8; ++i) prefix.push_back(static_cast<unsigned char>(n >> (8 * i)));
+  prefix.push_back('{');
+  const TempFile file(prefix);
+  std::filesystem::resize_file(file.path(), 8 + n);
+  EXPECT_EQ(error_of([&] { SafeTensors::load(file.path()); }),
+            "mha: safetensors file \"" + file.path() + "\": header length 100000001 exceeds the limit of 100000000 bytes");
+}
+
 TEST(SafeTensors, RejectsHeadersThatAreNotAJsonObject) {
   // nlohmann/json's own message follows; its exact wording is that library's.
   const std::string prefix = "mha: safetensors buffer: header is not valid JSON: [json.exception.";
@@ -443,6 +457,79 @@ TEST(SafeTensors, RejectsOverlappingTensors) {
                                   R"("b":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})",
                                   Bytes(16))),
             "mha: safetensors buffer: tensors \"a\" [0, 16] and \"b\" [0, 16] overlap");
+}
+
+/// `depth` arrays, one inside the other, around "0".
+std::string nested(std::size_t depth) { return std::string(depth, '[') + "0" + std::string(depth, ']'); }
+
+/// The message for a header nesting deeper than the reader's bound, `where` ("" or " in ...").
+std::string too_deep(const std::string& where) {
+  return "mha: safetensors buffer: header nests arrays and objects more than 8 levels deep" + where +
+         "; a safetensors header nests 3 (the header, a tensor's entry, its shape and data_offsets)";
+}
+
+TEST(SafeTensors, DeeplyNestedMetadataIsRejectedWithoutRecursion) {
+  // 100 000 levels: about 200 KB of header. Quoting it in the message (nlohmann's dump() recurses
+  // once per level) overflowed the stack; now the parser stops at the ninth level.
+  const std::string deep_arrays = "{\"__metadata__\":{\"a\":" + nested(100000) + "}}";
+  EXPECT_EQ(parse_error(file_with(deep_arrays)), too_deep(" in \"__metadata__\""));
+  std::string deep_objects = "{\"__metadata__\":";
+  for (int i = 0; i < 100000; ++i) deep_objects += "{\"a\":";
+  deep_objects += "\"b\"" + std::string(100000, '}') + "}";
+  EXPECT_EQ(parse_error(file_with(deep_objects)), too_deep(" in \"__metadata__\""));
+  // Unclosed: rejected on the way down, before the missing brackets would be noticed.
+  EXPECT_EQ(parse_error(file_with("{\"__metadata__\":" + std::string(100000, '['))), too_deep(" in \"__metadata__\""));
+}
+
+TEST(SafeTensors, DeeplyNestedFieldsAreRejectedWithoutRecursion) {
+  const std::string deep = nested(100000);
+  EXPECT_EQ(parse_error(file_with_entry(R"("dtype":"F32","shape":)" + deep + R"(,"data_offsets":[0,16])")),
+            too_deep(" in tensor \"w\""));
+  EXPECT_EQ(parse_error(file_with_entry(R"("dtype":)" + deep + R"(,"shape":[4],"data_offsets":[0,16])")),
+            too_deep(" in tensor \"w\""));
+  EXPECT_EQ(parse_error(file_with_entry(R"("dtype":"F32","shape":[4],"data_offsets":)" + deep)), too_deep(" in tensor \"w\""));
+  EXPECT_EQ(parse_error(file_with_entry(R"("dtype":"F32","shape":[4],"data_offsets":[0,16],"extra":)" + deep)),
+            too_deep(" in tensor \"w\""));
+  EXPECT_EQ(parse_error(file_with("{\"w\":" + deep + "}")), too_deep(" in tensor \"w\""));
+  // The entry named is the one being parsed, after a well-formed one.
+  EXPECT_EQ(parse_error(file_with(R"({"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"b":)" + deep + "}", {1})),
+            too_deep(" in tensor \"b\""));
+  EXPECT_EQ(parse_error(file_with(deep)), too_deep(""));
+}
+
+TEST(SafeTensors, NestingUpToTheBoundReachesTheUsualChecks) {
+  // The header, the entry and the shape are 3 levels: 5 more arrays make 8, the most read.
+  EXPECT_EQ(parse_error(file_with_entry(R"("dtype":"F32","shape":[)" + nested(5) + R"(],"data_offsets":[0,16])")),
+            "mha: safetensors buffer: tensor \"w\": \"shape\" [[[[[[0]]]]]] has a size that is not an integer");
+  EXPECT_EQ(parse_error(file_with_entry(R"("dtype":"F32","shape":[)" + nested(6) + R"(],"data_offsets":[0,16])")),
+            too_deep(" in tensor \"w\""));
+  EXPECT_EQ(parse_error(file_with("{\"__metadata__\":{\"a\":" + nested(6) + "}}")),
+            "mha: safetensors buffer: \"__metadata__\" maps \"a\" to the JSON array [[[[[[0]]]]]], not a string");
+  EXPECT_EQ(parse_error(file_with("{\"__metadata__\":{\"a\":" + nested(7) + "}}")), too_deep(" in \"__metadata__\""));
+}
+
+TEST(SafeTensors, ErrorMessagesQuoteOnlyTheStartOfAValue) {
+  // A shape of 100 000 sizes, the last one negative: quoted as its first 40 characters.
+  std::string sizes;
+  for (int i = 0; i < 100000; ++i) sizes += "1,";
+  const std::string w = "mha: safetensors buffer: tensor \"w\"";
+  EXPECT_EQ(parse_error(file_with_entry(R"("dtype":"F32","shape":[)" + sizes + R"(-1],"data_offsets":[0,16])")),
+            w + ": \"shape\" [1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1... has a negative size");
+  EXPECT_EQ(parse_error(file_with_entry(R"("dtype":"F32","shape":[4],"data_offsets":[0,16,)" + sizes + "0]")),
+            w + ": \"data_offsets\" [0,16,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,... is not [begin, end] with 0 <= begin <= end");
+  const std::string long_name(100000, 'n');
+  EXPECT_EQ(parse_error(file_with_entry(R"("dtype":{")" + long_name + R"(":1},"shape":[4],"data_offsets":[0,16])")),
+            w + ": \"dtype\" {\"" + std::string(38, 'n') + "... is not a string");
+  // Cut between characters, never inside one: after ["x, 18 "ü" of 2 bytes each fill 39 of the 40.
+  std::string umlauts;
+  for (int i = 0; i < 50000; ++i) umlauts += "\xc3\xbc";
+  EXPECT_EQ(parse_error(file_with(R"({"__metadata__":{"a":["x)" + umlauts + R"("]}})")),
+            "mha: safetensors buffer: \"__metadata__\" maps \"a\" to the JSON array [\"x" +
+                umlauts.substr(0, 36) + "..., not a string");
+  // Values that fit are quoted whole, as before.
+  EXPECT_EQ(parse_error(file_with(R"({"__metadata__":{"a":{"list":[1,"two",null,true,2.5]}}})")),
+            "mha: safetensors buffer: \"__metadata__\" maps \"a\" to the JSON object {\"list\":[1,\"two\",null,true,2.5]}, "
+            "not a string");
 }
 
 TEST(SafeTensors, MissingTensorsListWhatIsThere) {

@@ -12,6 +12,10 @@
 //
 // Files are untrusted input: whatever is wrong with one (truncated, malformed JSON, sizes that
 // disagree or overflow) throws mha::invalid_argument naming the file, the tensor and the problem.
+// Nothing is allocated that the bytes present do not account for: a header above
+// detail::kMaxHeaderLength bytes is rejected before it is read, and one that nests arrays or
+// objects deeper than detail::kMaxHeaderDepth levels while it is parsed, so that no walk over a
+// value of the file (an error message quoting it, its destruction) can run out of stack.
 // The host must be little-endian, as every platform mha runs on is.
 #pragma once
 
@@ -29,6 +33,7 @@
 #include <ios>
 #include <limits>
 #include <map>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -76,6 +81,62 @@ inline std::string dtype_names() {
   std::string names;
   for (const Dtype& d : kDtypes) names += (names.empty() ? "" : ", ") + std::string(d.name);
   return names;
+}
+
+/// The longest header read, in bytes: the reference implementation's limit (100 MB), far above
+/// any real header (about 100 bytes per tensor), so that a corrupt length cannot make the reader
+/// allocate and parse gigabytes.
+inline constexpr std::uint64_t kMaxHeaderLength = 100'000'000;
+
+/// The deepest nesting of JSON arrays and objects read. A header nests 3 levels (itself, a
+/// tensor's entry, its shape and data_offsets); the few levels more still let a mistyped field be
+/// reported as what it is, while every recursion over a value of the header stays this shallow.
+inline constexpr int kMaxHeaderDepth = 8;
+
+/// The most characters of a value from the file that an error message quotes.
+inline constexpr std::size_t kQuoted = 40;
+
+/// \returns the length of the longest prefix of `s` of at most `n` bytes that ends between two
+/// UTF-8 characters.
+inline std::size_t utf8_prefix(const std::string& s, std::size_t n) {
+  if (n >= s.size()) return s.size();
+  while (n > 0 && (static_cast<unsigned char>(s[n]) & 0xc0) == 0x80) --n;  // s[n] continues a character
+  return n;
+}
+
+/// Appends `j` as JSON to `out`, stopping once `out` is longer than `limit` characters, so that
+/// only about `limit` characters of a value are ever written, however wide it is. Recurses once per
+/// level of `j`: at most kMaxHeaderDepth.
+inline void append_json(const nlohmann::json& j, std::string& out, std::size_t limit) {
+  // A string's first limit + 1 bytes are enough to fill the rest.
+  const auto append_string = [&](const std::string& s) {
+    out += nlohmann::json(s.substr(0, utf8_prefix(s, limit + 1))).dump();
+  };
+  if (out.size() > limit) return;
+  if (j.is_string()) {
+    append_string(j.get_ref<const std::string&>());
+  } else if (j.is_array() || j.is_object()) {
+    out += j.is_array() ? '[' : '{';
+    for (auto it = j.begin(); it != j.end() && out.size() <= limit; ++it) {
+      if (it != j.begin()) out += ',';
+      if (j.is_object()) {
+        append_string(it.key());
+        out += ':';
+      }
+      append_json(*it, out, limit);
+    }
+    out += j.is_array() ? ']' : '}';
+  } else {
+    out += j.dump();  // a number, true, false or null: a few characters
+  }
+}
+
+/// `j` as JSON, cut after kQuoted characters with "...": how error messages quote a value from the
+/// file.
+inline std::string quoted(const nlohmann::json& j) {
+  std::string s;
+  append_json(j, s, kQuoted);
+  return s.size() <= kQuoted ? s : s.substr(0, utf8_prefix(s, kQuoted)) + "...";
 }
 
 /// Sets `product` = a · b and \returns true, or \returns false if that overflows 64 bits.
@@ -254,6 +315,12 @@ class SafeTensors {
     return m;
   }
 
+  /// \returns the rows and cols of matrix<Scalar>(name), from the header alone: nothing is converted
+  /// or allocated. Throws mha::invalid_argument for ranks matrix() does not read.
+  std::pair<Eigen::Index, Eigen::Index> matrix_size(const std::string& name) const {
+    return matrix_shape(name, tensor(name));
+  }
+
   /// matrix<Scalar>(name) after checking that it is rows × cols; throws mha::invalid_argument
   /// naming both shapes otherwise.
   template <typename Scalar>
@@ -288,11 +355,13 @@ class SafeTensors {
   }
 
   /// \returns N, the header length in the first 8 bytes of a file of `size` ≥ 8 bytes; throws
-  /// unless the file holds that many bytes after them.
+  /// unless the file holds that many bytes after them and N is at most detail::kMaxHeaderLength.
   std::uint64_t header_length(const unsigned char* prefix, std::uint64_t size) const {
     std::uint64_t n = 0;
     for (int i = 7; i >= 0; --i) n = n << 8 | prefix[i];
     if (n > size - 8) fail("header length ", n, " exceeds the ", size - 8, " bytes that follow it");
+    if (n > detail::kMaxHeaderLength)
+      fail("header length ", n, " exceeds the limit of ", detail::kMaxHeaderLength, " bytes");
     return n;
   }
 
@@ -300,9 +369,23 @@ class SafeTensors {
   /// has `data_size` bytes; sets tensors_ (without their bytes) and metadata_. \returns where each
   /// tensor's bytes lie.
   std::map<std::string, Span> read_header(const unsigned char* first, std::size_t length, std::uint64_t data_size) {
+    // nlohmann/json parses without recursion, but would build a value of any depth, and its
+    // dump() recurses: the parser's callback rejects a level too deep before it is built.
+    std::optional<std::string> entry;  // the header's key being parsed: where a level too deep is
+    const auto bound_depth = [&](int depth, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
+      using Event = nlohmann::json::parse_event_t;
+      if (event == Event::key && depth == 1) entry = parsed.get<std::string>();
+      if ((event == Event::object_start || event == Event::array_start) && depth >= detail::kMaxHeaderDepth) {
+        std::string where;
+        if (entry) where = *entry == "__metadata__" ? " in \"__metadata__\"" : " in tensor \"" + *entry + "\"";
+        fail("header nests arrays and objects more than ", detail::kMaxHeaderDepth, " levels deep", where,
+             "; a safetensors header nests 3 (the header, a tensor's entry, its shape and data_offsets)");
+      }
+      return true;
+    };
     nlohmann::json header;
     try {
-      header = nlohmann::json::parse(first, first + length);
+      header = nlohmann::json::parse(first, first + length, bound_depth);
     } catch (const nlohmann::json::exception& e) {
       fail("header is not valid JSON: ", e.what());
     }
@@ -323,7 +406,7 @@ class SafeTensors {
     if (!entry.is_object()) fail("\"__metadata__\" is a JSON ", entry.type_name(), ", not an object");
     for (const auto& [key, value] : entry.items()) {
       if (!value.is_string())
-        fail("\"__metadata__\" maps \"", key, "\" to the JSON ", value.type_name(), " ", value.dump(),
+        fail("\"__metadata__\" maps \"", key, "\" to the JSON ", value.type_name(), " ", detail::quoted(value),
              ", not a string");
       metadata_[key] = value.get<std::string>();
     }
@@ -340,22 +423,23 @@ class SafeTensors {
     };
     Tensor t;
     const nlohmann::json& dtype = field("dtype");
-    if (!dtype.is_string()) fail("tensor \"", name, "\": \"dtype\" ", dtype.dump(), " is not a string");
+    if (!dtype.is_string())
+      fail("tensor \"", name, "\": \"dtype\" ", detail::quoted(dtype), " is not a string");
     t.dtype = dtype.get<std::string>();
     const unsigned bits = detail::dtype_bits(t.dtype);
     if (bits == 0) fail("tensor \"", name, "\" has unknown dtype \"", t.dtype, "\" (known: ", detail::dtype_names(), ")");
 
     const nlohmann::json& shape = field("shape");
-    if (!shape.is_array()) fail("tensor \"", name, "\": \"shape\" ", shape.dump(), " is not an array");
+    if (!shape.is_array()) fail("tensor \"", name, "\": \"shape\" ", detail::quoted(shape), " is not an array");
     std::uint64_t elements = 1;
     bool overflow = false, empty = false;
     for (const nlohmann::json& dim : shape) {
       std::uint64_t size = 0;
       if (!detail::non_negative_integer(dim, size))
-        fail("tensor \"", name, "\": \"shape\" ", shape.dump(), " has ",
+        fail("tensor \"", name, "\": \"shape\" ", detail::quoted(shape), " has ",
              dim.is_number_integer() ? "a negative size" : "a size that is not an integer");
       if (size > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()))
-        fail("tensor \"", name, "\": \"shape\" ", shape.dump(), " has a size above 2^63 - 1");
+        fail("tensor \"", name, "\": \"shape\" ", detail::quoted(shape), " has a size above 2^63 - 1");
       t.shape.push_back(static_cast<std::int64_t>(size));
       empty = empty || size == 0;
       overflow = overflow || !detail::multiply(elements, size, elements);
@@ -372,7 +456,8 @@ class SafeTensors {
     Span span{};
     if (!offsets.is_array() || offsets.size() != 2 || !detail::non_negative_integer(offsets[0], span.begin) ||
         !detail::non_negative_integer(offsets[1], span.end) || span.begin > span.end)
-      fail("tensor \"", name, "\": \"data_offsets\" ", offsets.dump(), " is not [begin, end] with 0 <= begin <= end");
+      fail("tensor \"", name, "\": \"data_offsets\" ", detail::quoted(offsets),
+           " is not [begin, end] with 0 <= begin <= end");
     if (span.end > data_size)
       fail("tensor \"", name, "\": data_offsets [", span.begin, ", ", span.end, "] run past the end of the ",
            data_size, "-byte data buffer (truncated file?)");
