@@ -1,14 +1,27 @@
 // PyTorch weights: a module built from a state_dict's tensors, or loaded from a .safetensors file
 // saved from PyTorch, computes what the PyTorch module computed. The files in tests/fixtures are
-// made by examples/export_pytorch_mha.py and carry an input and PyTorch's output for it.
+// made by examples/export_pytorch_mha.py and carry an input and PyTorch's output for it. Shapes are
+// checked before anything is allocated: Eigen may be forbidden to allocate while an import fails.
+
+// Eigen's assertions throw in this program, in every build type, so that a heap allocation while
+// Eigen::internal::set_is_malloc_allowed(false) holds (or a size mismatch) fails the test.
+#include <stdexcept>
+#define eigen_assert(condition) \
+  ((condition) ? static_cast<void>(0) : throw std::runtime_error("Eigen assertion failed: " #condition))
+#define EIGEN_RUNTIME_NO_MALLOC
+
 #include <mha/io/pytorch.hpp>
 #include <mha/io/safetensors.hpp>
 #include <mha/mha.hpp>
 
 #include "test_util.hpp"
 
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
 #include <fstream>
 #include <iterator>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -91,6 +104,113 @@ TEST(PyTorchImport, TruncatedOrMissingFilesAreClearErrors) {
   const auto tensors = mha::io::SafeTensors::parse(bytes);
   EXPECT_EQ(error_of([&] { mha::io::from_state_dict<float>(tensors, 4, "decoder.self_attn."); }),
             "mha: PyTorch weights: no tensor \"decoder.self_attn.out_proj.weight\"");
+}
+
+/// A safetensors file of F16 zeros: a tensor of each shape, by name.
+std::vector<unsigned char> f16_file(const std::map<std::string, std::vector<std::int64_t>>& shapes) {
+  nlohmann::json header = nlohmann::json::object();
+  std::int64_t end = 0;
+  for (const auto& [name, shape] : shapes) {
+    std::int64_t bytes = 2;
+    for (std::int64_t n : shape) bytes *= n;
+    header[name] = {{"dtype", "F16"}, {"shape", shape}, {"data_offsets", {end, end + bytes}}};
+    end += bytes;
+  }
+  const std::string text = header.dump();
+  std::vector<unsigned char> file;
+  for (int i = 0; i < 8; ++i) file.push_back(static_cast<unsigned char>(text.size() >> (8 * i)));
+  file.insert(file.end(), text.begin(), text.end());
+  file.resize(file.size() + static_cast<std::size_t>(end));
+  return file;
+}
+
+/// Forbids Eigen's heap allocations while it lives: one throws std::runtime_error (see eigen_assert
+/// above), which error_of does not catch.
+class NoEigenAllocation {
+ public:
+  NoEigenAllocation() { Eigen::internal::set_is_malloc_allowed(false); }
+  ~NoEigenAllocation() { Eigen::internal::set_is_malloc_allowed(true); }
+  NoEigenAllocation(const NoEigenAllocation&) = delete;
+  NoEigenAllocation& operator=(const NoEigenAllocation&) = delete;
+};
+
+TEST(PyTorchImport, HugeDeclaredWidthsAreRejectedBeforeAnythingIsAllocated) {
+  // A 16 KB file whose in_proj_weight is 1 x 8000 declares E = 8000: its module, 4 · 8000² floats
+  // (1 GiB), was allocated and initialised (3.4 s) before the shape was checked; 1 x 50000 (a
+  // 100 KB file) ran out of memory. Now no tensor is converted and no module built.
+  for (const std::int64_t E : {8000, 50000}) {
+    const auto tensors = mha::io::SafeTensors::parse(f16_file({{"in_proj_weight", {1, E}}, {"out_proj.weight", {1, 1}}}));
+    const std::string e = std::to_string(E);
+    const NoEigenAllocation forbidden;
+    EXPECT_EQ(error_of([&] { mha::io::from_state_dict<float>(tensors, 1); }),
+              "mha: PyTorch weights: in_proj_weight is 1 x " + e + " but must be " + std::to_string(3 * E) + " x " + e);
+    EXPECT_EQ(error_of([&] { mha::io::from_state_dict<double>(tensors, 3); }),
+              "mha: d_model = " + e + " is not divisible by num_heads = 3; set d_k and d_v explicitly or choose a divisor");
+  }
+  // Every other shape too, with kdim and vdim from k_proj_weight and v_proj_weight.
+  const auto unpacked = mha::io::SafeTensors::parse(
+      f16_file({{"q_proj_weight", {4, 4}}, {"k_proj_weight", {1, 50000}}, {"v_proj_weight", {4, 3}}, {"out_proj.weight", {4, 4}}}));
+  const auto biased = mha::io::SafeTensors::parse(
+      f16_file({{"in_proj_weight", {12, 4}}, {"in_proj_bias", {50000}}, {"out_proj.weight", {4, 4}}, {"out_proj.bias", {4}}}));
+  const auto out = mha::io::SafeTensors::parse(f16_file({{"in_proj_weight", {12, 4}}, {"out_proj.weight", {50000, 4}}}));
+  const NoEigenAllocation forbidden;
+  EXPECT_EQ(error_of([&] { mha::io::from_state_dict<float>(unpacked, 2); }),
+            "mha: PyTorch weights: k_proj_weight is 1 x 50000 but must be 4 x 50000");
+  EXPECT_EQ(error_of([&] { mha::io::from_state_dict<float>(biased, 2); }),
+            "mha: PyTorch weights: in_proj_bias has 50000 values but must have 12");
+  EXPECT_EQ(error_of([&] { mha::io::from_state_dict<float>(out, 2); }),
+            "mha: PyTorch weights: out_proj.weight is 50000 x 4 but must be 4 x 4");
+}
+
+TEST(PyTorchImport, FromPytorchChecksEveryShapeBeforeBuildingTheModule) {
+  mha::io::PyTorchMultiheadAttention<float> w;
+  w.in_proj_weight = Matrix<float>::Zero(1, 50000);
+  w.out_proj_weight = Matrix<float>::Zero(1, 1);
+  mha::io::PyTorchMultiheadAttention<float> valid;
+  valid.in_proj_weight = Matrix<float>::Zero(12, 4);
+  valid.out_proj_weight = Matrix<float>::Zero(4, 4);
+  valid.bias_k = Matrix<float>::Zero(1, 4);
+  valid.bias_v = Matrix<float>::Zero(1, 5);
+  const NoEigenAllocation forbidden;
+  EXPECT_EQ(error_of([&] { mha::io::from_pytorch(w, 1); }),
+            "mha: PyTorch weights: in_proj_weight is 1 x 50000 but must be 150000 x 50000");
+  EXPECT_EQ(error_of([&] { mha::io::from_pytorch(valid, 2); }), "mha: PyTorch weights: bias_v has 5 values but must have 4");
+  valid.bias_v = Matrix<float>::Zero(0, 0);  // (allocates nothing)
+  EXPECT_EQ(error_of([&] { mha::io::from_pytorch(valid, 2); }), "mha: PyTorch weights: bias_v has 0 values but must have 4");
+  valid.bias_k = Matrix<float>::Zero(0, 0);
+  // Shapes that fit: building the module allocates, which the guard catches (so it would catch an
+  // allocation before the checks too).
+  EXPECT_THROW(mha::io::from_pytorch(valid, 2), std::runtime_error);
+}
+
+TEST(PyTorchImport, EmptyKeyAndValueProjectionsAreRejected) {
+  // k_proj_weight of shape E x 0 gave kdim = 0, which a configuration reads as "kdim = E": the E x 0
+  // weight passed its check against E x 0 and was then copied into the E x E W^K.
+  mha::io::PyTorchMultiheadAttention<double> w;
+  w.q_proj_weight = Matrix<double>::Zero(4, 4);
+  w.k_proj_weight = Matrix<double>::Zero(4, 0);
+  w.v_proj_weight = Matrix<double>::Zero(4, 4);
+  w.out_proj_weight = Matrix<double>::Zero(4, 4);
+  EXPECT_EQ(error_of([&] { mha::io::from_pytorch(w, 2); }), "mha: PyTorch weights: k_proj_weight is 4 x 0 but must be 4 x 4");
+  w.k_proj_weight = Matrix<double>::Zero(4, 3);
+  w.v_proj_weight = Matrix<double>::Zero(4, 0);
+  EXPECT_EQ(error_of([&] { mha::io::from_pytorch(w, 2); }), "mha: PyTorch weights: v_proj_weight is 4 x 0 but must be 4 x 4");
+  const auto tensors = mha::io::SafeTensors::parse(
+      f16_file({{"q_proj_weight", {4, 4}}, {"k_proj_weight", {4, 0}}, {"v_proj_weight", {4, 4}}, {"out_proj.weight", {4, 4}}}));
+  EXPECT_EQ(error_of([&] { mha::io::from_state_dict<float>(tensors, 2); }),
+            "mha: PyTorch weights: k_proj_weight is 4 x 0 but must be 4 x 4");
+}
+
+TEST(PyTorchImport, StateDictErrorsNameTheTensorWithItsPrefix) {
+  const auto tensors = mha::io::SafeTensors::parse(f16_file(
+      {{"encoder.self_attn.in_proj_weight", {24, 8}}, {"encoder.self_attn.out_proj.weight", {8, 8}},
+       {"encoder.self_attn.bias_k", {1, 1, 8}}, {"encoder.self_attn.bias_v", {1, 1, 7}}}));
+  EXPECT_EQ(error_of([&] { mha::io::from_state_dict<float>(tensors, 2, "encoder.self_attn."); }),
+            "mha: PyTorch weights: encoder.self_attn.bias_v has 7 values but must have 8");
+  const auto stray = mha::io::SafeTensors::parse(f16_file(
+      {{"enc.in_proj_weight", {24, 8}}, {"enc.out_proj.weight", {8, 8}}, {"enc.out_proj.bias", {8}}}));
+  EXPECT_EQ(error_of([&] { mha::io::from_state_dict<float>(stray, 2, "enc."); }),
+            "mha: PyTorch weights: enc.out_proj.bias is given but enc.in_proj_bias is not; PyTorch has both or neither");
 }
 
 }  // namespace
