@@ -28,15 +28,12 @@
 
 #include <Eigen/Core>
 
-// stb (Debian: libstb-dev): the PNG writer, and a tiny bitmap font drawn as rectangles.
-#define STB_IMAGE_WRITE_IMPLEMENTATION
-#include <stb_easy_font.h>
-#include <stb_image_write.h>
+// Cairo (Debian: libcairo2-dev) draws the picture and writes it as PNG.
+#include <cairo.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <cstdint>
 #include <cstdio>
 #include <random>
 #include <string>
@@ -258,77 +255,37 @@ struct ReverseModel {
   Matrix d_embedding, d_position, d_w_out, d_b_out;  // dloss/d of ours, shapes as ours
 };
 
-// ---- The picture: rectangles, lines and stb_easy_font's text on an RGB canvas. ----
+// ---- The picture, drawn with Cairo: pixel coordinates, y downwards, text placed by its baseline. ----
 
 struct Rgb {
-  std::uint8_t r, g, b;
+  double r, g, b;  // 0 … 255
 };
-constexpr Rgb kBlack{0, 0, 0}, kGrey{120, 120, 120}, kLightGrey{225, 225, 225}, kBlue{31, 89, 160};
+constexpr Rgb kWhite{255, 255, 255}, kBlack{0, 0, 0}, kGrey{120, 120, 120}, kLightGrey{225, 225, 225},
+    kBlue{31, 89, 160};
 
-class Canvas {
- public:
-  Canvas(int width, int height)
-      : width_(width), height_(height), pixels_(static_cast<std::size_t>(3 * width * height), 255) {}
+void set_colour(cairo_t* cr, Rgb c) { cairo_set_source_rgb(cr, c.r / 255, c.g / 255, c.b / 255); }
 
-  /// Fills the pixels [x0, x1) × [y0, y1), clipped to the canvas.
-  void fill(int x0, int y0, int x1, int y1, Rgb c) {
-    for (int y = std::max(y0, 0); y < std::min(y1, height_); ++y)
-      for (int x = std::max(x0, 0); x < std::min(x1, width_); ++x) {
-        std::uint8_t* p = &pixels_[static_cast<std::size_t>(3 * (y * width_ + x))];
-        p[0] = c.r;
-        p[1] = c.g;
-        p[2] = c.b;
-      }
-  }
+/// Fills a rectangle; on whole pixels its edges are crisp.
+void fill(cairo_t* cr, double x, double y, double width, double height, Rgb c) {
+  set_colour(cr, c);
+  cairo_rectangle(cr, x, y, width, height);
+  cairo_fill(cr);
+}
 
-  /// A line `thickness` pixels wide, drawn as a square brush stepped along it one pixel at a time.
-  void line(double x0, double y0, double x1, double y1, Rgb c, int thickness = 2) {
-    const int steps = static_cast<int>(std::ceil(std::max(std::abs(x1 - x0), std::abs(y1 - y0)))) + 1;
-    for (int s = 0; s <= steps; ++s) {
-      const double t = static_cast<double>(s) / steps;
-      const int x = static_cast<int>(std::lround(x0 + t * (x1 - x0))) - thickness / 2;
-      const int y = static_cast<int>(std::lround(y0 + t * (y1 - y0))) - thickness / 2;
-      fill(x, y, x + thickness, y + thickness, c);
-    }
-  }
+/// Where a text's x lies: its left end, its centre or its right end (fractions of its width).
+constexpr double kLeft = 0, kCentre = 0.5, kRight = 1;
 
-  /// Writes `text` with its top-left corner at (x, y), each font pixel `scale` × `scale` pixels.
-  /// stb_easy_font describes the glyphs as axis-aligned quads (4 vertices of x, y, z: float, and
-  /// a colour: 4 bytes), which are exactly rectangles to fill.
-  void text(int x, int y, const std::string& text, Rgb c, int scale = 2) {
-    std::string mutable_text = text;  // stb_easy_font takes char*
-    std::vector<char> vertices(64 * 1024);
-    const int quads = stb_easy_font_print(0, 0, mutable_text.data(), nullptr, vertices.data(),
-                                          static_cast<int>(vertices.size()));
-    for (int q = 0; q < quads; ++q) {
-      float corner[4][4];  // x, y, z, colour of each vertex
-      std::copy_n(vertices.data() + q * sizeof corner, sizeof corner, reinterpret_cast<char*>(corner));
-      const auto px = [&](float v, int origin) { return origin + static_cast<int>(std::lround(v * scale)); };
-      fill(px(corner[0][0], x), px(corner[0][1], y), px(corner[2][0], x), px(corner[2][1], y), c);
-    }
-  }
+/// Writes `text` in a font of `size` pixels, its baseline at y and its `anchor` point at x.
+void text(cairo_t* cr, double x, double y, const std::string& text, Rgb c, double anchor = kLeft, double size = 15) {
+  cairo_set_font_size(cr, size);
+  cairo_text_extents_t extents;
+  cairo_text_extents(cr, text.c_str(), &extents);
+  set_colour(cr, c);
+  cairo_move_to(cr, x - anchor * extents.x_advance, y);
+  cairo_show_text(cr, text.c_str());
+}
 
-  /// The width in pixels of `text` drawn at `scale`.
-  static int text_width(const std::string& text, int scale = 2) {
-    std::string mutable_text = text;
-    return stb_easy_font_width(mutable_text.data()) * scale;
-  }
-
-  /// Writes the text centred on x.
-  void centred_text(int x, int y, const std::string& text, Rgb c, int scale = 2) {
-    this->text(x - text_width(text, scale) / 2, y, text, c, scale);
-  }
-
-  bool write_png(const std::string& path) const {
-    return stbi_write_png(path.c_str(), width_, height_, 3, pixels_.data(), 3 * width_) != 0;
-  }
-
- private:
-  int width_, height_;
-  std::vector<std::uint8_t> pixels_;  // row-major RGB, 3 bytes per pixel
-};
-
-/// A rectangle on the canvas: left, top, width, height in pixels.
+/// A rectangle of the picture: left, top, width, height in pixels.
 struct Box {
   int x, y, width, height;
 };
@@ -340,56 +297,99 @@ std::string format(const char* pattern, double value) {
 }
 
 /// The loss against the step, log scale, in `box` (the plotting area; labels go around it).
-void plot_loss(Canvas& canvas, Box box, const std::vector<std::pair<int, double>>& curve, int last_step) {
+void plot_loss(cairo_t* cr, Box box, const std::vector<std::pair<int, double>>& curve, int last_step) {
   double low = curve.front().second, high = low;
   for (const auto& point : curve) low = std::min(low, point.second), high = std::max(high, point.second);
   const int first_decade = static_cast<int>(std::floor(std::log10(low)));
   const int last_decade = static_cast<int>(std::ceil(std::log10(high)));
+  const int bottom = box.y + box.height;
   const auto x_of = [&](double step) { return box.x + step / last_step * box.width; };
   const auto y_of = [&](double loss) {
-    return box.y + box.height - (std::log10(loss) - first_decade) / (last_decade - first_decade) * box.height;
+    return bottom - (std::log10(loss) - first_decade) / (last_decade - first_decade) * box.height;
   };
   // Grid lines and labels: every power of ten on the loss axis, five ticks on the step axis.
   for (int decade = first_decade; decade <= last_decade; ++decade) {
-    const int y = static_cast<int>(std::lround(y_of(std::pow(10.0, decade))));
-    canvas.fill(box.x, y, box.x + box.width, y + 1, kLightGrey);
-    const std::string label = format("%g", std::pow(10.0, decade));
-    canvas.text(box.x - 10 - Canvas::text_width(label), y - 6, label, kBlack);
+    const double y = std::round(y_of(std::pow(10.0, decade)));
+    fill(cr, box.x, y, box.width, 1, kLightGrey);
+    text(cr, box.x - 10, y + 5, format("%g", std::pow(10.0, decade)), kBlack, kRight);
   }
   for (int tick = 0; tick <= 5; ++tick) {
-    const int step = last_step * tick / 5, x = static_cast<int>(std::lround(x_of(step)));
-    canvas.fill(x, box.y + box.height, x + 1, box.y + box.height + 6, kBlack);
-    canvas.centred_text(x, box.y + box.height + 12, std::to_string(step), kBlack);
+    const int step = last_step * tick / 5;
+    const double x = std::round(x_of(step));
+    fill(cr, x, bottom, 1, 6, kBlack);
+    text(cr, x, bottom + 24, std::to_string(step), kBlack, kCentre);
   }
-  canvas.fill(box.x, box.y, box.x + 2, box.y + box.height + 1, kBlack);                             // loss axis
-  canvas.fill(box.x, box.y + box.height, box.x + box.width, box.y + box.height + 2, kBlack);       // step axis
-  canvas.centred_text(box.x + box.width / 2, box.y + box.height + 36, "training step", kBlack);
-  for (std::size_t k = 1; k < curve.size(); ++k)
-    canvas.line(x_of(curve[k - 1].first), y_of(curve[k - 1].second), x_of(curve[k].first), y_of(curve[k].second),
-                kBlue);
+  fill(cr, box.x, box.y, 2, box.height + 1, kBlack);  // loss axis
+  fill(cr, box.x, bottom, box.width, 2, kBlack);      // step axis
+  text(cr, box.x + box.width / 2.0, bottom + 48, "training step", kBlack, kCentre);
+  // Without a current point the first line_to only moves there: the curve starts at its first point.
+  cairo_new_path(cr);
+  for (const auto& [step, loss] : curve) cairo_line_to(cr, x_of(step), y_of(loss));
+  set_colour(cr, kBlue);
+  cairo_set_line_width(cr, 2);
+  cairo_set_line_join(cr, CAIRO_LINE_JOIN_ROUND);
+  cairo_stroke(cr);
 }
 
 /// One head's attention weights (n × n, rows sum to 1) as a heatmap of cell × cell squares, white
 /// for 0 to dark blue for 1, columns labelled with the input tokens and rows with the outputs.
-void plot_weights(Canvas& canvas, int x, int y, int cell, const Matrix& weights, const std::string& inputs,
+void plot_weights(cairo_t* cr, int x, int y, int cell, const Matrix& weights, const std::string& inputs,
                   const std::string& outputs) {
   for (Index i = 0; i < weights.rows(); ++i)
     for (Index j = 0; j < weights.cols(); ++j) {
       const double w = std::clamp(static_cast<double>(weights(i, j)), 0.0, 1.0);
-      const auto shade = [&](int to) { return static_cast<std::uint8_t>(std::lround(255 + w * (to - 255))); };
-      const int left = x + static_cast<int>(j) * cell, top = y + static_cast<int>(i) * cell;
-      canvas.fill(left, top, left + cell, top + cell, {shade(8), shade(48), shade(107)});
+      const auto shade = [&](double to) { return 255 + w * (to - 255); };
+      fill(cr, x + static_cast<double>(j * cell), y + static_cast<double>(i * cell), cell, cell,
+           {shade(8), shade(48), shade(107)});
     }
-  const int size = cell * static_cast<int>(weights.rows());
-  for (const int edge : {0, size}) {  // a frame
-    canvas.fill(x + edge, y, x + edge + 1, y + size + 1, kGrey);
-    canvas.fill(x, y + edge, x + size + 1, y + edge + 1, kGrey);
-  }
+  // A frame one pixel wide: centred on half pixels, it covers whole ones.
+  const double size = cell * static_cast<double>(weights.rows());
+  cairo_rectangle(cr, x + 0.5, y + 0.5, size, size);
+  set_colour(cr, kGrey);
+  cairo_set_line_width(cr, 1);
+  cairo_stroke(cr);
   for (std::size_t k = 0; k < inputs.size(); ++k) {
-    const int offset = static_cast<int>(k) * cell + cell / 2;
-    canvas.centred_text(x + offset, y - 18, std::string(1, inputs[k]), kBlack);
-    canvas.centred_text(x - 12, y + offset - 6, std::string(1, outputs[k]), kBlack);
+    const double offset = static_cast<double>(k) * cell + cell / 2.0;
+    text(cr, x + offset, y - 6, std::string(1, inputs[k]), kBlack, kCentre);
+    text(cr, x - 10, y + offset + 5, std::string(1, outputs[k]), kBlack, kCentre);
   }
+}
+
+/// Writes the picture to `path` as PNG: the loss curve on the left, each head's weights on the
+/// held-out example on the right. False when it could not be written.
+bool write_picture(const std::string& path, const std::vector<std::pair<int, double>>& curve,
+                   const std::vector<Matrix>& head_weights, const std::string& inputs, const std::string& outputs,
+                   double accuracy) {
+  constexpr int width = 1220, height = 720, cell = 18, map = cell * static_cast<int>(kLength);
+  cairo_surface_t* surface = cairo_image_surface_create(CAIRO_FORMAT_RGB24, width, height);
+  cairo_t* cr = cairo_create(surface);
+  fill(cr, 0, 0, width, height, kWhite);  // a new surface is black
+  // Cairo's simple text API: whatever font fontconfig gives for sans-serif (Debian: DejaVu Sans).
+  cairo_select_font_face(cr, "sans-serif", CAIRO_FONT_SLANT_NORMAL, CAIRO_FONT_WEIGHT_NORMAL);
+  text(cr, 30, 45, "multi-head attention learns to reverse a sequence", kBlack, kLeft, 28);
+  text(cr, 30, 78,
+       "d_model " + std::to_string(kModelWidth) + ", " + std::to_string(kHeads) + " heads, vocabulary " +
+           std::to_string(kVocabulary) + ", length " + std::to_string(kLength) +
+           format("; held-out token accuracy %.2f%%", 100 * accuracy),
+       kGrey);
+  text(cr, 110, 125, "cross-entropy loss (log scale)", kBlack);
+  plot_loss(cr, {110, 140, 440, 400}, curve, kSteps);
+  for (std::size_t head = 0; head < head_weights.size(); ++head) {
+    const int left = 700 + static_cast<int>(head % 2) * (map + 60), top = 130 + static_cast<int>(head / 2) * (map + 80);
+    text(cr, left + map / 2.0, top - 28, "head " + std::to_string(head + 1), kBlack, kCentre, 17);
+    plot_weights(cr, left, top, cell, head_weights[head], inputs, outputs);
+  }
+  text(cr, 30, 680,
+       "right: each head's attention weights on one held-out sequence (each row sums to 1; white 0, blue 1)", kGrey);
+  text(cr, 30, 702,
+       "column j: input token j; row i: output token i, which is input token " + std::to_string(kLength - 1) +
+           " - i: the anti-diagonal",
+       kGrey);
+  // A surface that could not be made ignores the drawing; writing it then reports the failure.
+  const bool written = cairo_surface_write_to_png(surface, path.c_str()) == CAIRO_STATUS_SUCCESS;
+  cairo_destroy(cr);
+  cairo_surface_destroy(surface);
+  return written;
 }
 
 }  // namespace
@@ -476,30 +476,7 @@ int main(int argc, char** argv) {
   }
   std::printf("\nFor example:  input %s  ->  output %s\n", inputs.c_str(), outputs.c_str());
 
-  // The picture: the loss curve on the left, each head's weights on the example on the right.
-  constexpr int cell = 18, map = cell * static_cast<int>(kLength);
-  Canvas canvas(1220, 720);
-  canvas.text(30, 20, "multi-head attention learns to reverse a sequence", kBlack, 3);
-  canvas.text(30, 60,
-              "d_model " + std::to_string(kModelWidth) + ", " + std::to_string(kHeads) + " heads, vocabulary " +
-                  std::to_string(kVocabulary) + ", length " + std::to_string(kLength) +
-                  format("; held-out token accuracy %.2f%%", 100 * test.accuracy),
-              kGrey);
-  canvas.text(110, 110, "cross-entropy loss (log scale)", kBlack);
-  plot_loss(canvas, {110, 140, 440, 400}, curve, kSteps);
-  for (int head = 0; head < static_cast<int>(kHeads); ++head) {
-    const int left = 700 + (head % 2) * (map + 60), top = 130 + (head / 2) * (map + 80);
-    canvas.centred_text(left + map / 2, top - 40, "head " + std::to_string(head + 1), kBlack);
-    plot_weights(canvas, left, top, cell, result.weights[static_cast<std::size_t>(head)], inputs, outputs);
-  }
-  canvas.text(30, 666,
-              "right: each head's attention weights on one held-out sequence (each row sums to 1; white 0, blue 1)",
-              kGrey);
-  canvas.text(30, 688,
-              "column j: input token j; row i: output token i, which is input token " + std::to_string(kLength - 1) +
-                  " - i: the anti-diagonal",
-              kGrey);
-  if (!canvas.write_png(picture)) {
+  if (!write_picture(picture, curve, result.weights, inputs, outputs, test.accuracy)) {
     std::fprintf(stderr, "error: could not write %s\n", picture.c_str());
     return 1;
   }

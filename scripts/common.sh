@@ -2,7 +2,7 @@
 # Sourced, not run.
 
 # The Debian packages that building and testing mha needs.
-MHA_PACKAGES=(cmake make g++ libeigen3-dev libgtest-dev libbenchmark-dev nlohmann-json3-dev libstb-dev)
+MHA_PACKAGES=(cmake make g++ libeigen3-dev libgtest-dev libbenchmark-dev nlohmann-json3-dev libcairo2-dev)
 # And those that `scripts/test --full` adds: clang with its sanitizer, libFuzzer and OpenMP runtimes.
 MHA_FULL_PACKAGES=(clang libclang-rt-14-dev libomp-dev)
 
