@@ -7,8 +7,15 @@
 #include <gtest/gtest.h>
 
 #include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
+#include <cstdlib>
+#include <cstdio>
 #include <fstream>
+#include <iostream>
+#include <new>
+#include <sstream>
 #include <string>
 
 namespace {
@@ -65,6 +72,98 @@ TEST(Memory, CausalTrainingStepOver16384TokensPeaksBelowOneGiB) {
   RecordProperty("peak_resident_MiB", static_cast<int>(peak / kMiB));
   RecordProperty("tape_MiB", static_cast<int>(static_cast<double>(tape.bytes()) / kMiB));
   EXPECT_LT(peak, 1024.0 * kMiB) << "peak resident memory " << peak / kMiB << " MiB";
+}
+
+/// The address space this process has mapped, in bytes (Linux's VmSize).
+double address_space_bytes() {
+  std::ifstream status("/proc/self/status");
+  for (std::string line; std::getline(status, line);)
+    if (line.rfind("VmSize:", 0) == 0) return std::stod(line.substr(7)) * 1024.0;
+  return 0;
+}
+
+/// Limits this process's address space to `bytes` (the soft limit; it can be raised again).
+void limit_address_space(double bytes) {
+  rlimit limit{};
+  getrlimit(RLIMIT_AS, &limit);
+  limit.rlim_cur = bytes > 0 ? static_cast<rlim_t>(bytes) : limit.rlim_max;
+  setrlimit(RLIMIT_AS, &limit);
+}
+
+/// What AllocationFailuresReachTheCallerAndLeaveTheCacheAsItWas checks, in a process of its own:
+/// under an address-space limit a little above what the process already maps, swept in small
+/// steps, each forward pass, backward pass and decode step either succeeds or throws
+/// std::bad_alloc to its caller — from inside the parallel regions too, where an escaping
+/// exception would call std::terminate — and a decode step that threw leaves the cache as it was.
+void allocation_failure_sweep() {
+  mha::set_num_threads(2);
+  mha::MultiHeadAttentionConfig config;
+  config.d_model = 128;
+  config.num_heads = 4;
+  const mha::MultiHeadAttention<float> attn(config);
+  const Eigen::MatrixXf x = Eigen::MatrixXf::Random(1024, 128), prompt = Eigen::MatrixXf::Random(300, 128);
+  mha::AttentionOptions causal;
+  causal.causal = true;
+  // Without a limit: the results, and OpenMP's threads started before any limit is set.
+  const Eigen::MatrixXf expected = attn.forward(x, causal);
+  auto reference_cache = attn.make_cache(), cache = attn.make_cache();
+  attn.decode(prompt, reference_cache);
+  attn.decode(prompt, cache);
+  int failures = 0, successes = 0;
+  const double base = address_space_bytes();
+  for (double extra = 0; extra < 24.0 * kMiB; extra += 96.0 * 1024) {
+    const Eigen::MatrixXf token = Eigen::MatrixXf::Random(static_cast<Eigen::Index>(extra / 1024) % 3 ? 1 : 40, 128);
+    const Eigen::Index before = cache.length();
+    Eigen::MatrixXf output, step;
+    bool forward_failed = false, step_failed = false;
+    limit_address_space(base + extra);
+    try {
+      output = attn.forward(x, causal);
+    } catch (const std::bad_alloc&) {
+      forward_failed = true;
+    }
+    try {
+      step = attn.decode(token, cache);
+    } catch (const std::bad_alloc&) {
+      step_failed = true;
+    }
+    limit_address_space(0);
+    (forward_failed ? failures : successes) += 1;
+    if (!forward_failed) {
+      EXPECT_EQ(output, expected) << "limit +" << extra / kMiB << " MiB";
+    }
+    const Eigen::MatrixXf reference_step = attn.decode(token, reference_cache);
+    if (step_failed) {
+      ++failures;
+      ASSERT_EQ(cache.length(), before) << "a decode step that threw changed the cache";
+      step = attn.decode(token, cache);
+    }
+    ASSERT_EQ(step, reference_step) << "limit +" << extra / kMiB << " MiB";
+  }
+  EXPECT_GT(failures, 0) << "no limit was tight enough to fail";
+  EXPECT_GT(successes, 0) << "no limit was loose enough to succeed";
+  std::cout << failures << " calls threw std::bad_alloc, " << successes << " forward passes succeeded\n";
+}
+
+// The sweep runs in a child process (this test program again), so that a terminate there is a
+// failed test here, and this process's memory stays unlimited.
+TEST(Memory, AllocationFailuresReachTheCallerAndLeaveTheCacheAsItWas) {
+  if (std::getenv("MHA_ALLOCATION_FAILURE_CHILD")) return allocation_failure_sweep();
+  char self[4096] = {};
+  ASSERT_GT(readlink("/proc/self/exe", self, sizeof self - 1), 0);
+  const std::string command = std::string("MHA_ALLOCATION_FAILURE_CHILD=1 '") + self +
+                              "' --gtest_filter=Memory.AllocationFailuresReachTheCallerAndLeaveTheCacheAsItWas 2>&1";
+  FILE* child = popen(command.c_str(), "r");
+  ASSERT_NE(child, nullptr);
+  std::string output;
+  char buffer[4096];
+  while (std::fgets(buffer, sizeof buffer, child)) output += buffer;
+  const int status = pclose(child);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
+      << "the child " << (WIFSIGNALED(status) ? "was killed by signal " + std::to_string(WTERMSIG(status)) : "failed")
+      << ":\n" << output;
+  const auto summary = output.find("calls threw");
+  if (summary != std::string::npos) std::cout << "child: " << output.substr(output.rfind('\n', summary) + 1, output.find('\n', summary) - output.rfind('\n', summary));
 }
 
 }  // namespace

@@ -449,7 +449,7 @@ Eigen::Matrix<typename DerivedQ::Scalar, Eigen::Dynamic, Eigen::Dynamic> scaled_
   if (!options.key_padding_mask.empty() && (options.key_padding_mask.rows() != 1 || options.key_padding_mask.cols() != S))
     detail::fail("scaled_dot_product_attention: options.key_padding_mask is ", options.key_padding_mask.rows(), " x ",
                  options.key_padding_mask.cols(), " but must be 1 x S = 1 x ", S);
-  const auto scale = static_cast<Scalar>(detail::resolve_scale(options, q.cols()));
+  const auto scale = detail::resolve_scale<Scalar>(options, q.cols());
   // Views of the inputs; an expression or a strided layout is evaluated once, here.
   const detail::ConstMatrixRef<Scalar> q_ref(q.derived()), k_ref(k.derived()), v_ref(v.derived());
   const detail::Matrix<Scalar> mask = options.mask.template additive_matrix<Scalar>();
@@ -458,7 +458,7 @@ Eigen::Matrix<typename DerivedQ::Scalar, Eigen::Dynamic, Eigen::Dynamic> scaled_
   visibility.masked_keys = S;
   visibility.causal = options.causal;
   visibility.position_offset = options.alignment == CausalAlignment::bottom_right ? S - L : 0;
-  visibility.window = detail::resolve_window(options);
+  visibility.window = detail::effective_window(detail::resolve_window(options), L, S);
   if (mask.size() > 0) visibility.mask = &mask;
   if (key_padding.size() > 0) visibility.key_padding = &key_padding;
   detail::Matrix<Scalar> out(L, v.cols());

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <sstream>
 #include <stdexcept>
@@ -37,6 +38,13 @@ template <typename... Parts>
 template <typename Derived>
 std::string shape(const Eigen::EigenBase<Derived>& m) {
   return std::to_string(m.rows()) + " x " + std::to_string(m.cols());
+}
+
+/// Sets `product` to a · b and \returns true, or \returns false if a · b overflows (a, b >= 0).
+inline bool multiply(Eigen::Index a, Eigen::Index b, Eigen::Index& product) {
+  if (a != 0 && b > std::numeric_limits<Eigen::Index>::max() / a) return false;
+  product = a * b;
+  return true;
 }
 
 /// \returns `x` itself when its coefficients can be read in place (a matrix, map or block, of either
@@ -121,7 +129,8 @@ struct MultiHeadAttentionConfig {
   RotaryPairs rotary_pairs = RotaryPairs::interleaved;  ///< which coordinates rotate together
 
   /// \returns this configuration with d_k, d_v, kdim and vdim resolved; throws
-  /// mha::invalid_argument if it describes no valid module.
+  /// mha::invalid_argument if it describes no valid module, including one whose parameter
+  /// matrices would have more entries than an Eigen::Index can count.
   MultiHeadAttentionConfig resolved() const {
     if (d_model <= 0) detail::fail("d_model must be positive, got d_model = ", d_model);
     if (num_heads <= 0) detail::fail("num_heads must be positive, got num_heads = ", num_heads);
@@ -148,7 +157,42 @@ struct MultiHeadAttentionConfig {
     if (r.num_kv_heads == 0) r.num_kv_heads = num_heads;
     if (rotary && r.d_k % 2 != 0)
       detail::fail("rotary embeddings rotate pairs of coordinates, so d_k must be even, got d_k = ", r.d_k);
+    if (rotary) r.check_rotary_frequencies();
+    r.check_parameter_sizes();
     return r;
+  }
+
+ private:
+  /// Throws unless every parameter matrix, W^Q (d_model × h·d_k), W^K (kdim × h_kv·d_k),
+  /// W^V (vdim × h_kv·d_v) and W^O (h·d_v × d_model), has a width and a count of entries that an
+  /// Eigen::Index holds, in bytes of double: sizes past that are no module but an overflow.
+  void check_parameter_sizes() const {
+    const auto product = [](const char* a_name, Eigen::Index a, const char* b_name, Eigen::Index b) {
+      Eigen::Index ab = 0;
+      if (!detail::multiply(a, b, ab) || !detail::multiply(ab, Eigen::Index(sizeof(double)), ab))
+        detail::fail(a_name, " · ", b_name, " = ", a, " · ", b, " is too large: the parameters would not fit in ",
+                     "memory (more than 2^63 bytes)");
+      return a * b;
+    };
+    const Eigen::Index q_width = product("num_heads", num_heads, "d_k", d_k);
+    const Eigen::Index k_width = product("num_kv_heads", num_kv_heads, "d_k", d_k);
+    const Eigen::Index v_width = product("num_kv_heads", num_kv_heads, "d_v", d_v);
+    const Eigen::Index o_rows = product("num_heads", num_heads, "d_v", d_v);
+    product("d_model", d_model, "num_heads·d_k", q_width);
+    product("kdim", kdim, "num_kv_heads·d_k", k_width);
+    product("vdim", vdim, "num_kv_heads·d_v", v_width);
+    product("num_heads·d_v", o_rows, "d_model", d_model);
+  }
+
+  /// Throws unless every rotation frequency θ_i = rotary_base^(−2i/d_k), and its angle at any
+  /// position an Eigen::Index can hold, is finite: a tiny base makes the last θ overflow.
+  void check_rotary_frequencies() const {
+    // θ_i is monotone in i: the extreme frequencies are θ_0 = 1 and the last pair's.
+    const double last = std::pow(rotary_base, -static_cast<double>(d_k - 2) / static_cast<double>(d_k));
+    const double largest_position = static_cast<double>(std::numeric_limits<Eigen::Index>::max());
+    if (!(std::isfinite(last) && std::isfinite(last * largest_position)))
+      detail::fail("rotary_base = ", rotary_base, " gives the rotation frequency θ = ", last, " for d_k = ", d_k,
+                   ", whose angles overflow; use a base of about 1 or more (10000 is usual)");
   }
 };
 
@@ -160,14 +204,25 @@ inline Eigen::Index resolve_window(const AttentionOptions& options) {
   return options.window;
 }
 
-/// The scale of the scores: options.scale if set, else 1/√d_k (1 when d_k = 0, where every score
-/// is 0 anyway). Throws on a non-finite scale.
-inline double resolve_scale(const AttentionOptions& options, Eigen::Index d_k) {
+/// The window of L queries over S keys as the kernel applies it: a window of L + S keys or more
+/// hides no key from any query (a query is at most at position S − 1 + L), so it is no window,
+/// which keeps the kernel's position arithmetic far from overflow for any window the options hold.
+inline Eigen::Index effective_window(Eigen::Index window, Eigen::Index L, Eigen::Index S) {
+  return window >= L + S ? 0 : window;
+}
+
+/// The scale of the scores in `Scalar`: options.scale if set, else 1/√d_k (1 when d_k = 0, where
+/// every score is 0 anyway). Throws unless it is finite as a `Scalar` (1e39 is not a float).
+template <typename Scalar>
+Scalar resolve_scale(const AttentionOptions& options, Eigen::Index d_k) {
   if (options.scale) {
     if (!std::isfinite(*options.scale)) fail("options.scale must be finite, got ", *options.scale);
-    return *options.scale;
+    if (!std::isfinite(static_cast<Scalar>(*options.scale)))
+      fail("options.scale = ", *options.scale, " is not finite in the module's scalar type (at most ",
+           std::numeric_limits<Scalar>::max(), ")");
+    return static_cast<Scalar>(*options.scale);
   }
-  return d_k > 0 ? 1.0 / std::sqrt(static_cast<double>(d_k)) : 1.0;
+  return static_cast<Scalar>(d_k > 0 ? 1.0 / std::sqrt(static_cast<double>(d_k)) : 1.0);
 }
 
 }  // namespace detail

@@ -7,6 +7,7 @@
 #include <Eigen/Core>
 
 #include <cstddef>
+#include <cstdint>
 #include <vector>
 
 namespace mha {
@@ -18,8 +19,8 @@ class MultiHeadAttention;
 /// the inputs, their projections Q W^Q, K W^K, V W^V, the concatenated heads and, per head and query
 /// row, the log-sum-exp of the scores. Its memory is O((L + S) · width), never L × S: the backward
 /// recomputes the attention weights tile by tile from the log-sum-exp (FlashAttention-2). A tape
-/// can be reused; each forward overwrites it. It keeps a copy of the options, whose masks view
-/// the matrices they were made from: those must outlive the backward pass too.
+/// can be reused; each forward overwrites it. It keeps a copy of the options and of their masks,
+/// and belongs to the module that recorded it: only that module's backward() reads it.
 template <typename Scalar>
 class Tape {
  public:
@@ -43,6 +44,7 @@ class Tape {
   bool recorded_ = false;
   bool self_attention_ = false;               ///< key_ and value_ are empty: the inputs are query_
   MultiHeadAttentionConfig config_;           ///< of the module that recorded it
+  std::uint64_t module_ = 0;                  ///< the identity of the module that recorded it
   AttentionOptions options_;
   std::vector<Eigen::Index> query_lengths_, key_lengths_;
   Matrix query_, key_, value_;                ///< the inputs: ΣL × d_model, ΣS × kdim, ΣS × vdim

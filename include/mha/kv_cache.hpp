@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <vector>
 
 namespace mha {
@@ -41,6 +42,10 @@ class KVCache {
     lengths_.assign(count, 0);
   }
 
+  /// \returns whether no sequence holds a token.
+  bool empty() const {
+    return std::all_of(lengths_.begin(), lengths_.end(), [](Index n) { return n == 0; });
+  }
   /// \returns the number of sequences.
   Index sequences() const { return static_cast<Index>(lengths_.size()); }
   /// \returns the number of tokens cached for `sequence`.
@@ -98,26 +103,35 @@ class KVCache {
 
   /// Throws unless sequence b can take `more` tokens.
   void check_room(std::size_t b, Index more) const {
-    if (max_length_ > 0 && lengths_[b] + more > max_length_)
+    if (max_length_ > 0 && more > max_length_ - lengths_[b])
       detail::fail("KVCache: sequence ", b, " holds ", lengths_[b], " of at most ", max_length_, " tokens; ", more,
                    " more do not fit (make the cache with a larger max_length, or truncate it)");
   }
 
   /// Appends rows of keys and values to sequence b, growing its storage by doubling if needed.
+  /// The keys and the values grow each on its own, so that a growth that threw (std::bad_alloc)
+  /// leaves both usable.
   template <typename Keys, typename Values>
   void append(std::size_t b, const Keys& keys, const Values& values) {
     const Index length = lengths_[b], needed = length + keys.rows();
-    if (needed > keys_[b].rows()) {
-      const Index capacity = std::max<Index>({needed, 2 * keys_[b].rows(), 16});
-      keys_[b].conservativeResize(capacity, Eigen::NoChange);
-      values_[b].conservativeResize(capacity, Eigen::NoChange);
-    }
+    for (Matrix* storage : {&keys_[b], &values_[b]})
+      if (needed > storage->rows())
+        storage->conservativeResize(std::max<Index>({needed, 2 * storage->rows(), 16}), Eigen::NoChange);
     keys_[b].middleRows(length, keys.rows()) = keys;
     values_[b].middleRows(length, values.rows()) = values;
     lengths_[b] = needed;
   }
 
+  /// What put the tokens there: the module (its identity) and the window and scale they were
+  /// attended with. Read while the cache holds tokens; decode() refuses others.
+  struct Provenance {
+    std::uint64_t module = 0;
+    Index window = 0;
+    double scale = 0;
+  };
+
   MultiHeadAttentionConfig config_;  ///< of the module it was made for
+  Provenance filled_by_;
   Index max_length_;
   std::vector<Matrix> keys_, values_;  ///< per sequence: capacity × width, the first length rows used
   std::vector<Index> lengths_;

@@ -7,6 +7,7 @@
 #include <limits>
 #include <memory>
 #include <type_traits>
+#include <utility>
 
 namespace mha {
 
@@ -19,30 +20,45 @@ namespace mha {
 ///                                 (PyTorch F.scaled_dot_product_attention's boolean attn_mask);
 ///   - AttentionMask::additive(m): numbers added to the scaled scores (0 keeps a key, −∞ removes
 ///                                 it, anything between biases it), float or double.
-/// A mask views the matrix it was made from, which must outlive the attention call; an Eigen
-/// expression (say `ids.array() == 0`) is evaluated into storage the mask owns.
+/// A mask made from a named matrix (an lvalue: a matrix, a map over the caller's buffer) views it,
+/// without a copy, and that matrix must outlive the attention calls that read it. Made from anything
+/// else (a temporary, an expression such as `ids.array() == 0`, a block) it keeps its own copy, so
+/// that it can never dangle. A tape (MultiHeadAttention::forward(…, tape)) keeps its own copy of the
+/// masks it recorded, since its backward pass may come after the caller's matrix is gone.
 class AttentionMask {
  public:
   /// No mask.
   AttentionMask() = default;
 
   /// A boolean mask, true = may NOT attend (PyTorch nn.MultiheadAttention's convention).
-  template <typename Derived>
-  static AttentionMask blocked(const Eigen::DenseBase<Derived>& mask) {
-    return boolean(mask, Kind::blocked);
+  template <typename M>
+  static AttentionMask blocked(M&& mask) {
+    return boolean(std::forward<M>(mask), Kind::blocked);
   }
   /// A boolean mask, true = may attend (PyTorch F.scaled_dot_product_attention's convention).
-  template <typename Derived>
-  static AttentionMask allowed(const Eigen::DenseBase<Derived>& mask) {
-    return boolean(mask, Kind::allowed);
+  template <typename M>
+  static AttentionMask allowed(M&& mask) {
+    return boolean(std::forward<M>(mask), Kind::allowed);
   }
   /// Numbers added to the scaled scores: 0 keeps a key, −∞ removes it.
-  template <typename Derived>
-  static AttentionMask additive(const Eigen::DenseBase<Derived>& mask) {
-    using T = typename Derived::Scalar;
+  template <typename M>
+  static AttentionMask additive(M&& mask) {
+    using T = typename std::decay_t<M>::Scalar;
     static_assert(std::is_same<T, float>::value || std::is_same<T, double>::value,
                   "mha::AttentionMask::additive takes a float or double matrix");
-    return make(mask, Kind::additive);
+    return make(std::forward<M>(mask), Kind::additive);
+  }
+
+  /// \returns this mask, holding its own copy of the entries if it views a caller's matrix.
+  AttentionMask owning() const {
+    if (owned_ || kind_ == Kind::none) return *this;
+    AttentionMask m = *this;
+    switch (element_) {
+      case Element::boolean: m.own<bool>(view<bool>()); break;
+      case Element::f32: m.own<float>(view<float>()); break;
+      case Element::f64: m.own<double>(view<double>()); break;
+    }
+    return m;
   }
 
   /// \returns whether there is no mask.
@@ -83,15 +99,18 @@ class AttentionMask {
   enum class Kind { none, blocked, allowed, additive };
   enum class Element { boolean, f32, f64 };
 
-  template <typename Derived>
-  static AttentionMask boolean(const Eigen::DenseBase<Derived>& mask, Kind kind) {
-    static_assert(std::is_same<typename Derived::Scalar, bool>::value,
+  template <typename M>
+  static AttentionMask boolean(M&& mask, Kind kind) {
+    static_assert(std::is_same<typename std::decay_t<M>::Scalar, bool>::value,
                   "mha::AttentionMask::blocked and ::allowed take a bool matrix (e.g. ids.array() == 0)");
-    return make(mask, kind);
+    return make(std::forward<M>(mask), kind);
   }
 
-  template <typename Derived>
-  static AttentionMask make(const Eigen::DenseBase<Derived>& mask, Kind kind) {
+  template <typename M>
+  static AttentionMask make(M&& mask, Kind kind) {
+    using Derived = std::decay_t<M>;
+    static_assert(std::is_base_of<Eigen::DenseBase<Derived>, Derived>::value,
+                  "mha::AttentionMask is made from an Eigen matrix or expression");
     using T = typename Derived::Scalar;
     AttentionMask m;
     m.kind_ = kind;
@@ -100,18 +119,31 @@ class AttentionMask {
                                                  : Element::f64;
     m.rows_ = mask.rows();
     m.cols_ = mask.cols();
-    if constexpr (bool(Derived::Flags & Eigen::DirectAccessBit)) {
-      m.data_ = mask.derived().data();
-      m.row_stride_ = mask.derived().rowStride();
-      m.col_stride_ = mask.derived().colStride();
+    if constexpr (std::is_lvalue_reference<M>::value && bool(Derived::Flags & Eigen::DirectAccessBit)) {
+      m.data_ = mask.data();
+      m.row_stride_ = mask.rowStride();
+      m.col_stride_ = mask.colStride();
     } else {
-      auto owned = std::make_shared<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>>(mask);
-      m.data_ = owned->data();
-      m.row_stride_ = 1;
-      m.col_stride_ = mask.rows();
-      m.owned_ = std::move(owned);
+      m.own(Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>(std::forward<M>(mask)));
     }
     return m;
+  }
+
+  /// The entries this mask reads, as a strided map of element type T.
+  template <typename T>
+  Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>, 0, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>>
+  view() const {
+    return {static_cast<const T*>(data_), rows_, cols_, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>(col_stride_, row_stride_)};
+  }
+
+  /// Makes the mask read its own column-major copy of `entries`.
+  template <typename T>
+  void own(Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> entries) {
+    auto owned = std::make_shared<const Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>>(std::move(entries));
+    data_ = owned->data();
+    row_stride_ = 1;
+    col_stride_ = rows_;
+    owned_ = std::move(owned);
   }
 
   Kind kind_ = Kind::none;

@@ -13,6 +13,7 @@
 #include <Eigen/Core>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <functional>
@@ -25,6 +26,16 @@
 #include <vector>
 
 namespace mha {
+namespace detail {
+
+/// \returns a number that no other module of this process has had: what a tape or a cache
+/// records of the module that filled it.
+inline std::uint64_t new_module_identity() {
+  static std::atomic<std::uint64_t> next{1};
+  return next.fetch_add(1, std::memory_order_relaxed);
+}
+
+}  // namespace detail
 
 /// Which attention weights forward_with_weights returns.
 enum class AttentionWeights {
@@ -86,6 +97,17 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     xavier_uniform(bias_k_, engine);
     xavier_uniform(bias_v_, engine);
   }
+
+  /// A copy is another module: the tapes and caches of the original are not its own (see decode
+  /// and backward). A move keeps the module, and so they stay valid for it.
+  MultiHeadAttention(const MultiHeadAttention& other) : Base(other) {}
+  MultiHeadAttention& operator=(const MultiHeadAttention& other) {
+    Base::operator=(other);
+    identity_ = detail::new_module_identity();
+    return *this;
+  }
+  MultiHeadAttention(MultiHeadAttention&&) = default;
+  MultiHeadAttention& operator=(MultiHeadAttention&&) = default;
 
   /// \returns gradients for this module, all zero: AttentionParameters of the same shapes, for
   /// backward() to add into.
@@ -229,9 +251,15 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     if (!same_shape(tape.config_, config_) || !same_rotation(tape.config_, config_))
       detail::fail("MultiHeadAttention::backward: the tape was recorded by a module of another shape (",
                    describe(tape.config_), ") than this one (", describe(config_), ")");
+    if (tape.module_ != identity_)
+      detail::fail("MultiHeadAttention::backward: the tape was recorded by another module of the same shape; "
+                   "call backward() on the module whose forward() recorded it");
     if (!same_shape(gradients.config(), config_))
       detail::fail("MultiHeadAttention::backward: gradients are for a module of another shape (",
                    describe(gradients.config()), ") than this one (", describe(config_), "); use zero_gradients()");
+    if (static_cast<const Base*>(&gradients) == static_cast<const Base*>(this))
+      detail::fail("MultiHeadAttention::backward: gradients is this module itself, whose weights the backward "
+                   "reads; pass the gradients zero_gradients() made");
     if (d_output.rows() != tape.q_.rows() || d_output.cols() != d_model())
       detail::fail("MultiHeadAttention::backward: d_output is ", detail::shape(d_output),
                    " but the forward's output was ", tape.q_.rows(), " x ", d_model());
@@ -259,7 +287,7 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     Matrix d_keys(tape.keys_.rows(), h_kv * d_k());       // (ΣS + B·extra) × h_kv·d_k
     Matrix d_values(tape.values_.rows(), h_kv * d_v());   // (ΣS + B·extra) × h_kv·d_v
     const AttentionMasks<Scalar> masks(tape.options_);
-    const auto scale = static_cast<Scalar>(detail::resolve_scale(tape.options_, d_k()));
+    const auto scale = detail::resolve_scale<Scalar>(tape.options_, d_k());
     detail::parallel_tasks(
         batch.size() * h_kv, 2.5 * batch.attention_flops(h, d_k(), d_v()),
         [&] { return detail::AttentionBackwardScratch<Scalar>::for_problem(batch.max_L, batch.max_S + extra, d_k()); },
@@ -385,7 +413,7 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     v.masked_keys = S_b;
     v.causal = options.causal;
     v.position_offset = options.alignment == CausalAlignment::bottom_right ? S_b - L_b : 0;
-    v.window = options.window;
+    v.window = detail::effective_window(options.window, L_b, S_b);
     if (masks.mask.size() > 0) {
       v.mask = &masks.mask;
       v.mask_row = masks.mask.rows() == L_b ? 0 : i * L_b;  // one mask for all heads, or one per head
@@ -548,7 +576,7 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     check_masks(options, query_lengths, key_lengths, caller);
     const Index h = num_heads(), h_kv = num_kv_heads(), group = h / h_kv, extra = extra_keys();
     const Batch batch(query_lengths, key_lengths, extra);
-    const auto scale = static_cast<Scalar>(detail::resolve_scale(options, d_k()));
+    const auto scale = detail::resolve_scale<Scalar>(options, d_k());
     detail::resolve_window(options);
     const auto& query_rows = detail::evaluated(query);
     const auto& key_rows = detail::evaluated(key);
@@ -608,7 +636,11 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
       tape->recorded_ = true;
       tape->self_attention_ = record.self_attention;
       tape->config_ = config_;
+      tape->module_ = identity_;
+      // The tape's own copy of the masks: its backward may come after the caller's matrices are gone.
       tape->options_ = options;
+      tape->options_.mask = options.mask.owning();
+      tape->options_.key_padding_mask = options.key_padding_mask.owning();
       tape->query_lengths_ = query_lengths;
       tape->key_lengths_ = key_lengths;
       tape->query_ = query_rows;
@@ -647,10 +679,26 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     if (extra_keys() > 0)
       detail::fail("MultiHeadAttention::", caller, ": a module with add_bias_kv or add_zero_attn cannot decode with a cache");
     detail::resolve_window(options);
-    const auto scale = static_cast<Scalar>(detail::resolve_scale(options, d_k()));
+    const auto scale = detail::resolve_scale<Scalar>(options, d_k());
     for (std::size_t b = 0; b < new_lengths.size(); ++b) cache.check_room(b, new_lengths[b]);
+    // A cache holds the keys and values of one module (one layer of a model), attended to with one
+    // window and scale: tokens from another module, or earlier tokens that saw other keys, would
+    // give rows that no forward pass gives.
+    const typename KVCache<Scalar>::Provenance provenance{identity_, options.window, static_cast<double>(scale)};
+    if (!cache.empty()) {
+      const auto& filled = cache.filled_by_;
+      if (filled.module != provenance.module)
+        detail::fail("MultiHeadAttention::", caller, ": the cache holds tokens that another module decoded; a cache "
+                     "belongs to one module (one layer): make one per layer with make_cache(), or reset() it");
+      if (filled.window != provenance.window)
+        detail::fail("MultiHeadAttention::", caller, ": the cache holds tokens decoded with options.window = ",
+                     filled.window, "; options.window = ", options.window,
+                     " would attend over other keys than theirs (reset() the cache to change it)");
+      if (filled.scale != provenance.scale)
+        detail::fail("MultiHeadAttention::", caller, ": the cache holds tokens decoded with the scale ", filled.scale,
+                     "; options.scale gives ", provenance.scale, " (reset() the cache to change it)");
+    }
 
-    const Index h = num_heads(), h_kv = num_kv_heads(), group = h / h_kv, total = x.rows();
     const Index sequences = cache.sequences();
     // New token i of sequence b is at position cache.length(b) + i, for the rotary embeddings.
     std::vector<Index> offset(static_cast<std::size_t>(sequences) + 1, 0), positions;
@@ -660,12 +708,32 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     }
     const Index* rotate = config_.rotary ? positions.data() : nullptr;
 
-    // The new tokens' projections, then their keys and values join the cache.
+    // The new tokens' projections, then their keys and values join the cache. If anything throws
+    // from here on (std::bad_alloc, say), the cache is rolled back to the tokens it held.
     const auto& rows = detail::evaluated(x);
     Matrix q, k, v;                             // ΣL_new × h·d_k, ΣL_new × h_kv·d_k, ΣL_new × h_kv·d_v
     project_inputs(rows, rows, rows, rotate, rotate, q, k, v);
-    for (Index b = 0; b < sequences; ++b)
-      cache.append(static_cast<std::size_t>(b), k.middleRows(offset[b], new_lengths[b]), v.middleRows(offset[b], new_lengths[b]));
+    const auto saved_lengths = cache.lengths_;
+    const auto saved_provenance = cache.filled_by_;
+    try {
+      cache.filled_by_ = provenance;
+      for (Index b = 0; b < sequences; ++b)
+        cache.append(static_cast<std::size_t>(b), k.middleRows(offset[b], new_lengths[b]),
+                     v.middleRows(offset[b], new_lengths[b]));
+      return attend_to_cache(q, new_lengths, offset, cache, scale, options.window);
+    } catch (...) {
+      cache.lengths_ = saved_lengths;
+      cache.filled_by_ = saved_provenance;
+      throw;
+    }
+  }
+
+  /// The attention of decode(): the new tokens' queries q (ΣL_new × h·d_k; sequence b's from row
+  /// offset[b]) over their sequences' cached keys and values, then W^O.
+  Matrix attend_to_cache(const Matrix& q, const std::vector<Index>& new_lengths, const std::vector<Index>& offset,
+                         const KVCache<Scalar>& cache, Scalar scale, Index window) const {
+    const Index h = num_heads(), h_kv = num_kv_heads(), group = h / h_kv, total = q.rows();
+    const Index sequences = cache.sequences();
 
     // Attention over the cache. Several new tokens (a prompt, draft tokens) run by query blocks,
     // one task per head and block. One new token sees every cached key of its window, so no mask
@@ -689,7 +757,7 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
       max_S = std::max(max_S, S);
       if (L == 1) {
         // The token at position S − 1 sees the keys from S − window on (all, without a window).
-        first_key[b] = options.window > 0 ? std::max<Index>(0, S - options.window) : 0;
+        first_key[b] = window > 0 ? std::max<Index>(0, S - window) : 0;
         const Index n = (S - first_key[b] + detail::kKeyBlock - 1) / detail::kKeyBlock;
         parts[b] = n;
         part_outs[b].resize(1, n * h * d_v());  // query head i's part c in column block i·n + c
@@ -717,7 +785,7 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
             visibility.masked_keys = S;
             visibility.causal = true;
             visibility.position_offset = S - L;
-            visibility.window = options.window;
+            visibility.window = detail::effective_window(window, L, S);
             detail::attention_query_block<Scalar, Eigen::RowMajor>(
                 q.block(offset[b], i * d_k(), L, d_k()), cached_keys.block(0, j * d_k(), S, d_k()),
                 cached_values.block(0, j * d_v(), S, d_v()), scale, visibility, task.block, scratch,
@@ -787,12 +855,19 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     check_lengths_add_up(key_lengths, key_rows, "key_lengths", "key", caller);
   }
 
-  /// Checks that sequence lengths are >= 0 and add up to the rows of the stacked input.
+  /// Checks that sequence lengths are >= 0 and add up to the rows of the stacked input. The sum is
+  /// never taken past `rows`, so lengths whose sum would overflow are rejected like any other.
   static void check_lengths_add_up(const std::vector<Index>& lengths, Index rows, const char* lengths_name,
                                    const char* rows_name, const char* caller) {
     for (const Index n : lengths)
       if (n < 0) detail::fail("MultiHeadAttention::", caller, ": sequence lengths must be >= 0, got ", n);
-    const Index sum = std::accumulate(lengths.begin(), lengths.end(), Index(0));
+    Index sum = 0;
+    for (std::size_t b = 0; b < lengths.size(); ++b) {
+      if (lengths[b] > rows - sum)
+        detail::fail("MultiHeadAttention::", caller, ": ", lengths_name, " add up to more than the ", rows, " rows of ",
+                     rows_name, " (sequence ", b, " has ", lengths[b], " after ", sum, " rows before it)");
+      sum += lengths[b];
+    }
     if (sum != rows)
       detail::fail("MultiHeadAttention::", caller, ": ", lengths_name, " add up to ", sum, " but ", rows_name, " has ",
                    rows, " rows");
@@ -851,6 +926,8 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   using Base::w_o_;
   using Base::w_q_;
   using Base::w_v_;
+
+  std::uint64_t identity_ = detail::new_module_identity();  ///< what its tapes and caches record of it
 };
 
 }  // namespace mha

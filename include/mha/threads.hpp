@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <exception>
+#include <optional>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -53,6 +55,11 @@ constexpr double kMinFlopsPerThread = 4e6;
 /// own part of the result, so the outcome does not depend on which thread runs which task:
 /// bit-identical for any thread count.
 ///
+/// An exception thrown by a task or by make_scratch() (std::bad_alloc, say) must not leave an
+/// OpenMP region, where it would call std::terminate: the first one is caught, the tasks not yet
+/// started are skipped, and it is rethrown on the calling thread once the region has ended, as
+/// the serial loop would have thrown it.
+///
 /// Eigen's matrix products inside the tasks run serially. With OpenMP enabled, Eigen parallelises a
 /// product whenever it is not inside a parallel region of two or more threads: in a region of one
 /// thread it would spread the product over threads mha was told not to use. So each thread of the
@@ -63,13 +70,35 @@ void parallel_tasks(Eigen::Index count, double flops, const MakeScratch& make_sc
 #ifdef _OPENMP
   const auto worth = static_cast<Eigen::Index>(flops / kMinFlopsPerThread);
   const int threads = static_cast<int>(std::max<Eigen::Index>(1, std::min<Eigen::Index>({num_threads(), count, worth})));
+  std::exception_ptr error;
+  std::atomic<bool> failed{false};
+  const auto keep_first_error = [&] {
+#pragma omp critical(mha_parallel_tasks_error)
+    if (!error) error = std::current_exception();
+    failed.store(true, std::memory_order_relaxed);
+  };
 #pragma omp parallel num_threads(threads)
   {
     omp_set_num_threads(1);  // the nested thread count of this implicit task only
-    auto scratch = make_scratch();
+    std::optional<decltype(make_scratch())> scratch;
+    try {
+      scratch.emplace(make_scratch());
+    } catch (...) {
+      keep_first_error();
+    }
+    // Every thread reaches the loop, even one whose scratch failed: a work-sharing loop must be
+    // met by the whole team.
 #pragma omp for schedule(dynamic, 1)
-    for (Eigen::Index t = 0; t < count; ++t) task(t, scratch);
+    for (Eigen::Index t = 0; t < count; ++t) {
+      if (failed.load(std::memory_order_relaxed)) continue;
+      try {
+        task(t, *scratch);
+      } catch (...) {
+        keep_first_error();
+      }
+    }
   }
+  if (error) std::rethrow_exception(error);
 #else
   (void)flops;
   auto scratch = make_scratch();

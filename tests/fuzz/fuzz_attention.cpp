@@ -19,6 +19,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -70,17 +71,32 @@ Matrix<Scalar> matrix(Bytes& in, Eigen::Index rows, Eigen::Index cols, bool& mod
   std::abort();
 }
 
-/// Options from the bytes; `valid` is cleared when the scale is not finite.
-mha::AttentionOptions options(Bytes& in, bool& valid) {
+/// Options from the bytes; `valid` is cleared when the scale is not finite in Scalar, and
+/// `moderate` when it is finite but huge.
+template <typename Scalar>
+mha::AttentionOptions options(Bytes& in, bool& valid, bool& moderate) {
   mha::AttentionOptions o;
   o.causal = in.byte() % 2 == 1;
-  switch (in.byte() % 6) {
+  switch (in.byte() % 7) {
     case 0: o.scale = (in.byte() - 127.5) / 16; break;
     case 1: o.scale = std::numeric_limits<double>::quiet_NaN(); valid = false; break;
     case 2: o.scale = std::numeric_limits<double>::infinity(); valid = false; break;
+    case 3:
+      // Finite in double, not in float.
+      o.scale = 1e39;
+      valid = valid && std::is_same<Scalar, double>::value;
+      moderate = false;
+      break;
     default: break;
   }
   return o;
+}
+
+/// A window from the bytes: none, small, or near the largest index (which hides nothing).
+Eigen::Index window(Bytes& in) {
+  const int kind = in.in(0, 7);
+  if (kind == 0) return std::numeric_limits<Eigen::Index>::max() - in.in(0, 3);
+  return kind < 4 ? 0 : in.in(-1, 8);
 }
 
 /// A mask from the bytes, rows × cols, in one of the three conventions, now and then with a row
@@ -124,15 +140,21 @@ void multi_head(Bytes& in) {
   config.add_zero_attn = flags & 4;
   config.dropout = (flags & 8) ? (flags >> 4) / 16.0 : 0.0;
   config.seed = in.byte();
-  const bool config_valid = config.d_model > 0 && config.num_heads > 0 && config.d_k >= 0 && config.d_v >= 0 &&
-                            config.kdim >= 0 && config.vdim >= 0 &&
+  // Now and then a configuration whose parameter matrices overflow an index.
+  const int huge = in.in(0, 31);
+  if (huge == 0) config.d_k = config.d_v = Eigen::Index(1) << 62;
+  if (huge == 1) config.d_model = Eigen::Index(1) << 40;
+  const bool config_valid = huge > 1 && config.d_model > 0 && config.num_heads > 0 && config.d_k >= 0 &&
+                            config.d_v >= 0 && config.kdim >= 0 && config.vdim >= 0 &&
                             ((config.d_k > 0 && config.d_v > 0) || config.d_model % config.num_heads == 0);
   try {
     mha::MultiHeadAttention<Scalar> attn(config);
     if (!config_valid) violated("an invalid configuration was accepted");
     bool valid = true, moderate = true;
-    auto o = options(in, valid);
+    auto o = options<Scalar>(in, valid, moderate);
     o.alignment = in.byte() % 2 ? mha::CausalAlignment::bottom_right : mha::CausalAlignment::top_left;
+    o.window = window(in);
+    valid = valid && o.window >= 0;
     o.training = in.byte() % 2 == 1;
     o.dropout_seed = in.byte();
     // A batch of one to three sequences, of lengths up to 20.
@@ -171,6 +193,14 @@ void multi_head(Bytes& in) {
               (o.mask.rows() == L0 || (h > 1 && o.mask.rows() == h * L0));
     if (!o.key_padding_mask.empty())
       valid = valid && same_S && o.key_padding_mask.rows() == batch && o.key_padding_mask.cols() == S0;
+    // Now and then lengths whose sum wraps around to the row count: (max − a) + (max − b) + c
+    // = L when c = L + a + b + 2 (mod 2^64).
+    if (in.in(0, 15) == 0) {
+      const Eigen::Index largest = std::numeric_limits<Eigen::Index>::max(), a = in.in(0, 3), b = in.in(0, 3);
+      const bool queries = in.byte() % 2;
+      (queries ? query_lengths : key_lengths) = std::vector<Eigen::Index>{largest - a, largest - b, (queries ? L : S) + a + b + 2};
+      valid = false;
+    }
     try {
       const Matrix<Scalar> out = attn.forward_batch(query, key, value, query_lengths, key_lengths, o);
       if (!valid) violated("invalid input was accepted by forward_batch");
@@ -202,7 +232,9 @@ void multi_head(Bytes& in) {
 template <typename Scalar>
 void single_head(Bytes& in) {
   bool valid = true, moderate = true;
-  const auto o = options(in, valid);
+  auto o = options<Scalar>(in, valid, moderate);
+  o.window = window(in);
+  valid = valid && o.window >= 0;
   const Eigen::Index L = in.in(0, 40), S = in.in(0, 40), d_k = in.in(0, 9), d_v = in.in(0, 9);
   const int mismatch = in.in(0, 15);
   valid = valid && mismatch > 1;
@@ -243,23 +275,31 @@ void decoding(Bytes& in) {
   config.bias = flags & 1;
   config.rotary = flags & 2;
   config.rotary_pairs = (flags & 4) ? mha::RotaryPairs::halves : mha::RotaryPairs::interleaved;
-  config.rotary_base = (flags & 8) ? 0.0 : std::pow(10.0, in.in(0, 6));
+  config.rotary_base = (flags & 8) ? 0.0 : (flags & 16) ? 1e-320 : std::pow(10.0, in.in(0, 6));
   const Eigen::Index d_k = config.d_k > 0 ? config.d_k : config.d_model / config.num_heads;
+  // The documented rule for the base: every frequency base^(−2i/d_k), times any position up to
+  // 2^63, is finite (a denormal base with d_k > 2 overflows).
+  const bool base_valid =
+      config.rotary_base > 0 &&
+      std::isfinite(std::pow(config.rotary_base, -static_cast<double>(d_k - 2) / static_cast<double>(d_k)) * 0x1p63);
   const bool config_valid = ((config.d_k > 0 && config.d_v > 0) || config.d_model % config.num_heads == 0) &&
                             config.num_kv_heads >= 0 &&
                             (config.num_kv_heads == 0 || config.num_heads % config.num_kv_heads == 0) &&
-                            (!config.rotary || (config.rotary_base > 0 && d_k % 2 == 0));
+                            (!config.rotary || (base_valid && d_k % 2 == 0));
   try {
     const mha::MultiHeadAttention<Scalar> attn(config);
     if (!config_valid) violated("an invalid configuration was accepted");
     const int sequences = in.in(1, 3), max_length = in.in(0, 30);
     auto cache = attn.make_cache(sequences, max_length);
-    bool options_valid = true;
-    auto o = options(in, options_valid);
-    o.window = in.in(-1, 8);
-    options_valid = options_valid && o.window >= 0;
-    bool cached_moderate = true;  // every token in the cache came from finite moderate input
+    bool options_valid = true, cached_moderate = true;  // every token in the cache came from finite moderate input
+    auto o = options<Scalar>(in, options_valid, cached_moderate);
+    const bool scale_valid = options_valid;
+    Eigen::Index filled_window = 0;  // the window the cache's tokens were decoded with
+    o.window = window(in);
     for (int step = in.in(1, 4); step > 0; --step) {
+      // The window, now and then changed between steps: a cache that holds tokens keeps its own.
+      if (in.in(0, 3) == 0) o.window = window(in);
+      options_valid = scale_valid && o.window >= 0 && (cache.empty() || o.window == filled_window);
       std::vector<Eigen::Index> lengths, before;
       Eigen::Index rows = 0;
       bool fits = true;
@@ -279,6 +319,7 @@ void decoding(Bytes& in) {
         if (cached_moderate && !out.allFinite()) violated("finite moderate input gave a non-finite decode output");
         for (int b = 0; b < sequences; ++b)
           if (cache.length(b) != before[b] + lengths[b]) violated("decode did not append the new tokens");
+        filled_window = o.window;
       } catch (const mha::invalid_argument&) {
         if (options_valid && fits) violated("valid input was rejected by decode");
         for (int b = 0; b < sequences; ++b)
