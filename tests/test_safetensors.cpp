@@ -284,6 +284,20 @@ TEST(SafeTensors, AcceptsAnyOrderGapsEmptyTensorsAndScalars) {
   EXPECT_TRUE(st.tensor("big").bytes.empty());
 }
 
+TEST(SafeTensors, EmptyTensorsOfHugeSizesAreReadWithoutVisitingTheirRows) {
+  // 2^62 rows of 0 elements: matrix() looped over every (empty) row, for ever, on a 100-byte file.
+  const SafeTensors st = SafeTensors::parse(file_with(
+      R"({"rows":{"dtype":"F32","shape":[4611686018427387904,0],"data_offsets":[0,0]},)"
+      R"("cols":{"dtype":"F16","shape":[0,4611686018427387904],"data_offsets":[0,0]},)"
+      R"("squeezed":{"dtype":"BF16","shape":[1,4611686018427387904,0],"data_offsets":[0,0]}})"));
+  const Matrix<float> rows = st.matrix<float>("rows");
+  EXPECT_EQ(rows.rows(), Eigen::Index{1} << 62);
+  EXPECT_EQ(rows.cols(), 0);
+  EXPECT_EQ(st.matrix<double>("cols").cols(), Eigen::Index{1} << 62);
+  EXPECT_EQ(st.matrix<double>("squeezed").rows(), Eigen::Index{1} << 62);
+  EXPECT_EQ(st.matrix_size("squeezed"), (std::pair<Eigen::Index, Eigen::Index>{Eigen::Index{1} << 62, 0}));
+}
+
 TEST(SafeTensors, ANameGivenTwiceCountsWithItsLastEntry) {
   const Bytes file = file_with(R"({"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},)"
                                R"("w":{"dtype":"U8","shape":[2],"data_offsets":[1,3]}})",
@@ -530,6 +544,23 @@ TEST(SafeTensors, ErrorMessagesQuoteOnlyTheStartOfAValue) {
   EXPECT_EQ(parse_error(file_with(R"({"__metadata__":{"a":{"list":[1,"two",null,true,2.5]}}})")),
             "mha: safetensors buffer: \"__metadata__\" maps \"a\" to the JSON object {\"list\":[1,\"two\",null,true,2.5]}, "
             "not a string");
+}
+
+TEST(SafeTensors, ParseErrorsQuoteOnlyTheStartOfTheTokenRead) {
+  // nlohmann/json's message ends with the token it stopped at: here a number or a string of 100 000
+  // characters (the string padded to 100 008 by file_with). Its first 200 characters are kept.
+  const std::string prefix = "mha: safetensors buffer: header is not valid JSON: ";
+  const std::pair<std::string, std::string> cases[] = {
+      {"{\"w\":[1" + std::string(100000, '0') + "e400]}", "[json.exception.out_of_range.406] number overflow parsing '10000"},
+      {"{\"w\":\"" + std::string(100000, 'x'),
+       "[json.exception.parse_error.101] parse error at line 1, column 100009: syntax error while parsing value - "
+       "invalid string: missing closing quote; last read: '\"xxxx"}};
+  for (const auto& [header, start] : cases) {
+    const std::string message = parse_error(file_with(header));
+    EXPECT_EQ(message.rfind(prefix + start, 0), 0u) << message.substr(0, 300);
+    EXPECT_EQ(message.size(), prefix.size() + 200 + 3) << message.substr(0, 300);
+    EXPECT_EQ(message.substr(message.size() - 3), "...") << message.substr(0, 300);
+  }
 }
 
 TEST(SafeTensors, MissingTensorsListWhatIsThere) {

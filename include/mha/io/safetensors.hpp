@@ -96,6 +96,11 @@ inline constexpr int kMaxHeaderDepth = 8;
 /// The most characters of a value from the file that an error message quotes.
 inline constexpr std::size_t kQuoted = 40;
 
+/// The most characters of nlohmann/json's message for a header that is not JSON that an error
+/// message quotes: its start says where and why parsing stopped, its end quotes the token it
+/// stopped at, which can be as long as the header.
+inline constexpr std::size_t kQuotedParseError = 200;
+
 /// \returns the length of the longest prefix of `s` of at most `n` bytes that ends between two
 /// UTF-8 characters.
 inline std::size_t utf8_prefix(const std::string& s, std::size_t n) {
@@ -131,12 +136,17 @@ inline void append_json(const nlohmann::json& j, std::string& out, std::size_t l
   }
 }
 
+/// `s`, or its first `n` bytes (not splitting a UTF-8 character) and "..." if it is longer.
+inline std::string cut(const std::string& s, std::size_t n) {
+  return s.size() <= n ? s : s.substr(0, utf8_prefix(s, n)) + "...";
+}
+
 /// `j` as JSON, cut after kQuoted characters with "...": how error messages quote a value from the
 /// file.
 inline std::string quoted(const nlohmann::json& j) {
   std::string s;
   append_json(j, s, kQuoted);
-  return s.size() <= kQuoted ? s : s.substr(0, utf8_prefix(s, kQuoted)) + "...";
+  return cut(s, kQuoted);
 }
 
 /// Sets `product` = a · b and \returns true, or \returns false if that overflows 64 bits.
@@ -195,6 +205,7 @@ inline float bfloat16_to_float(std::uint16_t bits) { return float_from_bits(stat
 template <typename Raw, typename Scalar, typename Convert>
 void fill_row_major(const std::vector<unsigned char>& bytes, Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>& m,
                     Convert convert) {
+  if (m.size() == 0) return;  // a [2^62, 0] tensor would loop over 2^62 empty rows
   const unsigned char* p = bytes.data();
   for (Eigen::Index r = 0; r < m.rows(); ++r)
     for (Eigen::Index c = 0; c < m.cols(); ++c, p += sizeof(Raw)) {
@@ -387,7 +398,7 @@ class SafeTensors {
     try {
       header = nlohmann::json::parse(first, first + length, bound_depth);
     } catch (const nlohmann::json::exception& e) {
-      fail("header is not valid JSON: ", e.what());
+      fail("header is not valid JSON: ", detail::cut(e.what(), detail::kQuotedParseError));
     }
     if (!header.is_object()) fail("header is a JSON ", header.type_name(), ", not an object");
     std::map<std::string, Span> spans;
