@@ -624,7 +624,7 @@ bool parses_consistently(const Bytes& file) {
       const mha::io::Tensor& t = st.tensor(name);
       std::uint64_t elements = 1;  // wraps only if a size is 0, and then ends 0 all the same
       for (std::int64_t d : t.shape) elements *= static_cast<std::uint64_t>(d);
-      EXPECT_EQ(t.bytes.size() * 8, elements * mha::io::detail::dtype_bits(t.dtype)) << name;
+      EXPECT_EQ(t.bytes.size() * 8, elements * mha::detail::dtype_bits(t.dtype)) << name;
       if (t.shape.size() == 1 || t.shape.size() == 2) error_of([&] { EXPECT_EQ(std::uint64_t(st.matrix<double>(name).size()), elements); });
     }
     return true;

@@ -1,7 +1,7 @@
-// mha — multi-head attention on Eigen.
-// Options of one attention call, the configuration of a module, and the library's error type.
+// mha — the options of one attention call and the configuration of a module.
 #pragma once
 
+#include <mha/detail/checks.hpp>
 #include <mha/mask.hpp>
 
 #include <Eigen/Core>
@@ -11,53 +11,9 @@
 #include <limits>
 #include <optional>
 #include <sstream>
-#include <stdexcept>
 #include <string>
 
 namespace mha {
-
-/// The error thrown for bad shapes, options or configurations; its message names the argument and
-/// the shapes involved. Checks run in every build type, not only with assertions enabled.
-class invalid_argument : public std::invalid_argument {
- public:
-  using std::invalid_argument::invalid_argument;
-};
-
-namespace detail {
-
-/// Throws mha::invalid_argument with "mha: " followed by the streamed parts.
-template <typename... Parts>
-[[noreturn]] void fail(const Parts&... parts) {
-  std::ostringstream message;
-  message << "mha: ";
-  (message << ... << parts);
-  throw invalid_argument(message.str());
-}
-
-/// "R x C", the shape of a matrix as the error messages print it.
-template <typename Derived>
-std::string shape(const Eigen::EigenBase<Derived>& m) {
-  return std::to_string(m.rows()) + " x " + std::to_string(m.cols());
-}
-
-/// Sets `product` to a · b and \returns true, or \returns false if a · b overflows (a, b >= 0).
-inline bool multiply(Eigen::Index a, Eigen::Index b, Eigen::Index& product) {
-  if (a != 0 && b > std::numeric_limits<Eigen::Index>::max() / a) return false;
-  product = a * b;
-  return true;
-}
-
-/// \returns `x` itself when its coefficients can be read in place (a matrix, map or block, of either
-/// storage order), else `x` evaluated once into a matrix, so that taking blocks of it is cheap.
-template <typename Derived>
-decltype(auto) evaluated(const Eigen::MatrixBase<Derived>& x) {
-  if constexpr (bool(Derived::Flags & Eigen::DirectAccessBit))
-    return x.derived();
-  else
-    return typename Derived::PlainObject(x);
-}
-
-}  // namespace detail
 
 /// Which keys a causal query sees when there are not as many queries as keys.
 enum class CausalAlignment {
@@ -204,13 +160,6 @@ inline Eigen::Index resolve_window(const AttentionOptions& options) {
   return options.window;
 }
 
-/// The window of L queries over S keys as the kernel applies it: a window of L + S keys or more
-/// hides no key from any query (a query is at most at position S − 1 + L), so it is no window,
-/// which keeps the kernel's position arithmetic far from overflow for any window the options hold.
-inline Eigen::Index effective_window(Eigen::Index window, Eigen::Index L, Eigen::Index S) {
-  return window >= L + S ? 0 : window;
-}
-
 /// The scale of the scores in `Scalar`: options.scale if set, else 1/√d_k (1 when d_k = 0, where
 /// every score is 0 anyway). Throws unless it is finite as a `Scalar` (1e39 is not a float).
 template <typename Scalar>
@@ -223,6 +172,32 @@ Scalar resolve_scale(const AttentionOptions& options, Eigen::Index d_k) {
     return static_cast<Scalar>(*options.scale);
   }
   return static_cast<Scalar>(d_k > 0 ? 1.0 / std::sqrt(static_cast<double>(d_k)) : 1.0);
+}
+
+/// Whether two configurations give parameters, tapes and caches of the same shapes.
+inline bool same_shape(const MultiHeadAttentionConfig& a, const MultiHeadAttentionConfig& b) {
+  return a.d_model == b.d_model && a.num_heads == b.num_heads && a.num_kv_heads == b.num_kv_heads && a.d_k == b.d_k &&
+         a.d_v == b.d_v && a.kdim == b.kdim && a.vdim == b.vdim && a.bias == b.bias &&
+         a.add_bias_kv == b.add_bias_kv && a.add_zero_attn == b.add_zero_attn;
+}
+
+/// Whether two configurations turn queries and keys alike (what a tape or a cache holds depends on it).
+inline bool same_rotation(const MultiHeadAttentionConfig& a, const MultiHeadAttentionConfig& b) {
+  return a.rotary == b.rotary && (!a.rotary || (a.rotary_base == b.rotary_base && a.rotary_pairs == b.rotary_pairs));
+}
+
+/// "d_model 8, num_heads 2, d_k 4, …": a resolved configuration's shape, as error messages print it.
+inline std::string describe(const MultiHeadAttentionConfig& c) {
+  std::ostringstream base;
+  base << c.rotary_base;
+  return "d_model " + std::to_string(c.d_model) + ", num_heads " + std::to_string(c.num_heads) +
+         (c.num_kv_heads != c.num_heads ? ", num_kv_heads " + std::to_string(c.num_kv_heads) : "") + ", d_k " +
+         std::to_string(c.d_k) + ", d_v " + std::to_string(c.d_v) + ", kdim " + std::to_string(c.kdim) + ", vdim " +
+         std::to_string(c.vdim) + (c.bias ? ", bias" : "") + (c.add_bias_kv ? ", add_bias_kv" : "") +
+         (c.add_zero_attn ? ", add_zero_attn" : "") +
+         (c.rotary ? ", rotary " + std::string(c.rotary_pairs == RotaryPairs::interleaved ? "interleaved" : "halves") +
+                         " base " + base.str()
+                   : "");
 }
 
 }  // namespace detail

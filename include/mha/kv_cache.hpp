@@ -13,9 +13,6 @@
 
 namespace mha {
 
-template <typename Scalar>
-class MultiHeadAttention;
-
 /// The keys K W^K (+ b^K, turned by their positions with rotary embeddings) and values V W^V (+ b^V)
 /// of every token a decoder has seen, per sequence of a batch: length(b) × (h_kv·d_k) and
 /// length(b) × (h_kv·d_v), key/value head j in column block j. With grouped-query attention
@@ -23,6 +20,8 @@ class MultiHeadAttention;
 /// MultiHeadAttention::decode appends to it; reset() and truncate() roll it back. Storage grows by
 /// doubling (amortised O(1) per token) unless max_length fixes the capacity, which is then
 /// allocated at once, and a decode step that would exceed it throws, leaving the cache unchanged.
+/// The tokens it holds belong to one module (one layer of a model) and were attended with one
+/// window and scale: its owner(), which a decode step by anyone else is refused for.
 template <typename Scalar>
 class KVCache {
  public:
@@ -42,6 +41,8 @@ class KVCache {
     lengths_.assign(count, 0);
   }
 
+  /// \returns the configuration of the module the cache was made for, resolved.
+  const MultiHeadAttentionConfig& config() const { return config_; }
   /// \returns whether no sequence holds a token.
   bool empty() const {
     return std::all_of(lengths_.begin(), lengths_.end(), [](Index n) { return n == 0; });
@@ -91,9 +92,71 @@ class KVCache {
     lengths_[b] = length;
   }
 
- private:
-  friend class MultiHeadAttention<Scalar>;
+  /// Who decoded the tokens a cache holds: a module's identity and the window and scale its
+  /// queries attended with.
+  struct Owner {
+    std::uint64_t module = 0;
+    Index window = 0;
+    double scale = 0;
+  };
 
+  /// \returns who decoded the tokens the cache holds (meaningful while it holds any).
+  const Owner& owner() const { return owner_; }
+
+  /// Throws mha::invalid_argument, naming `caller`, unless sequence b can take lengths[b] more
+  /// tokens decoded by `owner` for every b: they fit max_length, and the cache is empty or
+  /// already `owner`'s.
+  void check_append(const Owner& owner, const std::vector<Index>& lengths, const char* caller) const {
+    if (static_cast<Index>(lengths.size()) != sequences())
+      detail::fail(caller, ": new_lengths has ", lengths.size(), " sequences but the cache holds ", sequences());
+    for (std::size_t b = 0; b < lengths.size(); ++b)
+      if (max_length_ > 0 && lengths[b] > max_length_ - lengths_[b])
+        detail::fail("KVCache: sequence ", b, " holds ", lengths_[b], " of at most ", max_length_, " tokens; ",
+                     lengths[b], " more do not fit (make the cache with a larger max_length, or truncate it)");
+    if (empty()) return;
+    // Tokens of another module, or earlier tokens that saw other keys, would give rows that no
+    // forward pass gives.
+    if (owner_.module != owner.module)
+      detail::fail(caller, ": the cache holds tokens that another module decoded; a cache belongs to one module "
+                   "(one layer): make one per layer with make_cache(), or reset() it");
+    if (owner_.window != owner.window)
+      detail::fail(caller, ": the cache holds tokens decoded with options.window = ", owner_.window,
+                   "; options.window = ", owner.window, " would attend over other keys than theirs (reset() the "
+                   "cache to change it)");
+    if (owner_.scale != owner.scale)
+      detail::fail(caller, ": the cache holds tokens decoded with the scale ", owner_.scale, "; options.scale gives ",
+                   owner.scale, " (reset() the cache to change it)");
+  }
+
+  /// Appends one decode step's keys and values, decoded by `owner`: sequence b's lengths[b] new
+  /// rows are the next rows of `keys` (ΣL_new × h_kv·d_k) and `values` (ΣL_new × h_kv·d_v). Storage
+  /// grows by doubling where needed. Throws, leaving the cache unchanged, as check_append does, or
+  /// std::bad_alloc.
+  template <typename Keys, typename Values>
+  void append(const Owner& owner, const std::vector<Index>& lengths, const Keys& keys, const Values& values) {
+    check_append(owner, lengths, "KVCache::append");
+    if (keys.rows() != values.rows() || keys.cols() != key_width() || values.cols() != value_width())
+      detail::fail("KVCache::append: keys are ", detail::shape(keys), " and values ", detail::shape(values),
+                   " but the cache holds rows of ", key_width(), " and ", value_width());
+    // Grow first (the keys and the values each on its own, so that a growth that threw leaves
+    // both usable), then write: nothing changes the lengths before every allocation is done.
+    for (std::size_t b = 0; b < lengths.size(); ++b)
+      for (Matrix* storage : {&keys_[b], &values_[b]}) {
+        const Index needed = lengths_[b] + lengths[b];
+        if (needed > storage->rows())
+          storage->conservativeResize(std::max<Index>({needed, 2 * storage->rows(), 16}), Eigen::NoChange);
+      }
+    Index row = 0;
+    for (std::size_t b = 0; b < lengths.size(); ++b) {
+      keys_[b].middleRows(lengths_[b], lengths[b]) = keys.middleRows(row, lengths[b]);
+      values_[b].middleRows(lengths_[b], lengths[b]) = values.middleRows(row, lengths[b]);
+      lengths_[b] += lengths[b];
+      row += lengths[b];
+    }
+    owner_ = owner;
+  }
+
+ private:
   std::size_t checked(Index sequence, const char* accessor) const {
     if (sequence < 0 || sequence >= sequences())
       detail::fail("KVCache::", accessor, ": sequence ", sequence, " out of range; the cache holds ", sequences(),
@@ -101,37 +164,8 @@ class KVCache {
     return static_cast<std::size_t>(sequence);
   }
 
-  /// Throws unless sequence b can take `more` tokens.
-  void check_room(std::size_t b, Index more) const {
-    if (max_length_ > 0 && more > max_length_ - lengths_[b])
-      detail::fail("KVCache: sequence ", b, " holds ", lengths_[b], " of at most ", max_length_, " tokens; ", more,
-                   " more do not fit (make the cache with a larger max_length, or truncate it)");
-  }
-
-  /// Appends rows of keys and values to sequence b, growing its storage by doubling if needed.
-  /// The keys and the values grow each on its own, so that a growth that threw (std::bad_alloc)
-  /// leaves both usable.
-  template <typename Keys, typename Values>
-  void append(std::size_t b, const Keys& keys, const Values& values) {
-    const Index length = lengths_[b], needed = length + keys.rows();
-    for (Matrix* storage : {&keys_[b], &values_[b]})
-      if (needed > storage->rows())
-        storage->conservativeResize(std::max<Index>({needed, 2 * storage->rows(), 16}), Eigen::NoChange);
-    keys_[b].middleRows(length, keys.rows()) = keys;
-    values_[b].middleRows(length, values.rows()) = values;
-    lengths_[b] = needed;
-  }
-
-  /// What put the tokens there: the module (its identity) and the window and scale they were
-  /// attended with. Read while the cache holds tokens; decode() refuses others.
-  struct Provenance {
-    std::uint64_t module = 0;
-    Index window = 0;
-    double scale = 0;
-  };
-
   MultiHeadAttentionConfig config_;  ///< of the module it was made for
-  Provenance filled_by_;
+  Owner owner_;
   Index max_length_;
   std::vector<Matrix> keys_, values_;  ///< per sequence: capacity × width, the first length rows used
   std::vector<Index> lengths_;

@@ -12,9 +12,6 @@
 
 namespace mha {
 
-template <typename Scalar>
-class MultiHeadAttention;
-
 /// A parameter (or its gradient) by name: `value` maps the whole matrix, in place.
 template <typename MatrixType>
 struct NamedMatrix {
@@ -129,9 +126,6 @@ class AttentionParameters {
   }
 
  protected:
-  template <typename>
-  friend class MultiHeadAttention;  // reads and adds into the gradients' storage
-
   MultiHeadAttentionConfig config_;
   Matrix w_q_, w_k_, w_v_, w_o_;
   RowVector b_q_, b_k_, b_v_, b_o_, bias_k_, bias_v_;

@@ -11,49 +11,71 @@
 #include <type_traits>
 
 namespace mha {
-namespace detail {
 
-/// The rotation of rows by their positions, for heads of width d (d even): the pair of coordinates
-/// (a, b) = (2i, 2i + 1) or (i, i + d/2) of a row at position p turns by p·θ_i, θ_i = base^(−2i/d):
+/// The rotation of rows by their positions, for heads of width d (d even), as
+/// MultiHeadAttention applies it with config.rotary: the pair of coordinates (a, b) = (2i, 2i + 1)
+/// (RotaryPairs::interleaved) or (i, i + d/2) (RotaryPairs::halves) of a row at position p turns
+/// by p·θ_i, θ_i = base^(−2i/d):
 ///   a′ = a cos pθ_i − b sin pθ_i,   b′ = a sin pθ_i + b cos pθ_i.
 /// The inverse rotation (by −pθ_i) is the rotation's transpose: what the backward pass applies to
 /// the gradients of rotated rows.
-struct Rotary {
-  double base;
-  RotaryPairs pairs;
-  Eigen::Index d;  ///< the width of one head
+class RotaryEmbedding {
+ public:
+  /// The rotation of heads of width `d` (even), with the given base and pairing.
+  RotaryEmbedding(Eigen::Index d, double base = 10000.0, RotaryPairs pairs = RotaryPairs::interleaved)
+      : d_(d), base_(base), pairs_(pairs) {
+    if (d <= 0 || d % 2 != 0) detail::fail("RotaryEmbedding: the head width must be even and positive, got ", d);
+    if (!(std::isfinite(base) && base > 0)) detail::fail("RotaryEmbedding: base must be positive and finite, got ", base);
+  }
+  /// The rotation a module configured by `config` applies to its heads' queries and keys.
+  explicit RotaryEmbedding(const MultiHeadAttentionConfig& config)
+      : RotaryEmbedding(config.resolved().d_k, config.rotary_base, config.rotary_pairs) {}
 
-  /// The two coordinates of pair i within a head.
-  Eigen::Index first(Eigen::Index i) const { return pairs == RotaryPairs::interleaved ? 2 * i : i; }
-  Eigen::Index second(Eigen::Index i) const { return pairs == RotaryPairs::interleaved ? 2 * i + 1 : i + d / 2; }
-
-  /// Rotates every head (column block of width d) of the rows of `x`; row r is at position
-  /// positions[r]. With `inverse`, rotates by the opposite angles.
+  /// Turns every head (column block of width d) of the rows of `x` by their positions: row r is at
+  /// position positions[r].
   template <typename Rows>
-  void apply(Rows&& x, const Eigen::Index* positions, bool inverse = false) const {
+  void rotate(Rows&& x, const Eigen::Index* positions) const {
+    turn(x, positions, 1.0);
+  }
+  /// The inverse of rotate(): turns the rows back by the same angles.
+  template <typename Rows>
+  void rotate_back(Rows&& x, const Eigen::Index* positions) const {
+    turn(x, positions, -1.0);
+  }
+
+ private:
+  /// The two coordinates of pair i within a head.
+  Eigen::Index first(Eigen::Index i) const { return pairs_ == RotaryPairs::interleaved ? 2 * i : i; }
+  Eigen::Index second(Eigen::Index i) const { return pairs_ == RotaryPairs::interleaved ? 2 * i + 1 : i + d_ / 2; }
+
+  template <typename Rows>
+  void turn(Rows& x, const Eigen::Index* positions, double direction) const {
     using Scalar = typename std::decay_t<Rows>::Scalar;
     using Column = Eigen::Array<Scalar, Eigen::Dynamic, 1>;
-    const Eigen::Index rows = x.rows(), heads = x.cols() / d;
+    const Eigen::Index rows = x.rows(), heads = x.cols() / d_;
     Column cos(rows), sin(rows);
-    for (Eigen::Index i = 0; i < d / 2; ++i) {
+    for (Eigen::Index i = 0; i < d_ / 2; ++i) {
       // The angles in double, with std::cos and std::sin: a position gets the same rotation
       // wherever it is computed (a full forward pass, a decode step, a backward pass).
-      const double theta = std::pow(base, -2.0 * static_cast<double>(i) / static_cast<double>(d));
+      const double theta = std::pow(base_, -2.0 * static_cast<double>(i) / static_cast<double>(d_));
       for (Eigen::Index r = 0; r < rows; ++r) {
         const double angle = static_cast<double>(positions[r]) * theta;
         cos(r) = static_cast<Scalar>(std::cos(angle));
-        sin(r) = static_cast<Scalar>(inverse ? -std::sin(angle) : std::sin(angle));
+        sin(r) = static_cast<Scalar>(direction * std::sin(angle));
       }
       for (Eigen::Index head = 0; head < heads; ++head) {
-        auto a = x.col(head * d + first(i)).array();
-        auto b = x.col(head * d + second(i)).array();
+        auto a = x.col(head * d_ + first(i)).array();
+        auto b = x.col(head * d_ + second(i)).array();
         const Column a0 = a;
         a = a0 * cos - b * sin;
         b = a0 * sin + b * cos;
       }
     }
   }
+
+  Eigen::Index d_;
+  double base_;
+  RotaryPairs pairs_;
 };
 
-}  // namespace detail
 }  // namespace mha

@@ -1,7 +1,7 @@
 // mha — how many threads mha's own loops use, and the one loop that uses them.
 #pragma once
 
-#include <mha/config.hpp>
+#include <mha/detail/checks.hpp>
 
 #include <Eigen/Core>
 
@@ -45,6 +45,13 @@ inline int num_threads() {
 
 namespace detail {
 
+/// The largest number of threads a parallel loop called from this thread has run on since this
+/// was last set to 0: what a test reads to check that its work really was split.
+inline int& largest_team() {
+  thread_local int threads = 0;
+  return threads;
+}
+
 /// Flops below which a thread is not worth starting: about 30 µs of work. Small problems stay on
 /// the calling thread, where waking and joining threads would cost more than it saves (and where,
 /// on a machine busy with other threads, OpenMP's spinning barriers cost far more).
@@ -70,6 +77,7 @@ void parallel_tasks(Eigen::Index count, double flops, const MakeScratch& make_sc
 #ifdef _OPENMP
   const auto worth = static_cast<Eigen::Index>(flops / kMinFlopsPerThread);
   const int threads = static_cast<int>(std::max<Eigen::Index>(1, std::min<Eigen::Index>({num_threads(), count, worth})));
+  largest_team() = std::max(largest_team(), threads);
   std::exception_ptr error;
   std::atomic<bool> failed{false};
   const auto keep_first_error = [&] {
@@ -101,6 +109,7 @@ void parallel_tasks(Eigen::Index count, double flops, const MakeScratch& make_sc
   if (error) std::rethrow_exception(error);
 #else
   (void)flops;
+  largest_team() = std::max(largest_team(), 1);
   auto scratch = make_scratch();
   for (Eigen::Index t = 0; t < count; ++t) task(t, scratch);
 #endif

@@ -68,7 +68,7 @@ class Choices {
 }
 
 /// The deepest nesting the reader accepts (the bound the reader documents).
-constexpr int kMaxDepth = mha::io::detail::kMaxHeaderDepth;
+constexpr int kMaxDepth = mha::detail::kMaxHeaderDepth;
 
 /// `depth` arrays, one inside the other, around 1.
 std::string nested(int depth) { return std::string(depth, '[') + "1" + std::string(depth, ']'); }
@@ -218,7 +218,7 @@ Generated generate(Choices& in) {
   if (in.one_in(3)) std::reverse(order.begin(), order.end());
   for (std::size_t i : order) {
     Written& w = g.tensors[i];
-    const unsigned bits = mha::io::detail::dtype_bits(w.dtype);
+    const unsigned bits = mha::detail::dtype_bits(w.dtype);
     std::uint64_t elements = 1;
     for (std::int64_t n : w.shape) elements *= static_cast<std::uint64_t>(n);
     if (bits == 0 || elements * bits % 8 != 0) g.valid = false;  // an unknown dtype, or part of a byte
@@ -321,7 +321,7 @@ Generated generate(Choices& in) {
         break;
       case 9:  // the header length
         if (in.one_in(3))
-          forced_length = in.one_in(2) ? ~std::uint64_t{0} : mha::io::detail::kMaxHeaderLength + 1;
+          forced_length = in.one_in(2) ? ~std::uint64_t{0} : mha::detail::kMaxHeaderLength + 1;
         else
           length_change = in.one_in(2) ? in.in(1, 9) : -in.in(1, 9);
         break;
@@ -423,7 +423,7 @@ void check_matrices(const mha::io::SafeTensors& st) {
     const mha::io::Tensor& t = st.tensor(name);
     std::uint64_t elements = 1;  // no overflow past a size 0: its tensor has no bytes
     for (std::int64_t n : t.shape) elements *= static_cast<std::uint64_t>(n);
-    if (t.bytes.size() * 8 != elements * mha::io::detail::dtype_bits(t.dtype))
+    if (t.bytes.size() * 8 != elements * mha::detail::dtype_bits(t.dtype))
       violated("a tensor holds the bytes its shape and dtype need", name);
     const bool rank_read = t.shape.size() == 1 || t.shape.size() == 2 ||
                            (t.shape.size() > 2 && std::all_of(t.shape.begin(), t.shape.end() - 2,

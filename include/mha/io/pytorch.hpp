@@ -35,6 +35,8 @@ struct PyTorchMultiheadAttention {
   Matrix bias_v;          ///< E values, or empty without add_bias_kv
 };
 
+}  // namespace io
+
 namespace detail {
 
 /// The rows and cols of a tensor without its values (0 × 0 for an absent one): what from_state_dict
@@ -75,7 +77,7 @@ void for_each_tensor(Weights& w, F f) {
 template <typename M>
 void expect_shape(const M& m, Eigen::Index rows, Eigen::Index cols, const std::string& name) {
   if (m.rows() != rows || m.cols() != cols)
-    mha::detail::fail("PyTorch weights: ", name, " is ", m.rows(), " x ", m.cols(), " but must be ", rows, " x ",
+    detail::fail("PyTorch weights: ", name, " is ", m.rows(), " x ", m.cols(), " but must be ", rows, " x ",
                       cols);
 }
 
@@ -83,7 +85,7 @@ void expect_shape(const M& m, Eigen::Index rows, Eigen::Index cols, const std::s
 /// is 1 × 1 × E).
 template <typename M>
 void expect_values(const M& m, Eigen::Index n, const std::string& name) {
-  if (m.size() != n) mha::detail::fail("PyTorch weights: ", name, " has ", m.size(), " values but must have ", n);
+  if (m.size() != n) detail::fail("PyTorch weights: ", name, " has ", m.size(), " values but must have ", n);
 }
 
 /// The values of `m` as a 1 × m.size() row.
@@ -101,7 +103,7 @@ MultiHeadAttentionConfig checked_config(const Weights& w, Eigen::Index num_heads
                                         const std::string& prefix) {
   const bool packed = w.in_proj_weight.size() > 0;
   if (packed == (w.q_proj_weight.size() > 0))
-    mha::detail::fail("PyTorch weights: give either in_proj_weight or q_proj_weight, k_proj_weight and v_proj_weight");
+    detail::fail("PyTorch weights: give either in_proj_weight or q_proj_weight, k_proj_weight and v_proj_weight");
   const Eigen::Index E = packed ? w.in_proj_weight.cols() : w.q_proj_weight.rows();
   MultiHeadAttentionConfig config;
   config.d_model = E;
@@ -125,7 +127,7 @@ MultiHeadAttentionConfig checked_config(const Weights& w, Eigen::Index num_heads
     expect_values(w.in_proj_bias, 3 * E, prefix + "in_proj_bias");
     expect_values(w.out_proj_bias, E, prefix + "out_proj.bias");
   } else if (w.out_proj_bias.size() > 0) {
-    mha::detail::fail("PyTorch weights: ", prefix, "out_proj.bias is given but ", prefix,
+    detail::fail("PyTorch weights: ", prefix, "out_proj.bias is given but ", prefix,
                       "in_proj_bias is not; PyTorch has both or neither");
   }
   if (config.add_bias_kv) {
@@ -137,7 +139,7 @@ MultiHeadAttentionConfig checked_config(const Weights& w, Eigen::Index num_heads
 
 /// The module of `config`, which checked_config(w, ...) returned, with the weights of `w`.
 template <typename Scalar>
-MultiHeadAttention<Scalar> module_with(const PyTorchMultiheadAttention<Scalar>& w,
+MultiHeadAttention<Scalar> module_with(const io::PyTorchMultiheadAttention<Scalar>& w,
                                        const MultiHeadAttentionConfig& config) {
   MultiHeadAttention<Scalar> module(config);
   const Eigen::Index E = config.d_model;
@@ -167,6 +169,8 @@ MultiHeadAttention<Scalar> module_with(const PyTorchMultiheadAttention<Scalar>& 
 
 }  // namespace detail
 
+namespace io {
+
 /// A module with PyTorch's weights, so that forward() equals nn.MultiheadAttention's forward in
 /// eval mode (batch_first or not: mha is one sequence of rows, or forward_batch). num_heads and
 /// add_zero_attn are not in a state_dict: give them as the PyTorch module was built. Throws
@@ -194,7 +198,7 @@ MultiHeadAttention<Scalar> from_state_dict(const Tensors& tensors, Eigen::Index 
     size = {rows, cols};
   });
   if (sizes.out_proj_weight.size() == 0)
-    mha::detail::fail("PyTorch weights: no tensor \"", prefix, "out_proj.weight\"");
+    detail::fail("PyTorch weights: no tensor \"", prefix, "out_proj.weight\"");
   const MultiHeadAttentionConfig config = detail::checked_config(sizes, num_heads, add_zero_attn, prefix);
   PyTorchMultiheadAttention<Scalar> w;
   detail::for_each_tensor(w, [&](const char* name, typename PyTorchMultiheadAttention<Scalar>::Matrix& m) {

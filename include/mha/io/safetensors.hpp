@@ -52,6 +52,8 @@ struct Tensor {
   std::vector<unsigned char> bytes;  ///< the elements in row-major (C) order, little-endian
 };
 
+}  // namespace io
+
 namespace detail {
 
 static_assert(std::numeric_limits<float>::is_iec559 && std::numeric_limits<double>::is_iec559,
@@ -149,13 +151,6 @@ inline std::string quoted(const nlohmann::json& j) {
   return cut(s, kQuoted);
 }
 
-/// Sets `product` = a · b and \returns true, or \returns false if that overflows 64 bits.
-inline bool multiply(std::uint64_t a, std::uint64_t b, std::uint64_t& product) {
-  if (b != 0 && a > std::numeric_limits<std::uint64_t>::max() / b) return false;
-  product = a * b;
-  return true;
-}
-
 /// Sets `value` and \returns true if `j` is an integer ≥ 0 (JSON "-0" included), else \returns false.
 inline bool non_negative_integer(const nlohmann::json& j, std::uint64_t& value) {
   if (j.is_number_unsigned()) {
@@ -216,6 +211,8 @@ void fill_row_major(const std::vector<unsigned char>& bytes, Eigen::Matrix<Scala
 }
 
 }  // namespace detail
+
+namespace io {
 
 /// The tensors and metadata of one safetensors file, read into memory and checked.
 class SafeTensors {
@@ -357,7 +354,7 @@ class SafeTensors {
   /// Throws mha::invalid_argument with "mha: safetensors <what>: " and the streamed parts.
   template <typename... Parts>
   [[noreturn]] void fail(const Parts&... parts) const {
-    mha::detail::fail("safetensors ", what_, ": ", parts...);
+    detail::fail("safetensors ", what_, ": ", parts...);
   }
 
   /// Throws unless a file of `size` bytes can hold the header length.
@@ -456,7 +453,7 @@ class SafeTensors {
       overflow = overflow || !detail::multiply(elements, size, elements);
     }
     std::uint64_t total_bits = 0;
-    if (!empty && (overflow || !detail::multiply(elements, bits, total_bits)))
+    if (!empty && (overflow || !detail::multiply<std::uint64_t>(elements, bits, total_bits)))
       fail("tensor \"", name, "\" of shape ", detail::shape_string(t.shape), " and dtype ", t.dtype,
            " is too large: 2^61 bytes or more");
     if (total_bits % 8 != 0)

@@ -8,12 +8,31 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
+#include <utility>
 #include <vector>
 
 namespace mha {
 
+namespace detail {
+
+/// What a forward pass recorded for its backward pass (see Tape): the backward reads it, the
+/// forward writes it, nothing else does.
 template <typename Scalar>
-class MultiHeadAttention;
+struct TapedForward {
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
+  std::uint64_t module = 0;          ///< the identity of the module that recorded it
+  MultiHeadAttentionConfig config;   ///< of that module
+  AttentionOptions options;          ///< with masks of its own (AttentionMask::owning)
+  bool self_attention = false;       ///< key and value are empty: the inputs are `query`
+  std::vector<Eigen::Index> query_lengths, key_lengths;
+  Matrix query, key, value;          ///< the inputs: ΣL × d_model, ΣS × kdim, ΣS × vdim
+  Matrix q, keys, values;            ///< ΣL × h·d_k; (ΣS + B·extra) × h_kv·d_k and × h_kv·d_v
+  Matrix concat;                     ///< ΣL × h·d_v: [head_1 … head_h]
+  Matrix log_sum_exp;                ///< ΣL × h: log Σ_j exp(score_j) per row and head
+};
+
+}  // namespace detail
 
 /// What a training forward pass, MultiHeadAttention::forward(…, tape), keeps for its backward pass:
 /// the inputs, their projections Q W^Q, K W^K, V W^V, the concatenated heads and, per head and query
@@ -29,28 +48,25 @@ class Tape {
   /// \returns whether no forward pass has been recorded (or the tape was cleared).
   bool empty() const { return !recorded_; }
   /// Frees the memory and forgets the recorded forward pass.
-  void clear() { *this = Tape(); }
+  void clear() { recorded_.reset(); }
   /// \returns the bytes of the matrices the tape holds.
   std::size_t bytes() const {
+    if (!recorded_) return 0;
+    const auto& r = *recorded_;
     std::size_t n = 0;
-    for (const Matrix* m : {&query_, &key_, &value_, &q_, &keys_, &values_, &concat_, &log_sum_exp_})
+    for (const Matrix* m : {&r.query, &r.key, &r.value, &r.q, &r.keys, &r.values, &r.concat, &r.log_sum_exp})
       n += static_cast<std::size_t>(m->size()) * sizeof(Scalar);
     return n;
   }
 
- private:
-  friend class MultiHeadAttention<Scalar>;
+  /// Records a forward pass, replacing what the tape held (MultiHeadAttention::forward does).
+  void record(detail::TapedForward<Scalar> forward) { recorded_ = std::move(forward); }
+  /// \returns the recorded forward pass (MultiHeadAttention::backward reads it); the tape must
+  /// not be empty.
+  const detail::TapedForward<Scalar>& recorded() const { return *recorded_; }
 
-  bool recorded_ = false;
-  bool self_attention_ = false;               ///< key_ and value_ are empty: the inputs are query_
-  MultiHeadAttentionConfig config_;           ///< of the module that recorded it
-  std::uint64_t module_ = 0;                  ///< the identity of the module that recorded it
-  AttentionOptions options_;
-  std::vector<Eigen::Index> query_lengths_, key_lengths_;
-  Matrix query_, key_, value_;                ///< the inputs: ΣL × d_model, ΣS × kdim, ΣS × vdim
-  Matrix q_, keys_, values_;                  ///< ΣL × h·d_k; (ΣS + B·extra) × h·d_k and × h·d_v
-  Matrix concat_;                             ///< ΣL × h·d_v: [head_1 … head_h]
-  Matrix log_sum_exp_;                        ///< ΣL × h: log Σ_j exp(score_j) per row and head
+ private:
+  std::optional<detail::TapedForward<Scalar>> recorded_;
 };
 
 /// The gradients of the loss with respect to the inputs of a forward pass, as
