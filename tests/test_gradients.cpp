@@ -19,8 +19,11 @@ namespace {
 using mha_test::BoolMatrix;
 using mha_test::close;
 using mha_test::config;
+using mha_test::decoder_config;
 using mha_test::error_of;
+using mha_test::options_of;
 using mha_test::random_matrix;
+using mha_test::rotary;
 using Matrix = Eigen::MatrixXd;
 using Index = Eigen::Index;
 using mha_test::gradient_check::all_entries;
@@ -28,7 +31,6 @@ using mha_test::gradient_check::Backward;
 using mha_test::gradient_check::backward;
 using mha_test::gradient_check::expect_gradients_match_finite_differences;
 using mha_test::gradient_check::Problem;
-using mha_test::gradient_check::Selection;
 using mha_test::gradient_check::with;
 
 
@@ -154,26 +156,41 @@ TEST(Gradients, ExplicitScaleMatchesFiniteDifferences) {
   expect_gradients_match_finite_differences(p);
 }
 
-// Query and key blocks are 256 × 512: rows and keys on both sides of the boundaries, checked on
-// the entries next to them and a spread of others.
+// Query and key blocks are 256 × 512: the tile-boundary checks take rows and keys on both sides of
+// the boundaries, and check the entries next to them (every third column of the first and last
+// rows and rows 255, 256, 511, 512) and a spread of others.
+std::vector<Index> near_tile_boundaries(const Eigen::Ref<const Matrix>& m) {
+  std::vector<Index> rows = {0, m.rows() - 1};
+  for (const Index r : {255, 256, 511, 512})
+    if (r < m.rows()) rows.push_back(r);
+  std::vector<Index> entries;
+  for (const Index r : rows)
+    for (Index c = 0; c < m.cols(); c += 3) entries.push_back(c * m.rows() + r);
+  for (Index e = 7; e < m.size(); e += m.size() / 5 + 1) entries.push_back(e);
+  return entries;
+}
+
 TEST(Gradients, MatchFiniteDifferencesAcrossTileBoundaries) {
-  const Selection near_boundaries = [](const Eigen::Ref<const Matrix>& m) {
-    std::vector<Index> rows = {0, m.rows() - 1};
-    for (const Index r : {255, 256, 511, 512})
-      if (r < m.rows()) rows.push_back(r);
-    std::vector<Index> entries;
-    for (const Index r : rows)
-      for (Index c = 0; c < m.cols(); c += 3) entries.push_back(c * m.rows() + r);
-    for (Index e = 7; e < m.size(); e += m.size() / 5 + 1) entries.push_back(e);
-    return entries;
-  };
   for (const bool causal : {false, true}) {
     Problem p(config(4, 2), {300}, {530});
     p.options.causal = true;
     p.options.causal = causal;
     p.options.alignment = mha::CausalAlignment::bottom_right;
     SCOPED_TRACE(causal ? "causal" : "not causal");
-    expect_gradients_match_finite_differences(p, near_boundaries);
+    expect_gradients_match_finite_differences(p, near_tile_boundaries);
+  }
+}
+
+// Grouped-query attention, rotary, a window and biases together, in a batch and across the tiles.
+// (Each of them alone is checked in its own program: test_grouped_query_attention, test_rotary,
+// test_sliding_window.)
+TEST(DecodingGradients, EverythingTogetherMatchesFiniteDifferencesAcrossTileBoundaries) {
+  const auto c = with(rotary(decoder_config(8, 4, 2), mha::RotaryPairs::halves), [](auto& cfg) { cfg.bias = true; });
+  for (const Index window : {5, 300}) {
+    Problem p(c, {300, 4}, {530, 6});
+    p.options = options_of(true, mha::CausalAlignment::bottom_right, window);
+    SCOPED_TRACE("window " + std::to_string(window));
+    expect_gradients_match_finite_differences(p, near_tile_boundaries);
   }
 }
 

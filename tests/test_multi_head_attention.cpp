@@ -1,4 +1,5 @@
-// Properties of mha::MultiHeadAttention: configuration, parameters, and forward against the oracle.
+// Properties of mha::MultiHeadAttention: parameters, and forward against the oracle (the checks of its
+// configuration are in test_config.cpp).
 #include <mha/mha.hpp>
 
 #include "reference/reference_attention.hpp"
@@ -23,31 +24,7 @@ template <typename Scalar>
 class MultiHeadAttention : public ::testing::Test {};
 TYPED_TEST_SUITE(MultiHeadAttention, mha_test::Scalars, mha_test::ScalarNames);
 
-// --- configuration and parameters -------------------------------------------------------------
-
-TEST(MultiHeadAttentionConfig, DefaultsToDModelOverHeads) {
-  const auto c = config(512, 8).resolved();
-  EXPECT_EQ(c.d_k, 64);
-  EXPECT_EQ(c.d_v, 64);
-  const auto explicit_sizes = config(10, 3, 4, 6).resolved();  // 10 is not divisible by 3: fine when set
-  EXPECT_EQ(explicit_sizes.d_k, 4);
-  EXPECT_EQ(explicit_sizes.d_v, 6);
-}
-
-TEST(MultiHeadAttentionConfig, RejectsInvalidConfigurationsWithAClearMessage) {
-  EXPECT_EQ(error_of([] { config(8, 0).resolved(); }), "mha: num_heads must be positive, got num_heads = 0");
-  EXPECT_EQ(error_of([] { config(8, -2).resolved(); }), "mha: num_heads must be positive, got num_heads = -2");
-  EXPECT_EQ(error_of([] { config(0, 2).resolved(); }), "mha: d_model must be positive, got d_model = 0");
-  EXPECT_EQ(error_of([] { config(10, 3).resolved(); }),
-            "mha: d_model = 10 is not divisible by num_heads = 3; set d_k and d_v explicitly or choose a divisor");
-  EXPECT_EQ(error_of([] { config(10, 3, 4).resolved(); }),
-            "mha: d_model = 10 is not divisible by num_heads = 3; set d_k and d_v explicitly or choose a divisor");
-  EXPECT_EQ(error_of([] { config(8, 2, -1).resolved(); }),
-            "mha: d_k must be positive (or 0 for d_model / num_heads), got d_k = -1");
-  EXPECT_EQ(error_of([] { config(8, 2, 4, -3).resolved(); }),
-            "mha: d_v must be positive (or 0 for d_model / num_heads), got d_v = -3");
-  EXPECT_THROW(mha::MultiHeadAttention<float>(config(8, 0)), mha::invalid_argument);
-}
+// --- parameters -------------------------------------------------------------------------------
 
 TYPED_TEST(MultiHeadAttention, ParametersHaveTheLectureShapes) {
   mha::MultiHeadAttention<TypeParam> attn(config(12, 3, 5, 7));

@@ -1,4 +1,5 @@
-// Helpers shared by the tests: tolerances, seeded random matrices, and closeness checks.
+// Helpers shared by the tests: tolerances, seeded random matrices, closeness checks, and
+// configurations and options.
 #pragma once
 
 #include <mha/config.hpp>
@@ -86,11 +87,38 @@ inline mha::MultiHeadAttentionConfig config(Eigen::Index d_model, Eigen::Index n
   return c;
 }
 
+/// A module configuration for decoding: h heads over h_kv key/value heads (0: h).
+inline mha::MultiHeadAttentionConfig decoder_config(Eigen::Index d_model, Eigen::Index h, Eigen::Index h_kv,
+                                                    Eigen::Index d_k = 0, Eigen::Index d_v = 0,
+                                                    std::uint64_t seed = 0) {
+  mha::MultiHeadAttentionConfig c = config(d_model, h, d_k, d_v, seed);
+  c.num_kv_heads = h_kv;
+  return c;
+}
+
+/// The configuration with rotary position embeddings of the given pairs and base.
+inline mha::MultiHeadAttentionConfig rotary(mha::MultiHeadAttentionConfig c, mha::RotaryPairs pairs,
+                                            double base = 10000.0) {
+  c.rotary = true;
+  c.rotary_pairs = pairs;
+  c.rotary_base = base;
+  return c;
+}
+
 /// Options with `causal` set as given.
 inline mha::AttentionOptions causal_if(bool causal) {
   mha::AttentionOptions options;
   options.causal = causal;
   return options;
+}
+
+/// Options with causal, its alignment (which places the queries even without causal) and a window.
+inline mha::AttentionOptions options_of(bool causal, mha::CausalAlignment alignment, Eigen::Index window = 0) {
+  mha::AttentionOptions o;
+  o.causal = causal;
+  o.alignment = alignment;
+  o.window = window;
+  return o;
 }
 
 /// The message of the std::invalid_argument that f() throws, or "no exception".

@@ -1,0 +1,479 @@
+// The key/value cache: every decode step's outputs are the rows of forward(all tokens so far,
+// causal) at its positions, for single tokens, chunks, prefills across the tiles and ragged
+// batches; fixed capacity, truncate, reset, the cache's views and bytes; results bit-identical for
+// any thread count; and the calls decoding rejects.
+#include <mha/mha.hpp>
+
+#include "decoding_util.hpp"
+#include "reference/reference_attention.hpp"
+#include "test_util.hpp"
+
+#include <algorithm>
+#include <cstddef>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace {
+
+using mha_test::all_alignments;
+using mha_test::BoolMatrix;
+using mha_test::causal_if;
+using mha_test::decoder_config;
+using mha_test::describe;
+using mha_test::error_of;
+using mha_test::Lengths;
+using mha_test::make_module;
+using mha_test::Matrix;
+using mha_test::near;
+using mha_test::random_matrix;
+using mha_test::rotary;
+using mha_test::stack;
+using mha_test::total;
+using Index = Eigen::Index;
+
+template <typename Scalar>
+class KVCache : public ::testing::Test {
+ protected:
+  void TearDown() override { mha::set_num_threads(0); }
+};
+TYPED_TEST_SUITE(KVCache, mha_test::Scalars, mha_test::ScalarNames);
+
+/// The configurations decoding is checked with: plain; multi-query with rotary; and everything at
+/// once (grouped-query attention, rotary halves, biases, a window).
+struct DecodeCase {
+  mha::MultiHeadAttentionConfig config;
+  Index window;
+};
+
+std::vector<DecodeCase> decode_cases() {
+  auto everything = rotary(decoder_config(32, 8, 2, 0, 0, 21), mha::RotaryPairs::halves, 500.0);
+  everything.bias = true;
+  return {{decoder_config(32, 8, 0, 0, 0, 20), 0},
+          {rotary(decoder_config(32, 4, 1, 0, 0, 22), mha::RotaryPairs::interleaved), 0},
+          {everything, 7},
+          {everything, 300}};
+}
+
+/// Decodes x in steps of the given sizes (the last one repeated until x ends) on a fresh cache and
+/// checks each step's output against the rows of forward(x, causal) at its positions.
+template <typename Scalar>
+void expect_decode_equals_forward(const mha::MultiHeadAttention<Scalar>& attn, const Matrix<Scalar>& x,
+                                  const Lengths& steps, Index window) {
+  mha::AttentionOptions forward_options = causal_if(true);
+  forward_options.window = window;
+  const Matrix<Scalar> full = attn.forward(x, forward_options);
+  mha::AttentionOptions decode_options;  // causal is implied
+  decode_options.window = window;
+  auto cache = attn.make_cache(1, 0);
+  Index position = 0;
+  for (std::size_t step = 0; position < x.rows(); ++step) {
+    const Index n = std::min(steps[std::min(step, steps.size() - 1)], x.rows() - position);
+    const Matrix<Scalar> y = attn.decode(x.middleRows(position, n), cache, decode_options);
+    ASSERT_EQ(cache.length(), position + n);
+    ASSERT_TRUE(near<Scalar>(y, full.middleRows(position, n), "decode against forward"))
+        << "step " << step << ": tokens " << position << " to " << position + n - 1;
+    position += n;
+  }
+}
+
+TYPED_TEST(KVCache, DecodeStepsEqualTheFullCausalForward) {
+  struct Pattern {
+    const char* name;
+    Index tokens;
+    Lengths steps;
+  };
+  const Pattern patterns[] = {
+      {"one token at a time", 45, {1}},
+      {"chunks of 3", 50, {3}},
+      {"chunks of 7", 60, {7}},
+      {"chunks of 64", 200, {64}},
+      {"a prefill, then single tokens", 130, {100, 1}},
+      {"a prefill across the tiles, then single tokens", 700, {600, 1}},
+      {"growing steps", 620, {1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233}},
+  };
+  for (const DecodeCase& c : decode_cases()) {
+    const auto attn = make_module<TypeParam>(c.config);
+    for (const Pattern& p : patterns) {
+      SCOPED_TRACE(describe(c.config) + ", window " + std::to_string(c.window) + ": " + p.name);
+      expect_decode_equals_forward(attn, random_matrix<TypeParam>(p.tokens, 32, p.tokens), p.steps, c.window);
+    }
+  }
+}
+
+TYPED_TEST(KVCache, EmptyStepChangesNothing) {
+  const auto attn = make_module<TypeParam>(decoder_config(16, 4, 2));
+  auto cache = attn.make_cache(1, 0);
+  const Matrix<TypeParam> x = random_matrix<TypeParam>(5, 16, 1);
+  attn.decode(x, cache);
+  const Matrix<TypeParam> keys = cache.keys(), values = cache.values();
+  const Matrix<TypeParam> y = attn.decode(Matrix<TypeParam>(0, 16), cache);
+  EXPECT_EQ(y.rows(), 0);
+  EXPECT_EQ(y.cols(), 16);
+  EXPECT_EQ(cache.length(), 5);
+  EXPECT_EQ(Matrix<TypeParam>(cache.keys()), keys);
+  EXPECT_EQ(Matrix<TypeParam>(cache.values()), values);
+}
+
+TYPED_TEST(KVCache, BatchedDecodeWithRaggedNewLengthsEqualsEachSequenceAlone) {
+  for (const DecodeCase& c : decode_cases()) {
+    const auto attn = make_module<TypeParam>(c.config);
+    SCOPED_TRACE(describe(c.config) + ", window " + std::to_string(c.window));
+    const std::vector<Lengths> rounds = {{3, 0, 5, 1}, {0, 0, 2, 7}, {1, 1, 1, 1}, {300, 0, 1, 2},
+                                         {0, 0, 0, 0}, {1, 260, 0, 1}, {1, 1, 1, 1}, {2, 0, 1, 0}};
+    const std::size_t B = 4;
+    Lengths final_lengths(B, 0);
+    for (const Lengths& round : rounds)
+      for (std::size_t b = 0; b < B; ++b) final_lengths[b] += round[b];
+    std::vector<Matrix<TypeParam>> tokens, expected;
+    mha::AttentionOptions forward_options = causal_if(true);
+    forward_options.window = c.window;
+    for (std::size_t b = 0; b < B; ++b) {
+      tokens.push_back(random_matrix<TypeParam>(final_lengths[b], 32, 100 + b));
+      expected.push_back(attn.forward(tokens[b], forward_options));  // causal: row i depends on rows ≤ i only
+    }
+    auto cache = attn.make_cache(static_cast<Index>(B), 0);
+    ASSERT_EQ(cache.sequences(), static_cast<Index>(B));
+    mha::AttentionOptions decode_options;
+    decode_options.window = c.window;
+    Lengths position(B, 0);
+    for (std::size_t round = 0; round < rounds.size(); ++round) {
+      Matrix<TypeParam> stacked(total(rounds[round]), 32);
+      Index row = 0;
+      for (std::size_t b = 0; b < B; ++b) {
+        stacked.middleRows(row, rounds[round][b]) = tokens[b].middleRows(position[b], rounds[round][b]);
+        row += rounds[round][b];
+      }
+      const Matrix<TypeParam> y = attn.decode_batch(stacked, rounds[round], cache, decode_options);
+      ASSERT_EQ(y.rows(), stacked.rows());
+      row = 0;
+      for (std::size_t b = 0; b < B; ++b) {
+        const Index n = rounds[round][b];
+        EXPECT_TRUE(near<TypeParam>(y.middleRows(row, n), expected[b].middleRows(position[b], n), "batched decode"))
+            << "round " << round << ", sequence " << b;
+        position[b] += n;
+        row += n;
+        EXPECT_EQ(cache.length(static_cast<Index>(b)), position[b]);
+      }
+    }
+  }
+}
+
+TYPED_TEST(KVCache, FixedCapacityIsAnErrorWhenFullAndLeavesTheCacheUnchanged) {
+  const auto attn = make_module<TypeParam>(rotary(decoder_config(16, 4, 2, 0, 0, 3), mha::RotaryPairs::interleaved));
+  const Matrix<TypeParam> x = random_matrix<TypeParam>(10, 16, 1);
+  const Matrix<TypeParam> full = attn.forward(x, causal_if(true));
+  auto cache = attn.make_cache(1, 10);
+  EXPECT_EQ(cache.max_length(), 10);
+  attn.decode(x.topRows(8), cache);
+  const Matrix<TypeParam> keys = cache.keys(), values = cache.values();
+  EXPECT_EQ(error_of([&] { attn.decode(random_matrix<TypeParam>(3, 16, 2), cache); }),
+            "mha: KVCache: sequence 0 holds 8 of at most 10 tokens; 3 more do not fit (make the cache with a larger "
+            "max_length, or truncate it)");
+  EXPECT_EQ(cache.length(), 8);
+  EXPECT_EQ(Matrix<TypeParam>(cache.keys()), keys);
+  EXPECT_EQ(Matrix<TypeParam>(cache.values()), values);
+  // It still decodes what fits, as if the failed step had never been tried.
+  EXPECT_TRUE(near<TypeParam>(attn.decode(x.bottomRows(2), cache), full.bottomRows(2), "decode against forward"));
+  EXPECT_EQ(cache.length(), 10);
+  EXPECT_THROW(attn.decode(x.topRows(1), cache), mha::invalid_argument);
+  EXPECT_EQ(cache.length(), 10);
+
+  // In a batch, one sequence that would overflow rejects the whole step: no sequence changes.
+  auto batch = attn.make_cache(2, 10);
+  attn.decode_batch(random_matrix<TypeParam>(8, 16, 3), Lengths{4, 4}, batch);
+  const Matrix<TypeParam> keys0 = batch.keys(0), keys1 = batch.keys(1);
+  EXPECT_EQ(error_of([&] { attn.decode_batch(random_matrix<TypeParam>(9, 16, 4), Lengths{2, 7}, batch); }),
+            "mha: KVCache: sequence 1 holds 4 of at most 10 tokens; 7 more do not fit (make the cache with a larger "
+            "max_length, or truncate it)");
+  EXPECT_EQ(batch.length(0), 4);
+  EXPECT_EQ(batch.length(1), 4);
+  EXPECT_EQ(Matrix<TypeParam>(batch.keys(0)), keys0);
+  EXPECT_EQ(Matrix<TypeParam>(batch.keys(1)), keys1);
+  attn.decode_batch(random_matrix<TypeParam>(12, 16, 5), Lengths{6, 6}, batch);
+  EXPECT_EQ(batch.length(0), 10);
+  EXPECT_EQ(batch.length(1), 10);
+}
+
+TYPED_TEST(KVCache, TruncateRollsBackForSpeculativeDecoding) {
+  auto c = rotary(decoder_config(32, 8, 2, 0, 0, 4), mha::RotaryPairs::halves);
+  c.bias = true;
+  const auto attn = make_module<TypeParam>(c);
+  mha::AttentionOptions o;
+  o.window = 9;
+  // 20 drafted tokens of which the first 12 are accepted, then 5 others follow them.
+  const Matrix<TypeParam> draft = random_matrix<TypeParam>(20, 32, 1), next = random_matrix<TypeParam>(5, 32, 2);
+  auto speculative = attn.make_cache(1, 0);
+  attn.decode(draft.topRows(3), speculative, o);
+  attn.decode(draft.bottomRows(17), speculative, o);
+  speculative.truncate(12);
+  EXPECT_EQ(speculative.length(), 12);
+  auto straight = attn.make_cache(1, 0);
+  attn.decode(draft.topRows(12), straight, o);
+  EXPECT_TRUE(near<TypeParam>(speculative.keys(), straight.keys(), "truncate"));
+  EXPECT_TRUE(near<TypeParam>(speculative.values(), straight.values(), "truncate"));
+  const Matrix<TypeParam> after_rollback = attn.decode(next, speculative, o);
+  EXPECT_TRUE(near<TypeParam>(attn.decode(next, straight, o), after_rollback, "truncate"));
+  mha::AttentionOptions forward_options = causal_if(true);
+  forward_options.window = 9;
+  const Matrix<TypeParam> accepted = stack<TypeParam>(draft.topRows(12), next);
+  EXPECT_TRUE(near<TypeParam>(after_rollback, attn.forward(accepted, forward_options).bottomRows(5), "truncate"));
+
+  // Rolling back to the current length changes nothing; past it is an error.
+  speculative.truncate(17);
+  EXPECT_EQ(speculative.length(), 17);
+  EXPECT_EQ(error_of([&] { speculative.truncate(18); }),
+            "mha: KVCache::truncate: sequence 0 holds 17 tokens; cannot truncate it to 18");
+  EXPECT_EQ(speculative.length(), 17);
+  // Back to nothing: like a fresh cache.
+  speculative.truncate(0);
+  auto fresh = attn.make_cache(1, 0);
+  EXPECT_TRUE(near<TypeParam>(attn.decode(accepted, speculative, o), attn.decode(accepted, fresh, o), "truncate"));
+
+  // One sequence of a batch.
+  auto batch = attn.make_cache(3, 0);
+  const Matrix<TypeParam> tokens = random_matrix<TypeParam>(30, 32, 3);
+  attn.decode_batch(tokens, Lengths{10, 10, 10}, batch, o);
+  batch.truncate(1, 4);
+  EXPECT_EQ(batch.length(0), 10);
+  EXPECT_EQ(batch.length(1), 4);
+  EXPECT_EQ(batch.length(2), 10);
+  const Matrix<TypeParam> y = attn.decode_batch(next.topRows(3), Lengths{1, 1, 1}, batch, o);
+  const Matrix<TypeParam> second = stack<TypeParam>(tokens.middleRows(10, 4), next.row(1));
+  EXPECT_TRUE(near<TypeParam>(y.row(1), attn.forward(second, forward_options).bottomRows(1), "truncate"));
+  EXPECT_THROW(batch.truncate(1, 6), mha::invalid_argument);
+}
+
+TYPED_TEST(KVCache, ResetEmptiesEverySequence) {
+  const auto attn = make_module<TypeParam>(decoder_config(16, 4, 1, 0, 0, 5));
+  auto cache = attn.make_cache(2, 0);
+  const Matrix<TypeParam> x = random_matrix<TypeParam>(7, 16, 1);
+  const Matrix<TypeParam> first = attn.decode_batch(x, Lengths{3, 4}, cache);
+  cache.reset();
+  EXPECT_EQ(cache.sequences(), 2);
+  EXPECT_EQ(cache.length(0), 0);
+  EXPECT_EQ(cache.length(1), 0);
+  EXPECT_EQ(cache.keys(1).rows(), 0);
+  EXPECT_TRUE(near<TypeParam>(attn.decode_batch(x, Lengths{3, 4}, cache), first, "reset"));
+}
+
+TYPED_TEST(KVCache, ViewsHaveTheDocumentedShapesAndHoldTheProjectedKeysAndValues) {
+  for (const bool with_rotary : {false, true}) {
+    auto c = decoder_config(32, 8, 2, 4, 6, 6);
+    c.bias = true;
+    if (with_rotary) c = rotary(c, mha::RotaryPairs::halves, 100.0);
+    const auto attn = make_module<TypeParam>(c);
+    SCOPED_TRACE(describe(c));
+    auto cache = attn.make_cache(2, 0);
+    const Matrix<TypeParam> x = random_matrix<TypeParam>(8, 32, 1);
+    attn.decode_batch(x.topRows(5), Lengths{2, 3}, cache);
+    attn.decode_batch(x.bottomRows(3), Lengths{3, 0}, cache);  // sequence 0: rows 0, 1, 5, 6, 7
+    ASSERT_EQ(cache.keys(0).rows(), 5);
+    ASSERT_EQ(cache.keys(0).cols(), 2 * 4);
+    ASSERT_EQ(cache.values(0).rows(), 5);
+    ASSERT_EQ(cache.values(0).cols(), 2 * 6);
+    ASSERT_EQ(cache.keys(1).rows(), 3);
+    ASSERT_EQ(cache.values(1).cols(), 2 * 6);
+    Matrix<TypeParam> tokens0(5, 32);
+    tokens0 << x.topRows(2), x.bottomRows(3);
+    const std::pair<Matrix<TypeParam>, Index> sequences[] = {{tokens0, 0}, {x.middleRows(2, 3), 1}};
+    for (const auto& [tokens, b] : sequences)
+      for (Index j = 0; j < 2; ++j) {
+        Matrix<TypeParam> k_j = tokens * attn.w_k(j), v_j = tokens * attn.w_v(j);
+        k_j.rowwise() += attn.b_k().segment(j * 4, 4);
+        v_j.rowwise() += attn.b_v().segment(j * 6, 6);
+        if (with_rotary) k_j = mha_reference::rotate<TypeParam>(k_j, 0, c.rotary_base, c.rotary_pairs);
+        EXPECT_TRUE(near<TypeParam>(cache.keys(b).middleCols(j * 4, 4), k_j, "cached keys and values"))
+            << "sequence " << b << ", kv head " << j;
+        EXPECT_TRUE(near<TypeParam>(cache.values(b).middleCols(j * 6, 6), v_j, "cached keys and values"))
+            << "sequence " << b << ", kv head " << j;
+      }
+  }
+}
+
+TYPED_TEST(KVCache, GroupedQueryAttentionShrinksTheCache) {
+  const auto full = make_module<TypeParam>(decoder_config(64, 8, 8));
+  const auto grouped = make_module<TypeParam>(decoder_config(64, 8, 2));
+  const Matrix<TypeParam> x = random_matrix<TypeParam>(100, 64, 1);
+  for (const Index max_length : {0, 256}) {
+    auto full_cache = full.make_cache(3, max_length);
+    auto grouped_cache = grouped.make_cache(3, max_length);
+    full.decode_batch(x, Lengths{50, 0, 50}, full_cache);
+    grouped.decode_batch(x, Lengths{50, 0, 50}, grouped_cache);
+    EXPECT_EQ(full_cache.bytes(), 4 * grouped_cache.bytes()) << "max_length " << max_length;
+    // At least the keys and values themselves: 100 tokens × h_kv · (d_k + d_v).
+    EXPECT_GE(grouped_cache.bytes(), static_cast<std::size_t>(100 * 2 * (8 + 8)) * sizeof(TypeParam));
+    if (max_length > 0) {
+      EXPECT_GE(grouped_cache.bytes(), static_cast<std::size_t>(3 * 256 * 2 * (8 + 8)) * sizeof(TypeParam));
+    }
+  }
+}
+
+TYPED_TEST(KVCache, DecodeIsBitIdenticalForAnyThreadCount) {
+  const auto attn = make_module<TypeParam>(rotary(decoder_config(64, 8, 2, 0, 0, 8), mha::RotaryPairs::interleaved));
+  const Index n = 3000;
+  const Matrix<TypeParam> x = random_matrix<TypeParam>(n + 5, 64, 1);
+  for (const Index window : {0, 1000}) {
+    mha::AttentionOptions forward_options = causal_if(true), o;
+    forward_options.window = o.window = window;
+    const Matrix<TypeParam> full = attn.forward(x, forward_options);
+    auto cache = attn.make_cache(1, 0);
+    attn.decode(x.topRows(n), cache, o);
+    for (const Index new_tokens : {1, 5}) {
+      std::vector<Matrix<TypeParam>> outputs;
+      for (const int threads : {1, 2, 3}) {
+        mha::set_num_threads(threads);
+        outputs.push_back(attn.decode(x.middleRows(n, new_tokens), cache, o));  // one token over 3000: split
+        cache.truncate(n);
+      }
+      mha::set_num_threads(0);
+      EXPECT_TRUE((outputs[0].array() == outputs[1].array()).all()) << new_tokens << " new, window " << window;
+      EXPECT_TRUE((outputs[0].array() == outputs[2].array()).all()) << new_tokens << " new, window " << window;
+      EXPECT_TRUE(near<TypeParam>(outputs[0], full.middleRows(n, new_tokens), "decode over a long cache"))
+          << new_tokens << " new, window " << window;
+    }
+  }
+}
+
+TYPED_TEST(KVCache, DecodeRejectsWhatItCannotDo) {
+  const auto attn = make_module<TypeParam>(decoder_config(8, 2, 1));
+  const Matrix<TypeParam> x = random_matrix<TypeParam>(3, 8, 1);
+  auto cache = attn.make_cache(1, 0);
+  const BoolMatrix blocked = BoolMatrix::Constant(3, 3, false);
+  mha::AttentionOptions masked;
+  masked.mask = mha::AttentionMask::blocked(blocked);
+  const std::string not_read =
+      "mha: MultiHeadAttention::decode: options.mask and options.key_padding_mask are not read when decoding "
+      "(decoding is causal by construction); leave them empty";
+  EXPECT_EQ(error_of([&] { attn.decode(x, cache, masked); }), not_read);
+  const Eigen::Matrix<bool, 1, Eigen::Dynamic> padding = Eigen::Matrix<bool, 1, Eigen::Dynamic>::Constant(3, false);
+  mha::AttentionOptions padded;
+  padded.key_padding_mask = mha::AttentionMask::blocked(padding);
+  EXPECT_EQ(error_of([&] { attn.decode(x, cache, padded); }), not_read);
+  mha::AttentionOptions training;
+  training.training = true;
+  EXPECT_EQ(error_of([&] { attn.decode(x, cache, training); }),
+            "mha: MultiHeadAttention::decode: decoding is inference; options.training must be false");
+  EXPECT_EQ(error_of([&] { attn.decode(random_matrix<TypeParam>(3, 7, 1), cache); }),
+            "mha: MultiHeadAttention::decode: x is 3 x 7 but d_model is 8; x needs 8 columns");
+  EXPECT_EQ(error_of([&] { attn.decode_batch(x, Lengths{1, 2}, cache); }),
+            "mha: MultiHeadAttention::decode_batch: new_lengths has 2 sequences but the cache holds 1");
+  auto two = attn.make_cache(2, 0);
+  EXPECT_EQ(error_of([&] { attn.decode_batch(x, Lengths{1, 1}, two); }),
+            "mha: MultiHeadAttention::decode_batch: new_lengths add up to 2 but x has 3 rows");
+  EXPECT_EQ(error_of([&] { attn.decode_batch(x, Lengths{4, -1}, two); }),
+            "mha: MultiHeadAttention::decode_batch: sequence lengths must be >= 0, got -1");
+  EXPECT_EQ(error_of([&] { attn.decode(x, two); }),
+            "mha: MultiHeadAttention::decode: the cache holds 2 sequences; decode_batch takes the new tokens of each");
+  EXPECT_EQ(cache.length(), 0);
+  EXPECT_EQ(two.length(0), 0);
+  EXPECT_EQ(two.length(1), 0);
+
+  for (const bool bias_kv : {true, false}) {
+    auto c = decoder_config(8, 2, 1);
+    c.add_bias_kv = bias_kv;
+    c.add_zero_attn = !bias_kv;
+    const mha::MultiHeadAttention<TypeParam> extra(c);
+    EXPECT_EQ(error_of([&] {
+                auto extra_cache = extra.make_cache(1, 0);
+                extra.decode(x, extra_cache);
+              }),
+              "mha: MultiHeadAttention::decode: a module with add_bias_kv or add_zero_attn cannot decode with a cache")
+        << (bias_kv ? "add_bias_kv" : "add_zero_attn");
+  }
+  // A cache belongs to modules of one shape.
+  const auto other = make_module<TypeParam>(decoder_config(8, 2, 2));
+  auto other_cache = other.make_cache(1, 0);
+  EXPECT_EQ(error_of([&] { attn.decode(x, other_cache); }),
+            "mha: MultiHeadAttention::decode: the cache was made for a module of another shape (d_model 8, num_heads 2, "
+            "d_k 4, d_v 4, kdim 8, vdim 8) than this one (d_model 8, num_heads 2, num_kv_heads 1, d_k 4, d_v 4, kdim 8, "
+            "vdim 8); use make_cache()");
+  EXPECT_EQ(other_cache.length(), 0);
+  // And to modules that turn the keys alike: a cache holds rotated keys.
+  auto rotating = decoder_config(8, 2, 1);
+  rotating.rotary = true;
+  const auto rotary = make_module<TypeParam>(rotating);
+  auto rotated_cache = rotary.make_cache(1, 0);
+  EXPECT_EQ(error_of([&] { attn.decode(x, rotated_cache); }),
+            "mha: MultiHeadAttention::decode: the cache was made for a module of another shape (d_model 8, num_heads 2, "
+            "num_kv_heads 1, d_k 4, d_v 4, kdim 8, vdim 8, rotary interleaved base 10000) than this one (d_model 8, "
+            "num_heads 2, num_kv_heads 1, d_k 4, d_v 4, kdim 8, vdim 8); use make_cache()");
+  EXPECT_EQ(rotated_cache.length(), 0);
+}
+
+// Decoding is self-attention: the new tokens are the queries, the keys and the values at once.
+TYPED_TEST(KVCache, ModulesWithOtherKeyOrValueWidthsCannotDecode) {
+  auto c = decoder_config(8, 2, 1);
+  c.kdim = 5;
+  c.vdim = 7;
+  const mha::MultiHeadAttention<TypeParam> attn(c);
+  auto cache = attn.make_cache(1, 0);
+  EXPECT_EQ(error_of([&] { attn.decode(random_matrix<TypeParam>(3, 8, 1), cache); }),
+            "mha: MultiHeadAttention::decode: decoding is self-attention, so kdim and vdim must equal d_model = 8; "
+            "this module has kdim = 5 and vdim = 7");
+  EXPECT_EQ(cache.length(), 0);
+}
+
+TYPED_TEST(KVCache, BadCacheArgumentsAreRejected) {
+  const auto attn = make_module<TypeParam>(decoder_config(8, 2, 1));
+  EXPECT_EQ(error_of([&] { attn.make_cache(0, 0); }), "mha: KVCache: sequences must be >= 1, got 0");
+  EXPECT_EQ(error_of([&] { attn.make_cache(1, -1); }), "mha: KVCache: max_length must be >= 0 (0 = no limit), got -1");
+  auto cache = attn.make_cache(2, 0);
+  attn.decode_batch(random_matrix<TypeParam>(3, 8, 1), Lengths{1, 2}, cache);
+  EXPECT_EQ(error_of([&] { cache.truncate(-1); }), "mha: KVCache::truncate: sequence 0 holds 1 tokens; cannot truncate it to -1");
+  EXPECT_EQ(error_of([&] { cache.truncate(2, 0); }),
+            "mha: KVCache::truncate: sequence 2 out of range; the cache holds 2 sequences");
+  EXPECT_EQ(error_of([&] { cache.keys(2); }), "mha: KVCache::keys: sequence 2 out of range; the cache holds 2 sequences");
+  EXPECT_EQ(error_of([&] { cache.values(-1); }),
+            "mha: KVCache::values: sequence -1 out of range; the cache holds 2 sequences");
+  EXPECT_EQ(error_of([&] { cache.length(5); }), "mha: KVCache::length: sequence 5 out of range; the cache holds 2 sequences");
+  EXPECT_EQ(cache.length(0), 1);
+  EXPECT_EQ(cache.length(1), 2);
+}
+
+// Decoding is causal with bottom-right alignment whatever the options say; the scale is honoured.
+TYPED_TEST(KVCache, DecodeIgnoresCausalAndAlignmentAndHonoursTheScale) {
+  const auto attn = make_module<TypeParam>(rotary(decoder_config(16, 4, 2, 0, 0, 2), mha::RotaryPairs::interleaved));
+  const Matrix<TypeParam> x = random_matrix<TypeParam>(30, 16, 1);
+  mha::AttentionOptions forward_options = causal_if(true);
+  forward_options.scale = 0.3;
+  const Matrix<TypeParam> full = attn.forward(x, forward_options);
+  for (const auto& o : all_alignments()) {
+    mha::AttentionOptions decode_options = o;
+    decode_options.scale = 0.3;
+    auto cache = attn.make_cache(1, 0);
+    attn.decode(x.topRows(20), cache, decode_options);
+    EXPECT_TRUE(near<TypeParam>(attn.decode(x.bottomRows(10), cache, decode_options), full.bottomRows(10),
+                                "decode against forward"))
+        << describe(o);
+  }
+}
+
+TYPED_TEST(KVCache, BatchedDecodeIsBitIdenticalForAnyThreadCount) {
+  const auto attn = make_module<TypeParam>(rotary(decoder_config(64, 8, 2, 0, 0, 9), mha::RotaryPairs::halves));
+  const Matrix<TypeParam> prompt = random_matrix<TypeParam>(1300 + 700 + 2, 64, 1),
+                          step = random_matrix<TypeParam>(1 + 300 + 8, 64, 2);
+  mha::AttentionOptions o;
+  o.window = 600;
+  auto cache = attn.make_cache(3, 0);
+  attn.decode_batch(prompt, Lengths{1300, 700, 2}, cache, o);
+  std::vector<Matrix<TypeParam>> outputs;
+  for (const int threads : {1, 2, 3}) {
+    mha::set_num_threads(threads);
+    outputs.push_back(attn.decode_batch(step, Lengths{1, 300, 8}, cache, o).eval());
+    cache.truncate(0, 1300);
+    cache.truncate(1, 700);
+    cache.truncate(2, 2);
+  }
+  mha::set_num_threads(0);
+  EXPECT_TRUE((outputs[0].array() == outputs[1].array()).all());
+  EXPECT_TRUE((outputs[0].array() == outputs[2].array()).all());
+  // And right: sequence 1's 300 new tokens after its 700.
+  mha::AttentionOptions forward_options = causal_if(true);
+  forward_options.window = 600;
+  const Matrix<TypeParam> second = stack<TypeParam>(prompt.middleRows(1300, 700), step.middleRows(1, 300));
+  EXPECT_TRUE(near<TypeParam>(outputs[0].middleRows(1, 300), attn.forward(second, forward_options).bottomRows(300),
+                              "batched decode"));
+}
+
+}  // namespace
