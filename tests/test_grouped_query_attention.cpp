@@ -29,6 +29,7 @@ using mha_test::options_of;
 using mha_test::random_matrix;
 using mha_test::reference_options;
 using mha_test::rotary;
+using mha_test::use_threads;
 using Index = Eigen::Index;
 
 template <typename Scalar>
@@ -193,21 +194,26 @@ TYPED_TEST(GroupedQueryAttention, EqualsAFullModuleWhoseKvBlocksAreRepeated) {
 }
 
 // The backward gives each key/value head's gradient one task that adds its query heads' parts in
-// turn: grouped-query gradients do not depend on the thread count either.
+// turn: grouped-query gradients do not depend on the thread count either. Three key/value heads of
+// four query heads each, so that the backward has a task for each of three threads (and 173 Mflop
+// as its scheduler counts them, far above three threads' worth of kMinFlopsPerThread).
 TYPED_TEST(GroupedQueryAttention, BackwardIsBitIdenticalForAnyThreadCount) {
-  auto c = rotary(decoder_config(32, 8, 2, 0, 0, 10), mha::RotaryPairs::interleaved);
+  MHA_TEST_SKIP_WITHOUT_OPENMP();
+  auto c = rotary(decoder_config(48, 12, 3, 0, 0, 10), mha::RotaryPairs::interleaved);
   c.bias = true;
   const auto attn = make_module<TypeParam>(c);
-  const Matrix<TypeParam> x = random_matrix<TypeParam>(600, 32, 1), d_y = random_matrix<TypeParam>(600, 32, 2);
+  const Matrix<TypeParam> x = random_matrix<TypeParam>(600, 48, 1), d_y = random_matrix<TypeParam>(600, 48, 2);
   const mha::AttentionOptions o = options_of(true, mha::CausalAlignment::top_left, 100);
   std::vector<mha::AttentionParameters<TypeParam>> gradients;
   std::vector<Matrix<TypeParam>> d_x;
   for (const int threads : {1, 2, 3}) {
-    mha::set_num_threads(threads);
+    use_threads(threads);
     mha::Tape<TypeParam> tape;
     attn.forward(x, o, tape);
+    mha::detail::largest_team() = 0;  // the backward's team, not the forward's
     gradients.push_back(attn.zero_gradients());
     d_x.push_back(attn.backward(tape, d_y, gradients.back()).self_attention());
+    EXPECT_EQ(mha::detail::largest_team(), threads) << "the backward did not run on " << threads << " threads";
   }
   mha::set_num_threads(0);
   for (std::size_t t = 1; t < 3; ++t) {

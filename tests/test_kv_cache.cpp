@@ -30,6 +30,7 @@ using mha_test::random_matrix;
 using mha_test::rotary;
 using mha_test::stack;
 using mha_test::total;
+using mha_test::use_threads;
 using Index = Eigen::Index;
 
 template <typename Scalar>
@@ -310,8 +311,16 @@ TYPED_TEST(KVCache, GroupedQueryAttentionShrinksTheCache) {
 }
 
 TYPED_TEST(KVCache, DecodeIsBitIdenticalForAnyThreadCount) {
-  const auto attn = make_module<TypeParam>(rotary(decoder_config(64, 8, 2, 0, 0, 8), mha::RotaryPairs::interleaved));
-  const Index n = 3000;
+  MHA_TEST_SKIP_WITHOUT_OPENMP();
+  // One new token over n cached ones costs 2·(n + 1)·(d_k + d_v) flops per head (attention_flops),
+  // and runs on t threads from t · kMinFlopsPerThread: with 8 heads of d_k = d_v = 256, 1600 cached
+  // tokens are 13 Mflop, three threads' worth (at d_k = d_v = 8 it would take 47 000). Wide heads
+  // rather than a long cache, since the causal forward that checks the result grows with n².
+  constexpr Index n = 1600, heads = 8, width = 256;
+  static_assert(2.0 * (n + 1) * heads * (2 * width) >= 3 * mha::detail::kMinFlopsPerThread,
+                "one new token over the cache must be three threads' worth");
+  const auto attn =
+      make_module<TypeParam>(rotary(decoder_config(64, heads, 2, width, width, 8), mha::RotaryPairs::interleaved));
   const Matrix<TypeParam> x = random_matrix<TypeParam>(n + 5, 64, 1);
   for (const Index window : {0, 1000}) {
     mha::AttentionOptions forward_options = causal_if(true), o;
@@ -322,8 +331,9 @@ TYPED_TEST(KVCache, DecodeIsBitIdenticalForAnyThreadCount) {
     for (const Index new_tokens : {1, 5}) {
       std::vector<Matrix<TypeParam>> outputs;
       for (const int threads : {1, 2, 3}) {
-        mha::set_num_threads(threads);
-        outputs.push_back(attn.decode(x.middleRows(n, new_tokens), cache, o));  // one token over 3000: split
+        use_threads(threads);
+        outputs.push_back(attn.decode(x.middleRows(n, new_tokens), cache, o));
+        EXPECT_EQ(mha::detail::largest_team(), threads) << new_tokens << " new, window " << window;
         cache.truncate(n);
       }
       mha::set_num_threads(0);
@@ -449,7 +459,10 @@ TYPED_TEST(KVCache, DecodeIgnoresCausalAndAlignmentAndHonoursTheScale) {
   }
 }
 
+// The step is 77 Mflop by attention_flops (mostly sequence 1's 300 tokens over 1000), many threads'
+// worth of kMinFlopsPerThread.
 TYPED_TEST(KVCache, BatchedDecodeIsBitIdenticalForAnyThreadCount) {
+  MHA_TEST_SKIP_WITHOUT_OPENMP();
   const auto attn = make_module<TypeParam>(rotary(decoder_config(64, 8, 2, 0, 0, 9), mha::RotaryPairs::halves));
   const Matrix<TypeParam> prompt = random_matrix<TypeParam>(1300 + 700 + 2, 64, 1),
                           step = random_matrix<TypeParam>(1 + 300 + 8, 64, 2);
@@ -459,8 +472,9 @@ TYPED_TEST(KVCache, BatchedDecodeIsBitIdenticalForAnyThreadCount) {
   attn.decode_batch(prompt, Lengths{1300, 700, 2}, cache, o);
   std::vector<Matrix<TypeParam>> outputs;
   for (const int threads : {1, 2, 3}) {
-    mha::set_num_threads(threads);
+    use_threads(threads);
     outputs.push_back(attn.decode_batch(step, Lengths{1, 300, 8}, cache, o).eval());
+    EXPECT_EQ(mha::detail::largest_team(), threads);
     cache.truncate(0, 1300);
     cache.truncate(1, 700);
     cache.truncate(2, 2);

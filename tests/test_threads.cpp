@@ -20,16 +20,21 @@ template <typename Scalar>
 class ThreadsTyped : public Threads {};
 TYPED_TEST_SUITE(ThreadsTyped, mha_test::Scalars, mha_test::ScalarNames);
 
+/// f() on `threads` of mha's threads, checking that its work really ran on that many.
 template <typename F>
 auto with_threads(int threads, F&& f) {
-  mha::set_num_threads(threads);
-  return f();
+  mha_test::use_threads(threads);
+  auto result = f();
+  EXPECT_EQ(mha::detail::largest_team(), threads) << "the call did not run on " << threads << " threads";
+  return result;
 }
 
 TYPED_TEST(ThreadsTyped, ForwardIsBitIdenticalOnOneAndTwoThreads) {
+  MHA_TEST_SKIP_WITHOUT_OPENMP();
   const mha::MultiHeadAttentionConfig config = mha_test::config(64, 8);
   const mha::MultiHeadAttention<TypeParam> attn(config);
-  // 700 query rows: several query blocks and projection row blocks, the last one partial.
+  // 700 query rows: several query blocks and projection row blocks, the last one partial; the
+  // attention is 197 Mflop, far above three threads' worth of kMinFlopsPerThread.
   const Matrix<TypeParam> query = random_matrix<TypeParam>(700, 64, 1), kv = random_matrix<TypeParam>(1100, 64, 2);
   for (const bool causal : {false, true}) {
     mha::AttentionOptions options;
@@ -43,6 +48,8 @@ TYPED_TEST(ThreadsTyped, ForwardIsBitIdenticalOnOneAndTwoThreads) {
 }
 
 TYPED_TEST(ThreadsTyped, SingleHeadAttentionIsBitIdenticalOnOneAndTwoThreads) {
+  MHA_TEST_SKIP_WITHOUT_OPENMP();
+  // Four query blocks of 43 Mflop in all: ten threads' worth of kMinFlopsPerThread.
   const Matrix<TypeParam> q = random_matrix<TypeParam>(1000, 16, 1), k = random_matrix<TypeParam>(900, 16, 2),
                           v = random_matrix<TypeParam>(900, 8, 3);
   const Matrix<TypeParam> one = with_threads(1, [&] { return mha::scaled_dot_product_attention(q, k, v); });

@@ -1,8 +1,9 @@
-// Helpers shared by the tests: tolerances, seeded random matrices, closeness checks, and
-// configurations and options.
+// Helpers shared by the tests: tolerances, seeded random matrices, closeness checks,
+// configurations and options, and the thread count.
 #pragma once
 
 #include <mha/config.hpp>
+#include <mha/threads.hpp>
 
 #include <gtest/gtest.h>
 
@@ -121,6 +122,15 @@ inline mha::AttentionOptions options_of(bool causal, mha::CausalAlignment alignm
   return o;
 }
 
+/// Sets mha's thread count and forgets the largest team seen so far, so that the test can check
+/// afterwards, with mha::detail::largest_team(), that its calls really ran on that many threads:
+/// below mha::detail::kMinFlopsPerThread per thread a loop stays on fewer, and a thread-count test
+/// whose work never split would pass whatever the threads did.
+inline void use_threads(int threads) {
+  mha::set_num_threads(threads);
+  mha::detail::largest_team() = 0;
+}
+
 /// The message of the std::invalid_argument that f() throws, or "no exception".
 template <typename F>
 std::string error_of(F&& f) {
@@ -133,3 +143,13 @@ std::string error_of(F&& f) {
 }
 
 }  // namespace mha_test
+
+/// Skips a test of thread counts in a build without OpenMP, where every loop runs on the calling
+/// thread whatever mha::set_num_threads says: such a test would compare one thread with itself. A
+/// macro, since GTEST_SKIP() returns from the test body.
+#ifdef _OPENMP
+#define MHA_TEST_SKIP_WITHOUT_OPENMP() static_cast<void>(0)
+#else
+#define MHA_TEST_SKIP_WITHOUT_OPENMP() \
+  GTEST_SKIP() << "built without OpenMP: every loop runs on the calling thread, so there is no thread count to vary"
+#endif
