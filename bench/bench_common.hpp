@@ -4,8 +4,8 @@
 
 #include <mha/mha.hpp>
 
-#include <Eigen/Core>
 #include <benchmark/benchmark.h>
+#include <Eigen/Core>
 
 #include <cstdint>
 #include <fstream>

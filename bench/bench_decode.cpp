@@ -39,8 +39,8 @@
 
 #include <mha/mha.hpp>
 
-#include <Eigen/Core>
 #include <benchmark/benchmark.h>
+#include <Eigen/Core>
 
 #include <cstdint>
 #include <string>
@@ -183,7 +183,6 @@ BENCHMARK(BM_DecodeStepThreads)
 }  // namespace
 
 int main(int argc, char** argv) {
-  return mha_bench::run(argc, argv, {{"d_model", std::to_string(kDModel)},
-                                     {"num_heads", std::to_string(kHeads)},
-                                     {"scalar", "float"}});
+  return mha_bench::run(
+      argc, argv, {{"d_model", std::to_string(kDModel)}, {"num_heads", std::to_string(kHeads)}, {"scalar", "float"}});
 }

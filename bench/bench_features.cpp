@@ -33,8 +33,8 @@
 
 #include <mha/mha.hpp>
 
-#include <Eigen/Core>
 #include <benchmark/benchmark.h>
+#include <Eigen/Core>
 
 #include <algorithm>
 #include <cmath>
@@ -104,8 +104,7 @@ std::vector<Index> batch_lengths() {
   return lengths;
 }
 
-void set_batch_counters(benchmark::State& state, const std::vector<Index>& lengths, Index computed_rows,
-                        bool causal) {
+void set_batch_counters(benchmark::State& state, const std::vector<Index>& lengths, Index computed_rows, bool causal) {
   const Index real = std::accumulate(lengths.begin(), lengths.end(), Index(0));
   const Index padded = static_cast<Index>(lengths.size()) * *std::max_element(lengths.begin(), lengths.end());
   set_flop_counter(state, useful_flops(lengths, causal));
@@ -157,7 +156,8 @@ void BM_BatchPadded(benchmark::State& state, bool causal) {
     float worst = 0;
     for (Index b = 0, from = 0; b < batch; from += lengths[static_cast<std::size_t>(b)], ++b) {
       const Index length = lengths[static_cast<std::size_t>(b)];
-      worst = std::max(worst, (got.middleRows(b * S, length) - expected.middleRows(from, length)).cwiseAbs().maxCoeff());
+      worst =
+          std::max(worst, (got.middleRows(b * S, length) - expected.middleRows(from, length)).cwiseAbs().maxCoeff());
     }
     if (!(worst <= 1e-4f * std::max(1.0f, expected.cwiseAbs().maxCoeff()))) {
       state.SkipWithError(("padded and ragged results differ by " + std::to_string(worst)).c_str());
@@ -181,8 +181,7 @@ BENCHMARK_CAPTURE(BM_BatchPadded, causal, true)->Unit(benchmark::kMillisecond);
 // ---- 2. Masks --------------------------------------------------------------------------------
 
 void set_visible_fraction(benchmark::State& state, const BoolMatrix& blocked) {
-  state.counters["visible_fraction"] =
-      1.0 - static_cast<double>(blocked.count()) / static_cast<double>(blocked.size());
+  state.counters["visible_fraction"] = 1.0 - static_cast<double>(blocked.count()) / static_cast<double>(blocked.size());
 }
 
 void BM_Unmasked(benchmark::State& state) {
@@ -280,6 +279,6 @@ BENCHMARK_CAPTURE(BM_Dropout, training, true)->ArgName("N")->Arg(512)->Arg(2048)
 }  // namespace
 
 int main(int argc, char** argv) {
-  return mha_bench::run(argc, argv,
-                        {{"d_model", std::to_string(kDModel)}, {"num_heads", std::to_string(kHeads)}, {"scalar", "float"}});
+  return mha_bench::run(
+      argc, argv, {{"d_model", std::to_string(kDModel)}, {"num_heads", std::to_string(kHeads)}, {"scalar", "float"}});
 }

@@ -27,8 +27,8 @@
 #include <mha/mha.hpp>
 #include <reference/reference_attention.hpp>
 
-#include <Eigen/Core>
 #include <benchmark/benchmark.h>
+#include <Eigen/Core>
 
 #include <cstdint>
 #include <fstream>
@@ -58,9 +58,8 @@ mha::MultiHeadAttention<float> make_module(const benchmark::State& state) {
 void set_flop_counter(benchmark::State& state, bool causal) {
   const double n = static_cast<double>(state.range(1)), d = static_cast<double>(kDModel);
   // Shown as e.g. "FLOPS=120.9G/s"; the JSON holds flops per second.
-  state.counters["FLOPS"] = benchmark::Counter(useful_flops(n, d, causal),
-                                                 benchmark::Counter::kIsIterationInvariantRate,
-                                                 benchmark::Counter::kIs1000);
+  state.counters["FLOPS"] = benchmark::Counter(
+      useful_flops(n, d, causal), benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
 }
 
 void run_library(benchmark::State& state, bool causal) {
@@ -95,9 +94,9 @@ void BM_GemmRoof(benchmark::State& state) {
     benchmark::DoNotOptimize(y.data());
     benchmark::ClobberMemory();
   }
-  state.counters["FLOPS"] = benchmark::Counter(2.0 * static_cast<double>(state.range(0)) * kDModel * kDModel,
-                                               benchmark::Counter::kIsIterationInvariantRate,
-                                               benchmark::Counter::kIs1000);
+  state.counters["FLOPS"] =
+      benchmark::Counter(2.0 * static_cast<double>(state.range(0)) * kDModel * kDModel,
+                         benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
 }
 
 void BM_Reference(benchmark::State& state) {
@@ -122,7 +121,13 @@ void grid(benchmark::internal::Benchmark* b) {
 
 BENCHMARK(BM_GemmRoof)
     ->ArgName("N")
-    ->Arg(64)->Arg(128)->Arg(256)->Arg(512)->Arg(1024)->Arg(2048)->Arg(4096)
+    ->Arg(64)
+    ->Arg(128)
+    ->Arg(256)
+    ->Arg(512)
+    ->Arg(1024)
+    ->Arg(2048)
+    ->Arg(4096)
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_MultiHeadAttention)
     ->Apply(grid<64, 128, 256, 512, 1024, 2048, 4096>)
@@ -140,11 +145,7 @@ BENCHMARK(BM_MultiHeadAttentionThreads)
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_Reference)->Apply(grid<64, 512>)->ArgNames({"h", "N"})->Unit(benchmark::kMillisecond);
 // One forward pass of the reference at N = 2048 takes up to seconds: one iteration per repetition.
-BENCHMARK(BM_Reference)
-    ->Apply(grid<2048>)
-    ->ArgNames({"h", "N"})
-    ->Iterations(1)
-    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Reference)->Apply(grid<2048>)->ArgNames({"h", "N"})->Iterations(1)->Unit(benchmark::kMillisecond);
 
 }  // namespace
 

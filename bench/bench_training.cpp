@@ -21,8 +21,8 @@
 
 #include <mha/mha.hpp>
 
-#include <Eigen/Core>
 #include <benchmark/benchmark.h>
+#include <Eigen/Core>
 
 #include <string>
 
@@ -38,12 +38,13 @@ double attention_flops(double n, double d, bool causal) { return causal ? 2.0 * 
 double useful_flops(const benchmark::State& state, bool backward) {
   const double n = static_cast<double>(state.range(1)), d = static_cast<double>(kDModel);
   const bool causal = state.range(2) != 0;
-  return backward ? 16.0 * n * d * d + 2.5 * attention_flops(n, d, causal) : 8.0 * n * d * d + attention_flops(n, d, causal);
+  return backward ? 16.0 * n * d * d + 2.5 * attention_flops(n, d, causal)
+                  : 8.0 * n * d * d + attention_flops(n, d, causal);
 }
 
 void set_flop_counter(benchmark::State& state, bool backward) {
-  state.counters["FLOPS"] = benchmark::Counter(useful_flops(state, backward), benchmark::Counter::kIsIterationInvariantRate,
-                                               benchmark::Counter::kIs1000);
+  state.counters["FLOPS"] = benchmark::Counter(
+      useful_flops(state, backward), benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
 }
 
 /// The module, input, upstream gradient and options of args {h, N, causal}.

@@ -53,7 +53,7 @@ int main() {
   const mha::MultiHeadAttention<float> attn(config);
 
   mha::AttentionOptions causal;
-  causal.causal = true;  // query r sees keys j <= r
+  causal.causal = true;              // query r sees keys j <= r
   const mha::AttentionOptions full;  // every query sees every key
 
   // The embeddings of the six tokens, one row each.
@@ -66,16 +66,17 @@ int main() {
   // weights themselves (row r of softmax(…) · I is row r of softmax(…)).
   const Matrix q_1 = x * attn.w_q(0), k_1 = x * attn.w_k(0);
   const Matrix weights = mha::scaled_dot_product_attention(q_1, k_1, Matrix::Identity(L, L), causal);
-  std::printf("\nHead 1 weights softmax(Q_1 K_1^T / sqrt(d_k) + mask), %ld x %ld: token r only looks at\n"
-              "tokens 0..r, so everything above the diagonal is 0 and each row still sums to 1.\n        ",
-              static_cast<long>(L), static_cast<long>(L));
+  std::printf(
+      "\nHead 1 weights softmax(Q_1 K_1^T / sqrt(d_k) + mask), %ld x %ld: token r only looks at\n"
+      "tokens 0..r, so everything above the diagonal is 0 and each row still sums to 1.\n        ",
+      static_cast<long>(L), static_cast<long>(L));
   for (Index j = 0; j < L; ++j) std::printf("     t%ld", static_cast<long>(j));
   std::printf("\n");
   print_rows(weights, L);
 
   const Matrix y = attn.forward(x, causal);
-  std::printf("\nOutput attn.forward(x, causal): %ld x %ld (first 8 columns shown):\n",
-              static_cast<long>(y.rows()), static_cast<long>(y.cols()));
+  std::printf("\nOutput attn.forward(x, causal): %ld x %ld (first 8 columns shown):\n", static_cast<long>(y.rows()),
+              static_cast<long>(y.cols()));
   print_rows(y, 8);
 
   // Change the last token and run again, with and without the mask.
@@ -84,16 +85,16 @@ int main() {
   const Matrix y_full = attn.forward(x, full);
   const Matrix change_causal = (attn.forward(x_changed, causal) - y).cwiseAbs();
   const Matrix change_full = (attn.forward(x_changed, full) - y_full).cwiseAbs();
-  std::printf("\nReplace the last token t%ld by a different embedding and run again.\n"
-              "Max |change| of each output row:\n      row     causal  non-causal\n",
-              static_cast<long>(L - 1));
+  std::printf(
+      "\nReplace the last token t%ld by a different embedding and run again.\n"
+      "Max |change| of each output row:\n      row     causal  non-causal\n",
+      static_cast<long>(L - 1));
   bool earlier_rows_unchanged = true, every_row_changed = true;
   for (Index r = 0; r < L; ++r) {
     const float c = change_causal.row(r).maxCoeff(), f = change_full.row(r).maxCoeff();
     if (r < L - 1 && c != 0.0f) earlier_rows_unchanged = false;
     if (f == 0.0f) every_row_changed = false;
-    std::printf("    t%-3ld %10.1e %11.1e\n", static_cast<long>(r), static_cast<double>(c),
-                static_cast<double>(f));
+    std::printf("    t%-3ld %10.1e %11.1e\n", static_cast<long>(r), static_cast<double>(c), static_cast<double>(f));
   }
   std::printf("\nCausal: rows t0..t%ld are %s; only t%ld, which attends to the new token, moves.\n",
               static_cast<long>(L - 2), earlier_rows_unchanged ? "exactly unchanged" : "CHANGED (unexpected)",

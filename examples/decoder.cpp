@@ -40,9 +40,9 @@ using Index = Eigen::Index;
 using Clock = std::chrono::steady_clock;
 
 const std::string kVocabulary = " abcdefghijklmnopqrstuvwxyz";  // token t is character kVocabulary[t]
-constexpr Index kModelWidth = 64;                                // d_model
-constexpr Index kGenerated = 24;                                 // tokens generated after the prompt
-constexpr double kTolerance = 1e-4;                              // relative, cached against uncached
+constexpr Index kModelWidth = 64;                               // d_model
+constexpr Index kGenerated = 24;                                // tokens generated after the prompt
+constexpr double kTolerance = 1e-4;                             // relative, cached against uncached
 
 double microseconds(Clock::duration d) { return std::chrono::duration<double, std::micro>(d).count(); }
 
@@ -127,11 +127,12 @@ int main() {
   const Index prompt_length = static_cast<Index>(prompt_tokens.size());
   const Index total = prompt_length + kGenerated;
 
-  std::printf("A one-layer decoder, d_model = %ld, %ld query heads sharing %ld key/value heads (d_k = %ld),\n"
-              "rotary positions, a window of %ld tokens, vocabulary of %zu characters; random weights.\n\n",
-              static_cast<long>(kModelWidth), static_cast<long>(model.attention.num_heads()),
-              static_cast<long>(model.attention.num_kv_heads()), static_cast<long>(model.attention.d_k()),
-              static_cast<long>(model.options.window), kVocabulary.size());
+  std::printf(
+      "A one-layer decoder, d_model = %ld, %ld query heads sharing %ld key/value heads (d_k = %ld),\n"
+      "rotary positions, a window of %ld tokens, vocabulary of %zu characters; random weights.\n\n",
+      static_cast<long>(kModelWidth), static_cast<long>(model.attention.num_heads()),
+      static_cast<long>(model.attention.num_kv_heads()), static_cast<long>(model.attention.d_k()),
+      static_cast<long>(model.options.window), kVocabulary.size());
 
   // ---- With the cache. ----
   mha::KVCache<float> cache = model.attention.make_cache(/*sequences=*/1, /*max_length=*/total);
@@ -140,7 +141,7 @@ int main() {
 
   // The prefill: the whole prompt in one call, its keys and values into the cache.
   auto start = Clock::now();
-  const Matrix x_prompt = model.embed(prompt_tokens);                  // prompt_length × d_model
+  const Matrix x_prompt = model.embed(prompt_tokens);  // prompt_length × d_model
   cached.topRows(prompt_length) = model.attention.decode(x_prompt, cache, model.options);
   tokens.push_back(model.next_token(x_prompt.bottomRows(1), cached.row(prompt_length - 1)));
   double cached_us = microseconds(Clock::now() - start);
@@ -150,7 +151,7 @@ int main() {
   std::printf("  position  token  cache length  us\n");
   for (Index t = prompt_length; t < total; ++t) {
     start = Clock::now();
-    const Matrix x_t = model.embed({tokens.back()});                  // 1 × d_model: the token just chosen
+    const Matrix x_t = model.embed({tokens.back()});                    // 1 × d_model: the token just chosen
     cached.row(t) = model.attention.decode(x_t, cache, model.options);  // its keys and values join the cache
     if (t + 1 < total) tokens.push_back(model.next_token(x_t, cached.row(t)));
     const double us = microseconds(Clock::now() - start);
@@ -175,8 +176,8 @@ int main() {
   double recomputed_us = 0;
   for (Index t = prompt_length; t <= total; ++t) {
     start = Clock::now();
-    const Matrix x = model.embed(recomputed_tokens);            // t × d_model
-    const Matrix a = model.attention.forward(x, full);          // t × d_model, of which the last row is new
+    const Matrix x = model.embed(recomputed_tokens);    // t × d_model
+    const Matrix a = model.attention.forward(x, full);  // t × d_model, of which the last row is new
     if (t == prompt_length)
       recomputed.topRows(t) = a;
     else

@@ -52,10 +52,10 @@ int main() {
   const Index L = static_cast<Index>(words.size());
   const Index d_model = 8;
   Matrix x(L, d_model);
-  x << 0.9f, -0.2f, 0.4f, 0.1f, -0.5f, 0.3f, 0.0f, 0.7f,    // she
-       0.1f, 0.8f, -0.6f, 0.5f, 0.2f, -0.1f, 0.9f, -0.3f,   // reads
-       -0.4f, 0.1f, 0.2f, -0.8f, 0.6f, 0.5f, -0.2f, 0.1f,   // the
-       0.3f, -0.7f, 0.5f, 0.6f, 0.1f, 0.9f, -0.4f, -0.2f;   // book
+  x << 0.9f, -0.2f, 0.4f, 0.1f, -0.5f, 0.3f, 0.0f, 0.7f,  // she
+      0.1f, 0.8f, -0.6f, 0.5f, 0.2f, -0.1f, 0.9f, -0.3f,  // reads
+      -0.4f, 0.1f, 0.2f, -0.8f, 0.6f, 0.5f, -0.2f, 0.1f,  // the
+      0.3f, -0.7f, 0.5f, 0.6f, 0.1f, 0.9f, -0.4f, -0.2f;  // book
 
   // The module: two heads with d_k = d_v = d_model / h = 4 (left at 0, the default), and
   // deterministic Xavier-uniform weights drawn from the seed.
@@ -66,8 +66,7 @@ int main() {
   const mha::MultiHeadAttention<float> attn(config);
   const Index h = attn.num_heads(), d_k = attn.d_k(), d_v = attn.d_v();
 
-  std::printf("Multi-head attention on the sentence \"she reads the book\": L = %ld words,\n",
-              static_cast<long>(L));
+  std::printf("Multi-head attention on the sentence \"she reads the book\": L = %ld words,\n", static_cast<long>(L));
   std::printf("d_model = %ld (embedding size), h = %ld heads, d_k = d_v = d_model / h = %ld.\n\n",
               static_cast<long>(d_model), static_cast<long>(h), static_cast<long>(d_k));
 
@@ -84,18 +83,19 @@ int main() {
     const Matrix q_i = x * w_q;  // L × d_k
     const Matrix k_i = x * w_k;  // L × d_k
     const Matrix v_i = x * w_v;  // L × d_v
-    std::printf("\nStep 2, head %ld. W_%ld^Q %s, W_%ld^K %s, W_%ld^V %s "
-                "(d_model x d_k, d_model x d_k, d_model x d_v)\n",
-                n, n, shape(w_q).c_str(), n, shape(w_k).c_str(), n, shape(w_v).c_str());
-    std::printf("        Q_%ld = Q W_%ld^Q %s, K_%ld = K W_%ld^K %s, V_%ld = V W_%ld^V %s\n", n, n,
-                shape(q_i).c_str(), n, n, shape(k_i).c_str(), n, n, shape(v_i).c_str());
+    std::printf(
+        "\nStep 2, head %ld. W_%ld^Q %s, W_%ld^K %s, W_%ld^V %s "
+        "(d_model x d_k, d_model x d_k, d_model x d_v)\n",
+        n, n, shape(w_q).c_str(), n, shape(w_k).c_str(), n, shape(w_v).c_str());
+    std::printf("        Q_%ld = Q W_%ld^Q %s, K_%ld = K W_%ld^K %s, V_%ld = V W_%ld^V %s\n", n, n, shape(q_i).c_str(),
+                n, n, shape(k_i).c_str(), n, n, shape(v_i).c_str());
 
     // Step 3: scaled dot-product attention on this head's set. The weights are shown to see which
     // word looks at which; scaled_dot_product_attention computes the head without forming them.
     const Matrix weights = mha::softmax_rows(q_i * k_i.transpose() / std::sqrt(static_cast<float>(d_k)));
     const Matrix head = mha::scaled_dot_product_attention(q_i, k_i, v_i);
-    std::printf("Step 3, head %ld. weights = softmax(Q_%ld K_%ld^T / sqrt(d_k)), %s, each row sums to 1:\n",
-                n, n, n, shape(weights).c_str());
+    std::printf("Step 3, head %ld. weights = softmax(Q_%ld K_%ld^T / sqrt(d_k)), %s, each row sums to 1:\n", n, n, n,
+                shape(weights).c_str());
     std::printf("          ");
     for (const auto& w : words) std::printf("%7s", w.c_str());
     std::printf("\n");
@@ -109,8 +109,8 @@ int main() {
   std::printf("\nStep 4. concat = [head_1 head_2], %s (rows of Q x h*d_v)\n", shape(concat).c_str());
   const Matrix w_o = attn.w_o();
   const Matrix output = concat * w_o;
-  std::printf("Step 5. output = concat W^O, W^O %s, output %s: one context vector per word:\n",
-              shape(w_o).c_str(), shape(output).c_str());
+  std::printf("Step 5. output = concat W^O, W^O %s, output %s: one context vector per word:\n", shape(w_o).c_str(),
+              shape(output).c_str());
   print_rows(output, words);
 
   // The module does all of this in one call (all heads' projections as single matrix products).

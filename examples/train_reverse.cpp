@@ -46,18 +46,18 @@ using Matrix = Eigen::MatrixXf;
 using Index = Eigen::Index;
 
 // The task and the model.
-constexpr Index kVocabulary = 16;     // tokens 0 … 15
-constexpr Index kLength = 12;         // n, tokens per sequence
-constexpr Index kModelWidth = 64;     // d_model
-constexpr Index kHeads = 4;           // h; d_k = d_v = 64 / 4 = 16
+constexpr Index kVocabulary = 16;  // tokens 0 … 15
+constexpr Index kLength = 12;      // n, tokens per sequence
+constexpr Index kModelWidth = 64;  // d_model
+constexpr Index kHeads = 4;        // h; d_k = d_v = 64 / 4 = 16
 // The training.
-constexpr Index kBatch = 32;          // sequences per step: N = 32 · 12 = 384 rows
+constexpr Index kBatch = 32;  // sequences per step: N = 32 · 12 = 384 rows
 constexpr int kSteps = 1000;
-constexpr int kReportEvery = 50;      // steps between two printed lines
-constexpr int kPlotEvery = 10;        // steps between two points of the plotted loss curve
+constexpr int kReportEvery = 50;        // steps between two printed lines
+constexpr int kPlotEvery = 10;          // steps between two points of the plotted loss curve
 constexpr float kLearningRate = 1e-3f;  // Adam's step at the start; it decays to a tenth of it
 // The test.
-constexpr Index kHeldOut = 2000;      // fresh sequences, never trained on (2000 · 12 = 24 000 tokens)
+constexpr Index kHeldOut = 2000;  // fresh sequences, never trained on (2000 · 12 = 24 000 tokens)
 constexpr double kTargetAccuracy = 0.99;
 const double kPi = std::acos(-1.0);
 
@@ -116,8 +116,8 @@ class Adam {
       const auto g = gradients[k].value.array();
       m_[k].array() = beta1 * m_[k].array() + (1.0f - beta1) * g;
       v_[k].array() = beta2 * v_[k].array() + (1.0f - beta2) * g.square();
-      parameters[k].value.array() -= learning_rate * (m_[k].array() / correction1) /
-                                     ((v_[k].array() / correction2).sqrt() + epsilon);
+      parameters[k].value.array() -=
+          learning_rate * (m_[k].array() / correction1) / ((v_[k].array() / correction2).sqrt() + epsilon);
     }
   }
 
@@ -189,8 +189,8 @@ struct ReverseModel {
   /// The gradient of each, in the same order and of the same shapes.
   std::vector<Named> gradient_list() {
     std::vector<Named> all = gradients.parameters();
-    all.insert(all.end(), {named("embedding", d_embedding), named("position", d_position),
-                           named("w_out", d_w_out), named("b_out", d_b_out)});
+    all.insert(all.end(), {named("embedding", d_embedding), named("position", d_position), named("w_out", d_w_out),
+                           named("b_out", d_b_out)});
     return all;
   }
 
@@ -218,16 +218,16 @@ struct ReverseModel {
 
   /// One forward and backward pass over a batch: fills every gradient and returns loss and accuracy.
   Score forward_backward(const Tokens& tokens) {
-    const Matrix x = embed(tokens);                                     // N × d_model
+    const Matrix x = embed(tokens);  // N × d_model
     const std::vector<Index> lengths(static_cast<std::size_t>(tokens.rows()), kLength);
     const Matrix a = attention.forward_batch(x, lengths, {}, tape);  // N × d_model, x recorded once
-    Matrix d_logits;                                                    // N × vocab
+    Matrix d_logits;                                                 // N × vocab
     const Score score = cross_entropy(read_out(a), reversed(tokens), &d_logits);
 
     // logits = A W_out + b_out: each gradient is a product with the matrix it was multiplied by.
-    d_w_out.noalias() = a.transpose() * d_logits;                       // d_model × vocab
-    d_b_out = d_logits.colwise().sum();                                 // 1 × vocab
-    const Matrix d_a = d_logits * w_out.transpose();                    // N × d_model
+    d_w_out.noalias() = a.transpose() * d_logits;     // d_model × vocab
+    d_b_out = d_logits.colwise().sum();               // 1 × vocab
+    const Matrix d_a = d_logits * w_out.transpose();  // N × d_model
 
     // A = MultiHeadAttention(X): the library adds dloss/dW into `gradients` and returns dloss/dX.
     gradients.set_zero();
@@ -246,12 +246,12 @@ struct ReverseModel {
   }
 
   mha::MultiHeadAttention<float> attention;
-  Matrix embedding;  // E: vocab × d_model, row t is token t
-  Matrix position;   // P: n × d_model, row i is position i
-  Matrix w_out;      // d_model × vocab
-  Matrix b_out;      // 1 × vocab
-  mha::Tape<float> tape;                      // the forward's intermediates, for the backward
-  mha::AttentionParameters<float> gradients;  // dloss/dW of the module, shapes as the module's
+  Matrix embedding;                                  // E: vocab × d_model, row t is token t
+  Matrix position;                                   // P: n × d_model, row i is position i
+  Matrix w_out;                                      // d_model × vocab
+  Matrix b_out;                                      // 1 × vocab
+  mha::Tape<float> tape;                             // the forward's intermediates, for the backward
+  mha::AttentionParameters<float> gradients;         // dloss/dW of the module, shapes as the module's
   Matrix d_embedding, d_position, d_w_out, d_b_out;  // dloss/d of ours, shapes as ours
 };
 
@@ -410,11 +410,12 @@ int main(int argc, char** argv) {
 
   Index count = 0;
   for (const Named& p : parameters) count += p.value.size();
-  std::printf("Learning to reverse sequences of %ld tokens (vocabulary %ld) with one multi-head attention\n"
-              "layer: d_model = %ld, h = %ld, d_k = d_v = %ld; %ld parameters, Adam, %ld sequences per step.\n\n",
-              static_cast<long>(kLength), static_cast<long>(kVocabulary), static_cast<long>(kModelWidth),
-              static_cast<long>(kHeads), static_cast<long>(kModelWidth / kHeads), static_cast<long>(count),
-              static_cast<long>(kBatch));
+  std::printf(
+      "Learning to reverse sequences of %ld tokens (vocabulary %ld) with one multi-head attention\n"
+      "layer: d_model = %ld, h = %ld, d_k = d_v = %ld; %ld parameters, Adam, %ld sequences per step.\n\n",
+      static_cast<long>(kLength), static_cast<long>(kVocabulary), static_cast<long>(kModelWidth),
+      static_cast<long>(kHeads), static_cast<long>(kModelWidth / kHeads), static_cast<long>(count),
+      static_cast<long>(kBatch));
   std::printf("   step    loss   accuracy   (means over the last %d steps' batches)\n", kReportEvery);
 
   std::vector<std::pair<int, double>> curve;  // (step, mean loss of the kPlotEvery steps up to it)
@@ -456,10 +457,11 @@ int main(int argc, char** argv) {
     }
     whole += right;
   }
-  std::printf("\nTrained in %.1f s. On %ld held-out sequences: loss %.4f, token accuracy %.2f%% (target %.0f%%),\n"
-              "%.2f%% of the sequences reversed without an error.\n",
-              seconds, static_cast<long>(kHeldOut), test.loss, 100 * test.accuracy, 100 * kTargetAccuracy,
-              100.0 * static_cast<double>(whole) / static_cast<double>(kHeldOut));
+  std::printf(
+      "\nTrained in %.1f s. On %ld held-out sequences: loss %.4f, token accuracy %.2f%% (target %.0f%%),\n"
+      "%.2f%% of the sequences reversed without an error.\n",
+      seconds, static_cast<long>(kHeldOut), test.loss, 100 * test.accuracy, 100 * kTargetAccuracy,
+      100.0 * static_cast<double>(whole) / static_cast<double>(kHeldOut));
 
   // One held-out sequence: its reversal by the model, and where each head looked.
   const Tokens example = held_out.topRows(1);

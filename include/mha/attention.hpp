@@ -39,7 +39,6 @@ struct AttentionScratch {
   Column<Scalar> row_max, row_sum, new_max, shift, rescale;  ///< B_r each: m, ℓ, m′, shift, e^(m − m′)
 };
 
-
 /// Query block `block` (rows block·B_r …) of one head's attention, written into those rows of
 /// `out` (L × d_v):  out = softmax(q kᵀ · scale + masks) v,  q: L × d_k, k: S × d_k, v: S × d_v.
 /// When `weights` is given (L × S), the attention weights of those rows are written into it; when
@@ -57,9 +56,10 @@ struct AttentionScratch {
 /// are column-major views unless Layout says row-major (a key/value cache).
 template <typename Scalar, int Layout = Eigen::ColMajor>
 void attention_query_block(const ConstMatrixRef<Scalar>& q, const NoDeduce<KeysRef<Scalar, Layout>>& k,
-                           const NoDeduce<KeysRef<Scalar, Layout>>& v, Scalar scale, const KeyVisibility<Scalar>& visibility,
-                           Eigen::Index block, AttentionScratch<Scalar>& scratch, MatrixRef<Scalar> out,
-                           Matrix<Scalar>* weights = nullptr, Scalar* log_sum_exp = nullptr) {
+                           const NoDeduce<KeysRef<Scalar, Layout>>& v, Scalar scale,
+                           const KeyVisibility<Scalar>& visibility, Eigen::Index block,
+                           AttentionScratch<Scalar>& scratch, MatrixRef<Scalar> out, Matrix<Scalar>* weights = nullptr,
+                           Scalar* log_sum_exp = nullptr) {
   const Eigen::Index first_row = block * kQueryBlock;
   const Eigen::Index rows = std::min(kQueryBlock, q.rows() - first_row);
   auto acc = out.middleRows(first_row, rows);  // B_r × d_v, unnormalised until the end
@@ -110,8 +110,7 @@ void attention_query_block(const ConstMatrixRef<Scalar>& q, const NoDeduce<KeysR
   const auto inverse_sum = (l == Scalar(0)).select(Scalar(1), l).inverse().eval();
   acc.array().colwise() *= inverse_sum;
   // log Σ exp(score) = m + log ℓ; a row with nothing visible has m = −∞ and ℓ = 0, and keeps −∞.
-  if (log_sum_exp)
-    Eigen::Map<Column<Scalar>>(log_sum_exp + first_row, rows) = (l == Scalar(0)).select(m, m + l.log());
+  if (log_sum_exp) Eigen::Map<Column<Scalar>>(log_sum_exp + first_row, rows) = (l == Scalar(0)).select(m, m + l.log());
 
   if (weights) {
     // A second pass recomputes each tile's scores against the final maximum and sum.
@@ -188,10 +187,10 @@ struct AttentionBackwardScratch {
 /// Masked scores have P = 0 and so no gradient; a row with no visible key has none at all.
 template <typename Scalar>
 void attention_backward(const ConstMatrixRef<Scalar>& q, const ConstMatrixRef<Scalar>& k,
-                        const ConstMatrixRef<Scalar>& v, const ConstMatrixRef<Scalar>& out,
-                        const Scalar* log_sum_exp, const ConstMatrixRef<Scalar>& d_out, Scalar scale,
-                        const KeyVisibility<Scalar>& visibility, AttentionBackwardScratch<Scalar>& scratch,
-                        MatrixRef<Scalar> grad_q, MatrixRef<Scalar> grad_k, MatrixRef<Scalar> grad_v) {
+                        const ConstMatrixRef<Scalar>& v, const ConstMatrixRef<Scalar>& out, const Scalar* log_sum_exp,
+                        const ConstMatrixRef<Scalar>& d_out, Scalar scale, const KeyVisibility<Scalar>& visibility,
+                        AttentionBackwardScratch<Scalar>& scratch, MatrixRef<Scalar> grad_q, MatrixRef<Scalar> grad_k,
+                        MatrixRef<Scalar> grad_v) {
   for (Eigen::Index first_row = 0; first_row < q.rows(); first_row += kQueryBlock) {
     const Eigen::Index rows = std::min(kQueryBlock, q.rows() - first_row);
     auto qs = scratch.scaled_q.topRows(rows);
@@ -246,23 +245,24 @@ void attention_backward(const ConstMatrixRef<Scalar>& q, const ConstMatrixRef<Sc
 /// mha::num_threads() threads.
 template <typename DerivedQ, typename DerivedK, typename DerivedV>
 Eigen::Matrix<typename DerivedQ::Scalar, Eigen::Dynamic, Eigen::Dynamic> scaled_dot_product_attention(
-    const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBase<DerivedK>& k,
-    const Eigen::MatrixBase<DerivedV>& v, const AttentionOptions& options = {}) {
+    const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBase<DerivedK>& k, const Eigen::MatrixBase<DerivedV>& v,
+    const AttentionOptions& options = {}) {
   using Scalar = typename DerivedQ::Scalar;
-  static_assert(std::is_same<Scalar, typename DerivedK::Scalar>::value &&
-                    std::is_same<Scalar, typename DerivedV::Scalar>::value,
-                "mha::scaled_dot_product_attention: q, k and v must have the same scalar type");
+  static_assert(
+      std::is_same<Scalar, typename DerivedK::Scalar>::value && std::is_same<Scalar, typename DerivedV::Scalar>::value,
+      "mha::scaled_dot_product_attention: q, k and v must have the same scalar type");
   if (q.cols() != k.cols())
-    detail::fail("scaled_dot_product_attention: query is ", detail::shape(q), " and key is ",
-                 detail::shape(k), "; both need d_k columns");
+    detail::fail("scaled_dot_product_attention: query is ", detail::shape(q), " and key is ", detail::shape(k),
+                 "; both need d_k columns");
   if (k.rows() != v.rows())
-    detail::fail("scaled_dot_product_attention: key has ", k.rows(), " rows but value has ", v.rows(),
-                 " (key is ", detail::shape(k), ", value is ", detail::shape(v), ")");
+    detail::fail("scaled_dot_product_attention: key has ", k.rows(), " rows but value has ", v.rows(), " (key is ",
+                 detail::shape(k), ", value is ", detail::shape(v), ")");
   const Eigen::Index L = q.rows(), S = k.rows();
   if (!options.mask.empty() && (options.mask.rows() != L || options.mask.cols() != S))
     detail::fail("scaled_dot_product_attention: options.mask is ", options.mask.rows(), " x ", options.mask.cols(),
                  " but must be L x S = ", L, " x ", S);
-  if (!options.key_padding_mask.empty() && (options.key_padding_mask.rows() != 1 || options.key_padding_mask.cols() != S))
+  if (!options.key_padding_mask.empty() &&
+      (options.key_padding_mask.rows() != 1 || options.key_padding_mask.cols() != S))
     detail::fail("scaled_dot_product_attention: options.key_padding_mask is ", options.key_padding_mask.rows(), " x ",
                  options.key_padding_mask.cols(), " but must be 1 x S = 1 x ", S);
   const auto scale = detail::resolve_scale<Scalar>(options, q.cols());

@@ -81,7 +81,7 @@ struct MultiHeadAttentionConfig {
   /// each pair of coordinates (a, b) of a row at position p turns by the angle p·θ_i,
   /// θ_i = rotary_base^(−2i/d_k), to (a cos pθ_i − b sin pθ_i, a sin pθ_i + b cos pθ_i). Needs an even d_k.
   bool rotary = false;
-  double rotary_base = 10000.0;                       ///< the base of the rotary angles
+  double rotary_base = 10000.0;                         ///< the base of the rotary angles
   RotaryPairs rotary_pairs = RotaryPairs::interleaved;  ///< which coordinates rotate together
 
   /// \returns this configuration with d_k, d_v, kdim and vdim resolved; throws
@@ -177,8 +177,8 @@ Scalar resolve_scale(const AttentionOptions& options, Eigen::Index d_k) {
 /// Whether two configurations give parameters, tapes and caches of the same shapes.
 inline bool same_shape(const MultiHeadAttentionConfig& a, const MultiHeadAttentionConfig& b) {
   return a.d_model == b.d_model && a.num_heads == b.num_heads && a.num_kv_heads == b.num_kv_heads && a.d_k == b.d_k &&
-         a.d_v == b.d_v && a.kdim == b.kdim && a.vdim == b.vdim && a.bias == b.bias &&
-         a.add_bias_kv == b.add_bias_kv && a.add_zero_attn == b.add_zero_attn;
+         a.d_v == b.d_v && a.kdim == b.kdim && a.vdim == b.vdim && a.bias == b.bias && a.add_bias_kv == b.add_bias_kv &&
+         a.add_zero_attn == b.add_zero_attn;
 }
 
 /// Whether two configurations turn queries and keys alike (what a tape or a cache holds depends on it).

@@ -87,8 +87,8 @@ class KVCache {
   void truncate(Index sequence, Index length) {
     const std::size_t b = checked(sequence, "truncate");
     if (length < 0 || length > lengths_[b])
-      detail::fail("KVCache::truncate: sequence ", sequence, " holds ", lengths_[b],
-                   " tokens; cannot truncate it to ", length);
+      detail::fail("KVCache::truncate: sequence ", sequence, " holds ", lengths_[b], " tokens; cannot truncate it to ",
+                   length);
     lengths_[b] = length;
   }
 
@@ -117,11 +117,13 @@ class KVCache {
     // Tokens of another module, or earlier tokens that saw other keys, would give rows that no
     // forward pass gives.
     if (owner_.module != owner.module)
-      detail::fail(caller, ": the cache holds tokens that another module decoded; a cache belongs to one module "
+      detail::fail(caller,
+                   ": the cache holds tokens that another module decoded; a cache belongs to one module "
                    "(one layer): make one per layer with make_cache(), or reset() it");
     if (owner_.window != owner.window)
       detail::fail(caller, ": the cache holds tokens decoded with options.window = ", owner_.window,
-                   "; options.window = ", owner.window, " would attend over other keys than theirs (reset() the "
+                   "; options.window = ", owner.window,
+                   " would attend over other keys than theirs (reset() the "
                    "cache to change it)");
     if (owner_.scale != owner.scale)
       detail::fail(caller, ": the cache holds tokens decoded with the scale ", owner_.scale, "; options.scale gives ",

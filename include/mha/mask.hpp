@@ -54,9 +54,15 @@ class AttentionMask {
     if (owned_ || kind_ == Kind::none) return *this;
     AttentionMask m = *this;
     switch (element_) {
-      case Element::boolean: m.own<bool>(view<bool>()); break;
-      case Element::f32: m.own<float>(view<float>()); break;
-      case Element::f64: m.own<double>(view<double>()); break;
+      case Element::boolean:
+        m.own<bool>(view<bool>());
+        break;
+      case Element::f32:
+        m.own<float>(view<float>());
+        break;
+      case Element::f64:
+        m.own<double>(view<double>());
+        break;
     }
     return m;
   }
@@ -82,15 +88,20 @@ class AttentionMask {
     // the time, which made the conversion ten times slower than the table.
     const Scalar blocked_table[2] = {Scalar(0), minus_infinity}, allowed_table[2] = {minus_infinity, Scalar(0)};
     switch (kind_) {
-      case Kind::blocked: copy(static_cast<const bool*>(data_), [&](bool b) { return blocked_table[b]; }); break;
-      case Kind::allowed: copy(static_cast<const bool*>(data_), [&](bool b) { return allowed_table[b]; }); break;
+      case Kind::blocked:
+        copy(static_cast<const bool*>(data_), [&](bool b) { return blocked_table[b]; });
+        break;
+      case Kind::allowed:
+        copy(static_cast<const bool*>(data_), [&](bool b) { return allowed_table[b]; });
+        break;
       case Kind::additive:
         if (element_ == Element::f32)
           copy(static_cast<const float*>(data_), [](float x) { return static_cast<Scalar>(x); });
         else
           copy(static_cast<const double*>(data_), [](double x) { return static_cast<Scalar>(x); });
         break;
-      case Kind::none: break;
+      case Kind::none:
+        break;
     }
     return out;
   }
@@ -114,7 +125,7 @@ class AttentionMask {
     using T = typename Derived::Scalar;
     AttentionMask m;
     m.kind_ = kind;
-    m.element_ = std::is_same<T, bool>::value ? Element::boolean
+    m.element_ = std::is_same<T, bool>::value    ? Element::boolean
                  : std::is_same<T, float>::value ? Element::f32
                                                  : Element::f64;
     m.rows_ = mask.rows();
@@ -133,7 +144,8 @@ class AttentionMask {
   template <typename T>
   Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>, 0, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>>
   view() const {
-    return {static_cast<const T*>(data_), rows_, cols_, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>(col_stride_, row_stride_)};
+    return {static_cast<const T*>(data_), rows_, cols_,
+            Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>(col_stride_, row_stride_)};
   }
 
   /// Makes the mask read its own column-major copy of `entries`.

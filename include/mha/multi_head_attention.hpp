@@ -137,7 +137,8 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   template <typename DerivedQ, typename DerivedK, typename DerivedV>
   Matrix forward(const Eigen::MatrixBase<DerivedQ>& query, const Eigen::MatrixBase<DerivedK>& key,
                  const Eigen::MatrixBase<DerivedV>& value, const AttentionOptions& options, Tape<Scalar>& tape) const {
-    return run_forward(query, key, value, {query.rows()}, {key.rows()}, options, {nullptr, &tape, false}, "MultiHeadAttention::forward");
+    return run_forward(query, key, value, {query.rows()}, {key.rows()}, options, {nullptr, &tape, false},
+                       "MultiHeadAttention::forward");
   }
 
   /// Self-attention forward(x, options), recording into `tape` what backward() needs (x once).
@@ -156,8 +157,8 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
                                                const AttentionOptions& options = {},
                                                AttentionWeights which = AttentionWeights::averaged) const {
     AttentionResult<Scalar> result;
-    result.output = run_forward(query, key, value, {query.rows()}, {key.rows()}, options, {&result.weights, nullptr, false},
-                        "MultiHeadAttention::forward_with_weights");
+    result.output = run_forward(query, key, value, {query.rows()}, {key.rows()}, options,
+                                {&result.weights, nullptr, false}, "MultiHeadAttention::forward_with_weights");
     if (which == AttentionWeights::averaged) {
       Matrix mean = Matrix::Zero(query.rows(), key.rows() + extra_keys());
       for (const Matrix& w : result.weights) mean += w;
@@ -187,7 +188,8 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
                        const Eigen::MatrixBase<DerivedV>& value, const std::vector<Index>& query_lengths,
                        const std::vector<Index>& key_lengths, const AttentionOptions& options,
                        Tape<Scalar>& tape) const {
-    return run_forward(query, key, value, query_lengths, key_lengths, options, {nullptr, &tape, false}, "MultiHeadAttention::forward_batch");
+    return run_forward(query, key, value, query_lengths, key_lengths, options, {nullptr, &tape, false},
+                       "MultiHeadAttention::forward_batch");
   }
 
   /// Self-attention over a batch: forward_batch(x, x, x, lengths, lengths, options).
@@ -222,7 +224,8 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   /// are not read) and rejects masks, training, add_bias_kv and add_zero_attn.
   /// \returns the new tokens' outputs, L_new × d_model.
   template <typename Derived>
-  Matrix decode(const Eigen::MatrixBase<Derived>& x, KVCache<Scalar>& cache, const AttentionOptions& options = {}) const {
+  Matrix decode(const Eigen::MatrixBase<Derived>& x, KVCache<Scalar>& cache,
+                const AttentionOptions& options = {}) const {
     if (cache.sequences() != 1)
       detail::fail("MultiHeadAttention::decode: the cache holds ", cache.sequences(),
                    " sequences; decode_batch takes the new tokens of each");
@@ -253,7 +256,7 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
                   "mha::MultiHeadAttention::backward: d_output must have the module's scalar type");
     check_backward(tape, d_output, gradients);
     const detail::TapedForward<Scalar>& f = tape.recorded();
-    const auto& dy = detail::evaluated(d_output);         // ΣL × d_model
+    const auto& dy = detail::evaluated(d_output);  // ΣL × d_model
     const Index h = num_heads(), h_kv = num_kv_heads(), group = h / h_kv;
     const detail::Batch batch(f.query_lengths, f.key_lengths, extra_keys());
     const Matrix& key = f.self_attention ? f.query : f.key;
@@ -261,7 +264,7 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     detail::RowBlockJobs<Scalar> jobs;
 
     // In the forward pass this was: output = concat · W^O + b^O.
-    Matrix d_concat(f.concat.rows(), h * d_v());          // ΣL × h·d_v
+    Matrix d_concat(f.concat.rows(), h * d_v());  // ΣL × h·d_v
     jobs.product(dy, w_o_.transpose(), d_concat);
     jobs.product(f.concat.transpose(), dy, gradients.w_o(), true);
     jobs.run();
@@ -270,15 +273,16 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     // In the forward pass this was: head_i = attention(Q W_i^Q, K W_j^K, V W_j^V), j = i / group.
     // One task per sequence and key/value head, owning its rows of ∂loss/∂(K W^K) and
     // ∂loss/∂(V W^V), to which the heads of its group add in turn, and their ∂loss/∂(Q W^Q).
-    Matrix d_q(f.q.rows(), h * d_k());                    // ΣL × h·d_k
-    Matrix d_keys(f.keys.rows(), h_kv * d_k());           // (ΣS + B·extra) × h_kv·d_k
-    Matrix d_values(f.values.rows(), h_kv * d_v());       // (ΣS + B·extra) × h_kv·d_v
+    Matrix d_q(f.q.rows(), h * d_k());               // ΣL × h·d_k
+    Matrix d_keys(f.keys.rows(), h_kv * d_k());      // (ΣS + B·extra) × h_kv·d_k
+    Matrix d_values(f.values.rows(), h_kv * d_v());  // (ΣS + B·extra) × h_kv·d_v
     const detail::AdditiveMasks<Scalar> masks(f.options);
     const auto scale = detail::resolve_scale<Scalar>(f.options, d_k());
     detail::parallel_tasks(
         batch.size() * h_kv, 2.5 * batch.attention_flops(h, d_k(), d_v()),
         [&] {
-          return detail::AttentionBackwardScratch<Scalar>::for_problem(batch.max_L, batch.max_S + batch.extra_keys, d_k());
+          return detail::AttentionBackwardScratch<Scalar>::for_problem(batch.max_L, batch.max_S + batch.extra_keys,
+                                                                       d_k());
         },
         [&](Index t, detail::AttentionBackwardScratch<Scalar>& scratch) {
           const Index b = t / h_kv, j = t % h_kv;
@@ -305,8 +309,8 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
       auto d_bias_v = config_.add_bias_kv ? std::optional(gradients.bias_v()) : std::nullopt;
       detail::remove_extra_rows(d_keys, batch, d_k_rows, d_bias_k ? &*d_bias_k : nullptr);
       detail::remove_extra_rows(d_values, batch, d_v_rows, d_bias_v ? &*d_bias_v : nullptr);
-      d_keys = std::move(d_k_rows);                       // ΣS × h_kv·d_k
-      d_values = std::move(d_v_rows);                     // ΣS × h_kv·d_v
+      d_keys = std::move(d_k_rows);    // ΣS × h_kv·d_k
+      d_values = std::move(d_v_rows);  // ΣS × h_kv·d_v
     }
 
     // In the forward pass this was: the rows of Q W^Q + b^Q and K W^K + b^K turned by their
@@ -363,17 +367,17 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     const Index h = num_heads(), group = h / num_kv_heads();
     const detail::Batch batch(query_lengths, key_lengths, extra_keys());
     const auto scale = detail::resolve_scale<Scalar>(options, d_k());
-    const auto& query_rows = detail::evaluated(query);   // ΣL × d_model
-    const auto& key_rows = detail::evaluated(key);       // ΣS × kdim
-    const auto& value_rows = detail::evaluated(value);   // ΣS × vdim
+    const auto& query_rows = detail::evaluated(query);  // ΣL × d_model
+    const auto& key_rows = detail::evaluated(key);      // ΣS × kdim
+    const auto& value_rows = detail::evaluated(value);  // ΣS × vdim
 
     // 1. Project: Q W^Q, K W^K, V W^V for all heads at once (rotated by their positions with
     //    rotary embeddings), and add_bias_kv's and add_zero_attn's rows after each sequence's keys.
-    Matrix q, keys, values;                              // ΣL × h·d_k, ΣS × h_kv·d_k, ΣS × h_kv·d_v
+    Matrix q, keys, values;  // ΣL × h·d_k, ΣS × h_kv·d_k, ΣS × h_kv·d_v
     project_inputs(query_rows, key_rows, value_rows, detail::query_positions(batch, options.alignment),
                    detail::key_positions(batch), q, keys, values);
     if (batch.extra_keys > 0) {
-      Matrix k_extended, v_extended;                      // (ΣS + B·extra) × h_kv·d_k, … × h_kv·d_v
+      Matrix k_extended, v_extended;  // (ΣS + B·extra) × h_kv·d_k, … × h_kv·d_v
       detail::append_extra_rows(keys, batch, config_.add_bias_kv ? &bias_k_ : nullptr, config_.add_zero_attn,
                                 k_extended);
       detail::append_extra_rows(values, batch, config_.add_bias_kv ? &bias_v_ : nullptr, config_.add_zero_attn,
@@ -386,12 +390,14 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     //    j = i / group, writing its output straight into its column block of the concatenation.
     const std::vector<detail::QueryBlock> tasks = detail::query_block_tasks(batch, h);
     if (record.weights) record.weights->assign(h, Matrix::Zero(q.rows(), keys.rows()));
-    Matrix log_sum_exp(record.tape ? q.rows() : 0, h);   // ΣL × h
-    Matrix concat(q.rows(), h * d_v());                  // ΣL × h·d_v: [head_1 … head_h]
+    Matrix log_sum_exp(record.tape ? q.rows() : 0, h);  // ΣL × h
+    Matrix concat(q.rows(), h * d_v());                 // ΣL × h·d_v: [head_1 … head_h]
     const detail::AdditiveMasks<Scalar> masks(options);
     detail::parallel_tasks(
         static_cast<Index>(tasks.size()), batch.attention_flops(h, d_k(), d_v()),
-        [&] { return detail::AttentionScratch<Scalar>::for_problem(batch.max_L, batch.max_S + batch.extra_keys, d_k()); },
+        [&] {
+          return detail::AttentionScratch<Scalar>::for_problem(batch.max_L, batch.max_S + batch.extra_keys, d_k());
+        },
         [&](Index t, detail::AttentionScratch<Scalar>& scratch) {
           const auto [b, i, block] = tasks[static_cast<std::size_t>(t)];
           const Index L_b = batch.query_lengths[b], S_b = batch.key_lengths[b] + batch.extra_keys;
@@ -405,11 +411,15 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
         });
 
     // 3. Concatenate (done: each head wrote its own columns) and project with W^O.
-    Matrix output = project_output(concat);              // ΣL × d_model
+    Matrix output = project_output(concat);  // ΣL × d_model
     if (record.tape) {
-      detail::TapedForward<Scalar> taped{identity_, config_, options, record.self_attention, query_lengths,
-                                         key_lengths, query_rows, Matrix(), Matrix(), std::move(q), std::move(keys),
-                                         std::move(values), std::move(concat), std::move(log_sum_exp)};
+      detail::TapedForward<Scalar> taped{identity_,         config_,
+                                         options,           record.self_attention,
+                                         query_lengths,     key_lengths,
+                                         query_rows,        Matrix(),
+                                         Matrix(),          std::move(q),
+                                         std::move(keys),   std::move(values),
+                                         std::move(concat), std::move(log_sum_exp)};
       // The tape's own copy of the masks: its backward may come after the caller's matrices are gone.
       taped.options.mask = options.mask.owning();
       taped.options.key_padding_mask = options.key_padding_mask.owning();
@@ -432,14 +442,15 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     // New token i of sequence b, which held n tokens, is at position n + i: the bottom-right
     // alignment of the new tokens over all the sequence's tokens.
     std::vector<Index> lengths_after(new_lengths.size());
-    for (std::size_t b = 0; b < new_lengths.size(); ++b) lengths_after[b] = cache.length(static_cast<Index>(b)) + new_lengths[b];
+    for (std::size_t b = 0; b < new_lengths.size(); ++b)
+      lengths_after[b] = cache.length(static_cast<Index>(b)) + new_lengths[b];
     const detail::Batch batch(new_lengths, lengths_after);
     const auto positions = detail::query_positions(batch, CausalAlignment::bottom_right);
 
     // 1. Project the new tokens, and append their keys and values to the cache. If anything
     //    throws from here on (std::bad_alloc, say), the cache is rolled back to the tokens it held.
-    const auto& rows = detail::evaluated(x);             // ΣL_new × d_model
-    Matrix q, k, v;                                      // ΣL_new × h·d_k, × h_kv·d_k, × h_kv·d_v
+    const auto& rows = detail::evaluated(x);  // ΣL_new × d_model
+    Matrix q, k, v;                           // ΣL_new × h·d_k, × h_kv·d_k, × h_kv·d_v
     project_inputs(rows, rows, rows, positions, positions, q, k, v);
     cache.append(owner, new_lengths, k, v);
     try {
@@ -481,7 +492,8 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
       if (batch.query_lengths[b] != 1) continue;
       // The keys the one token sees (all, without a window): no key in them needs a mask.
       const Index S = batch.key_lengths[b];
-      const detail::KeyRanges visible = detail::key_ranges(detail::key_visibility(bottom_right, no_masks, 1, S), 0, 0, S);
+      const detail::KeyRanges visible =
+          detail::key_ranges(detail::key_visibility(bottom_right, no_masks, 1, S), 0, 0, S);
       first_key[b] = visible.masked_begin;
       const Index n = (visible.masked_end - first_key[b] + detail::kKeyBlock - 1) / detail::kKeyBlock;
       part_count[b] = n;
@@ -490,7 +502,7 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
       for (Index j = 0; j < h_kv; ++j)
         for (Index c = 0; c < n; ++c) parts.push_back({b, j, c});
     }
-    Matrix concat(q.rows(), h * d_v());                  // ΣL_new × h·d_v: [head_1 … head_h]
+    Matrix concat(q.rows(), h * d_v());  // ΣL_new × h·d_v: [head_1 … head_h]
     const Index tasks = static_cast<Index>(blocks.size() + parts.size());
     detail::parallel_tasks(
         tasks, batch.attention_flops(h, d_k(), d_v()),
@@ -517,12 +529,15 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
                 cache.values(b).block(first, j * d_v(), keys, d_v()), scale, visibility, 0, scratch,
                 part_outs[b].middleCols((i * n + c) * d_v(), d_v()), nullptr, part_lses[b].col(i * n + c).data());
         });
-    detail::parallel_tasks(batch.size() * h, 0, [] { return 0; }, [&](Index t, int) {
-      const Index b = t / h, i = t % h, n = part_count[b];
-      if (batch.query_lengths[b] != 1) return;
-      detail::merge_key_parts<Scalar>(part_outs[b].middleCols(i * n * d_v(), n * d_v()), part_lses[b].middleCols(i * n, n),
-                                      concat.block(batch.q_offset[b], i * d_v(), 1, d_v()));
-    });
+    detail::parallel_tasks(
+        batch.size() * h, 0, [] { return 0; },
+        [&](Index t, int) {
+          const Index b = t / h, i = t % h, n = part_count[b];
+          if (batch.query_lengths[b] != 1) return;
+          detail::merge_key_parts<Scalar>(part_outs[b].middleCols(i * n * d_v(), n * d_v()),
+                                          part_lses[b].middleCols(i * n, n),
+                                          concat.block(batch.q_offset[b], i * d_v(), 1, d_v()));
+        });
     return concat;
   }
 
@@ -619,9 +634,9 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
 
   /// Checks a decode step's arguments; \returns the owner its tokens will have in the cache.
   template <typename Derived>
-  typename KVCache<Scalar>::Owner check_decode(const Eigen::MatrixBase<Derived>& x, const std::vector<Index>& new_lengths,
-                                               const KVCache<Scalar>& cache, const AttentionOptions& options,
-                                               const char* caller) const {
+  typename KVCache<Scalar>::Owner check_decode(const Eigen::MatrixBase<Derived>& x,
+                                               const std::vector<Index>& new_lengths, const KVCache<Scalar>& cache,
+                                               const AttentionOptions& options, const char* caller) const {
     detail::check_width(x, "x", d_model(), "d_model", caller);
     if (kdim() != d_model() || vdim() != d_model())
       detail::fail(caller, ": decoding is self-attention, so kdim and vdim must equal d_model = ", d_model(),
@@ -634,10 +649,12 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
                    cache.sequences());
     detail::check_lengths_add_up(new_lengths, x.rows(), "new_lengths", "x", caller);
     if (!options.mask.empty() || !options.key_padding_mask.empty())
-      detail::fail(caller, ": options.mask and options.key_padding_mask are not read when decoding (decoding is "
+      detail::fail(caller,
+                   ": options.mask and options.key_padding_mask are not read when decoding (decoding is "
                    "causal by construction); leave them empty");
     if (options.training) detail::fail(caller, ": decoding is inference; options.training must be false");
-    if (extra_keys() > 0) detail::fail(caller, ": a module with add_bias_kv or add_zero_attn cannot decode with a cache");
+    if (extra_keys() > 0)
+      detail::fail(caller, ": a module with add_bias_kv or add_zero_attn cannot decode with a cache");
     detail::resolve_window(options);
     const typename KVCache<Scalar>::Owner owner{identity_, options.window,
                                                 static_cast<double>(detail::resolve_scale<Scalar>(options, d_k()))};
@@ -655,13 +672,15 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
       detail::fail(caller, ": the tape was recorded by a module of another shape (", detail::describe(f.config),
                    ") than this one (", detail::describe(config_), ")");
     if (f.module != identity_)
-      detail::fail(caller, ": the tape was recorded by another module of the same shape; call backward() on the "
+      detail::fail(caller,
+                   ": the tape was recorded by another module of the same shape; call backward() on the "
                    "module whose forward() recorded it");
     if (!detail::same_shape(gradients.config(), config_))
       detail::fail(caller, ": gradients are for a module of another shape (", detail::describe(gradients.config()),
                    ") than this one (", detail::describe(config_), "); use zero_gradients()");
     if (&gradients == static_cast<const Base*>(this))
-      detail::fail(caller, ": gradients is this module itself, whose weights the backward reads; pass the gradients "
+      detail::fail(caller,
+                   ": gradients is this module itself, whose weights the backward reads; pass the gradients "
                    "zero_gradients() made");
     if (d_output.rows() != f.q.rows() || d_output.cols() != d_model())
       detail::fail(caller, ": d_output is ", detail::shape(d_output), " but the forward's output was ", f.q.rows(),

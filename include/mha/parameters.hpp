@@ -15,8 +15,8 @@ namespace mha {
 /// A parameter (or its gradient) by name: `value` maps the whole matrix, in place.
 template <typename MatrixType>
 struct NamedMatrix {
-  std::string name;                ///< "w_q", "w_k", "w_v", "w_o", "b_q", …, "bias_k", "bias_v"
-  Eigen::Map<MatrixType> value;    ///< the matrix itself, writable unless MatrixType is const
+  std::string name;              ///< "w_q", "w_k", "w_v", "w_o", "b_q", …, "bias_k", "bias_v"
+  Eigen::Map<MatrixType> value;  ///< the matrix itself, writable unless MatrixType is const
 };
 
 /// The parameters of a multi-head attention module, "every linear transformation … contains a set
@@ -132,16 +132,17 @@ class AttentionParameters {
 
   Index checked(Index head, const char* accessor) const {
     if (head < 0 || head >= num_heads())
-      detail::fail(accessor, "(", head, "): head index out of range; the module has num_heads = ",
-                   num_heads(), " (valid heads 0 to ", num_heads() - 1, ")");
+      detail::fail(accessor, "(", head, "): head index out of range; the module has num_heads = ", num_heads(),
+                   " (valid heads 0 to ", num_heads() - 1, ")");
     return head;
   }
 
   Index checked_kv(Index head, const char* accessor) const {
     if (num_kv_heads() == num_heads()) return checked(head, accessor);
     if (head < 0 || head >= num_kv_heads())
-      detail::fail(accessor, "(", head, "): key/value head index out of range; the module has num_kv_heads = ",
-                   num_kv_heads(), " (valid heads 0 to ", num_kv_heads() - 1, ")");
+      detail::fail(accessor, "(", head,
+                   "): key/value head index out of range; the module has num_kv_heads = ", num_kv_heads(),
+                   " (valid heads 0 to ", num_kv_heads() - 1, ")");
     return head;
   }
 

@@ -25,7 +25,8 @@ class RotaryEmbedding {
   RotaryEmbedding(Eigen::Index d, double base = 10000.0, RotaryPairs pairs = RotaryPairs::interleaved)
       : d_(d), base_(base), pairs_(pairs) {
     if (d <= 0 || d % 2 != 0) detail::fail("RotaryEmbedding: the head width must be even and positive, got ", d);
-    if (!(std::isfinite(base) && base > 0)) detail::fail("RotaryEmbedding: base must be positive and finite, got ", base);
+    if (!(std::isfinite(base) && base > 0))
+      detail::fail("RotaryEmbedding: base must be positive and finite, got ", base);
   }
   /// The rotation a module configured by `config` applies to its heads' queries and keys.
   explicit RotaryEmbedding(const MultiHeadAttentionConfig& config)

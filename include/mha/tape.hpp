@@ -21,15 +21,15 @@ namespace detail {
 template <typename Scalar>
 struct TapedForward {
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
-  std::uint64_t module = 0;          ///< the identity of the module that recorded it
-  MultiHeadAttentionConfig config;   ///< of that module
-  AttentionOptions options;          ///< with masks of its own (AttentionMask::owning)
-  bool self_attention = false;       ///< key and value are empty: the inputs are `query`
+  std::uint64_t module = 0;         ///< the identity of the module that recorded it
+  MultiHeadAttentionConfig config;  ///< of that module
+  AttentionOptions options;         ///< with masks of its own (AttentionMask::owning)
+  bool self_attention = false;      ///< key and value are empty: the inputs are `query`
   std::vector<Eigen::Index> query_lengths, key_lengths;
-  Matrix query, key, value;          ///< the inputs: ΣL × d_model, ΣS × kdim, ΣS × vdim
-  Matrix q, keys, values;            ///< ΣL × h·d_k; (ΣS + B·extra) × h_kv·d_k and × h_kv·d_v
-  Matrix concat;                     ///< ΣL × h·d_v: [head_1 … head_h]
-  Matrix log_sum_exp;                ///< ΣL × h: log Σ_j exp(score_j) per row and head
+  Matrix query, key, value;  ///< the inputs: ΣL × d_model, ΣS × kdim, ΣS × vdim
+  Matrix q, keys, values;    ///< ΣL × h·d_k; (ΣS + B·extra) × h_kv·d_k and × h_kv·d_v
+  Matrix concat;             ///< ΣL × h·d_v: [head_1 … head_h]
+  Matrix log_sum_exp;        ///< ΣL × h: log Σ_j exp(score_j) per row and head
 };
 
 }  // namespace detail

@@ -25,9 +25,9 @@ inline std::atomic<int>& thread_setting() {
 }  // namespace detail
 
 /// Sets how many threads mha's own loops use: the heads × query blocks of attention, the heads of
-/// its backward pass, the heads × key parts of a decode step and the row blocks of the projections. 0 restores the default, OpenMP's (OMP_NUM_THREADS, else one per
-/// core). Without OpenMP (the code compiled without -fopenmp) mha always runs on the calling
-/// thread. Results are bit-identical for every thread count.
+/// its backward pass, the heads × key parts of a decode step and the row blocks of the projections. 0 restores the
+/// default, OpenMP's (OMP_NUM_THREADS, else one per core). Without OpenMP (the code compiled without -fopenmp) mha
+/// always runs on the calling thread. Results are bit-identical for every thread count.
 inline void set_num_threads(int threads) {
   if (threads < 0) detail::fail("set_num_threads: threads must be >= 0 (0 = OpenMP's default), got ", threads);
   detail::thread_setting().store(threads, std::memory_order_relaxed);
@@ -76,7 +76,8 @@ void parallel_tasks(Eigen::Index count, double flops, const MakeScratch& make_sc
   if (count <= 0) return;
 #ifdef _OPENMP
   const auto worth = static_cast<Eigen::Index>(flops / kMinFlopsPerThread);
-  const int threads = static_cast<int>(std::max<Eigen::Index>(1, std::min<Eigen::Index>({num_threads(), count, worth})));
+  const int threads =
+      static_cast<int>(std::max<Eigen::Index>(1, std::min<Eigen::Index>({num_threads(), count, worth})));
   largest_team() = std::max(largest_team(), threads);
   std::exception_ptr error;
   std::atomic<bool> failed{false};

@@ -37,7 +37,8 @@ struct Batch {
   double attention_flops(Eigen::Index heads, Eigen::Index d_k, Eigen::Index d_v) const {
     double flops = 0;
     for (Eigen::Index b = 0; b < size(); ++b)
-      flops += static_cast<double>(heads) * detail::attention_flops(query_lengths[b], key_lengths[b] + extra_keys, d_k, d_v);
+      flops +=
+          static_cast<double>(heads) * detail::attention_flops(query_lengths[b], key_lengths[b] + extra_keys, d_k, d_v);
     return flops;
   }
 
@@ -77,7 +78,8 @@ inline std::vector<QueryBlock> query_block_tasks(const Batch& batch, Eigen::Inde
   for (Eigen::Index b = 0; b < batch.size(); ++b)
     if (batch.query_lengths[b] >= min_rows)
       for (Eigen::Index i = 0; i < heads; ++i)
-        for (Eigen::Index block = 0; block < query_blocks(batch.query_lengths[b]); ++block) blocks.push_back({b, i, block});
+        for (Eigen::Index block = 0; block < query_blocks(batch.query_lengths[b]); ++block)
+          blocks.push_back({b, i, block});
   return blocks;
 }
 

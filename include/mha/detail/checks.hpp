@@ -58,8 +58,8 @@ void check_width(const Eigen::MatrixBase<Derived>& input, const char* name, Eige
 
 /// Throws unless the sequence lengths are >= 0 and add up to the rows of the stacked input. The sum
 /// is never taken past `rows`, so lengths whose sum would overflow are rejected like any other.
-inline void check_lengths_add_up(const std::vector<Eigen::Index>& lengths, Eigen::Index rows,
-                                 const char* lengths_name, const char* rows_name, const char* caller) {
+inline void check_lengths_add_up(const std::vector<Eigen::Index>& lengths, Eigen::Index rows, const char* lengths_name,
+                                 const char* rows_name, const char* caller) {
   for (const Eigen::Index n : lengths)
     if (n < 0) fail(caller, ": sequence lengths must be >= 0, got ", n);
   Eigen::Index sum = 0;

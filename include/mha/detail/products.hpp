@@ -69,8 +69,9 @@ class RowBlockJobs {
 
   /// Runs every job collected so far, in parallel, and empties the list.
   void run() {
-    parallel_tasks(static_cast<Eigen::Index>(jobs_.size()), flops_, [] { return 0; },
-                   [&](Eigen::Index t, int) { jobs_[static_cast<std::size_t>(t)](); });
+    parallel_tasks(
+        static_cast<Eigen::Index>(jobs_.size()), flops_, [] { return 0; },
+        [&](Eigen::Index t, int) { jobs_[static_cast<std::size_t>(t)](); });
     jobs_.clear();
     flops_ = 0;
   }

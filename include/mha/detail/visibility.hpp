@@ -54,7 +54,6 @@ inline double attention_flops(Eigen::Index L, Eigen::Index S, Eigen::Index d_k, 
   return 2.0 * static_cast<double>(L) * static_cast<double>(S) * static_cast<double>(d_k + d_v);
 }
 
-
 /// Sets to −∞ the scores of a tile whose keys lie after their query: key j is hidden from the
 /// tile's row r when j > first_row + r + offset (offset 0: top-left causal; S − L: bottom-right).
 /// The tile holds query rows first_row… and key columns first_key….
@@ -76,7 +75,8 @@ void mask_past_keys(Tile& scores, Eigen::Index first_row, Eigen::Index offset, E
   using Scalar = typename Tile::Scalar;
   for (Eigen::Index c = 0; c < scores.cols(); ++c) {
     // Key j = first_key + c is hidden from the rows r ≥ j − offset + window − first_row.
-    const Eigen::Index visible = std::clamp<Eigen::Index>(first_key + c - offset + window - first_row, 0, scores.rows());
+    const Eigen::Index visible =
+        std::clamp<Eigen::Index>(first_key + c - offset + window - first_row, 0, scores.rows());
     scores.col(c).tail(scores.rows() - visible).setConstant(-std::numeric_limits<Scalar>::infinity());
   }
 }
@@ -94,7 +94,7 @@ struct KeyVisibility {
   Eigen::Index mask_row = 0;
   const Matrix<Scalar>* key_padding = nullptr;  ///< additive; this sequence is row key_padding_row
   Eigen::Index key_padding_row = 0;
-  double dropout = 0.0;                  ///< probability of dropping a weight (training only)
+  double dropout = 0.0;  ///< probability of dropping a weight (training only)
   std::uint64_t dropout_seed = 0, dropout_stream = 0;
 };
 
@@ -115,7 +115,9 @@ class DropoutPattern {
   /// The state of row `row`, for uniform_bits.
   std::uint64_t row_state(std::uint64_t row) const { return splitmix(stream_, row); }
   /// The 53 bits of u(row, key) = bits · 2^−53, given the row's state.
-  static std::uint64_t uniform_bits(std::uint64_t row_state, std::uint64_t key) { return splitmix(row_state, key) >> 11; }
+  static std::uint64_t uniform_bits(std::uint64_t row_state, std::uint64_t key) {
+    return splitmix(row_state, key) >> 11;
+  }
 
  private:
   std::uint64_t stream_;
@@ -170,8 +172,9 @@ enum class TileScores { hidden, finite, masked };
 /// The scaled, masked scores of one tile into `s` (B_r × B_c), unless the masks hide every key of
 /// the tile from every row (TileScores::hidden, `s` left unspecified).
 template <typename Scalar, int Layout, typename Tile>
-TileScores tile_scores(const KeysRef<Scalar, Layout>& k, const KeyVisibility<Scalar>& visibility, Eigen::Index first_row,
-                       Eigen::Index first_key, bool masked, const Eigen::Ref<const Matrix<Scalar>>& scaled_q, Tile& s) {
+TileScores tile_scores(const KeysRef<Scalar, Layout>& k, const KeyVisibility<Scalar>& visibility,
+                       Eigen::Index first_row, Eigen::Index first_key, bool masked,
+                       const Eigen::Ref<const Matrix<Scalar>>& scaled_q, Tile& s) {
   const Eigen::Index rows = s.rows(), keys = s.cols();
   constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
   // A tile is skipped when its largest mask value is −∞ (a vectorised reduction).

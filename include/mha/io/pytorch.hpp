@@ -24,15 +24,15 @@ namespace io {
 template <typename Scalar>
 struct PyTorchMultiheadAttention {
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
-  Matrix in_proj_weight;  ///< 3E × E, when kdim = vdim = E
-  Matrix q_proj_weight;   ///< E × E, when kdim or vdim ≠ E
-  Matrix k_proj_weight;   ///< E × kdim
-  Matrix v_proj_weight;   ///< E × vdim
-  Matrix in_proj_bias;    ///< 3E values (any shape: 3E × 1 or 1 × 3E), or empty for bias=False
-  Matrix out_proj_weight; ///< E × E
-  Matrix out_proj_bias;   ///< E values, or empty for bias=False
-  Matrix bias_k;          ///< E values, or empty without add_bias_kv
-  Matrix bias_v;          ///< E values, or empty without add_bias_kv
+  Matrix in_proj_weight;   ///< 3E × E, when kdim = vdim = E
+  Matrix q_proj_weight;    ///< E × E, when kdim or vdim ≠ E
+  Matrix k_proj_weight;    ///< E × kdim
+  Matrix v_proj_weight;    ///< E × vdim
+  Matrix in_proj_bias;     ///< 3E values (any shape: 3E × 1 or 1 × 3E), or empty for bias=False
+  Matrix out_proj_weight;  ///< E × E
+  Matrix out_proj_bias;    ///< E values, or empty for bias=False
+  Matrix bias_k;           ///< E values, or empty without add_bias_kv
+  Matrix bias_v;           ///< E values, or empty without add_bias_kv
 };
 
 }  // namespace io
@@ -54,8 +54,8 @@ struct MatrixSize {
 
 /// The size of each tensor of a PyTorchMultiheadAttention, under the same names.
 struct PyTorchSizes {
-  MatrixSize in_proj_weight, q_proj_weight, k_proj_weight, v_proj_weight, in_proj_bias, out_proj_weight,
-      out_proj_bias, bias_k, bias_v;
+  MatrixSize in_proj_weight, q_proj_weight, k_proj_weight, v_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
+      bias_k, bias_v;
 };
 
 /// Calls f(name, tensor) for each tensor of `w`, a PyTorchMultiheadAttention or PyTorchSizes, with its
@@ -77,8 +77,7 @@ void for_each_tensor(Weights& w, F f) {
 template <typename M>
 void expect_shape(const M& m, Eigen::Index rows, Eigen::Index cols, const std::string& name) {
   if (m.rows() != rows || m.cols() != cols)
-    detail::fail("PyTorch weights: ", name, " is ", m.rows(), " x ", m.cols(), " but must be ", rows, " x ",
-                      cols);
+    detail::fail("PyTorch weights: ", name, " is ", m.rows(), " x ", m.cols(), " but must be ", rows, " x ", cols);
 }
 
 /// Throws unless `m`, a matrix or MatrixSize, holds n values, whatever its shape (PyTorch's bias_k
@@ -128,7 +127,7 @@ MultiHeadAttentionConfig checked_config(const Weights& w, Eigen::Index num_heads
     expect_values(w.out_proj_bias, E, prefix + "out_proj.bias");
   } else if (w.out_proj_bias.size() > 0) {
     detail::fail("PyTorch weights: ", prefix, "out_proj.bias is given but ", prefix,
-                      "in_proj_bias is not; PyTorch has both or neither");
+                 "in_proj_bias is not; PyTorch has both or neither");
   }
   if (config.add_bias_kv) {
     expect_values(w.bias_k, E, prefix + "bias_k");
@@ -197,8 +196,7 @@ MultiHeadAttention<Scalar> from_state_dict(const Tensors& tensors, Eigen::Index 
     const auto [rows, cols] = tensors.matrix_size(prefix + name);
     size = {rows, cols};
   });
-  if (sizes.out_proj_weight.size() == 0)
-    detail::fail("PyTorch weights: no tensor \"", prefix, "out_proj.weight\"");
+  if (sizes.out_proj_weight.size() == 0) detail::fail("PyTorch weights: no tensor \"", prefix, "out_proj.weight\"");
   const MultiHeadAttentionConfig config = detail::checked_config(sizes, num_heads, add_zero_attn, prefix);
   PyTorchMultiheadAttention<Scalar> w;
   detail::for_each_tensor(w, [&](const char* name, typename PyTorchMultiheadAttention<Scalar>::Matrix& m) {

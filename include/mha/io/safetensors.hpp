@@ -66,10 +66,10 @@ struct Dtype {
 };
 
 /// Every dtype the format defines.
-inline constexpr Dtype kDtypes[] = {
-    {"BOOL", 8},     {"F4", 4},       {"F6_E2M3", 6}, {"F6_E3M2", 6}, {"U8", 8},   {"I8", 8},   {"F8_E5M2", 8},
-    {"F8_E4M3", 8},  {"F8_E8M0", 8},  {"I16", 16},    {"U16", 16},    {"F16", 16}, {"BF16", 16}, {"I32", 32},
-    {"U32", 32},     {"F32", 32},     {"C64", 64},    {"F64", 64},    {"I64", 64}, {"U64", 64}};
+inline constexpr Dtype kDtypes[] = {{"BOOL", 8}, {"F4", 4},      {"F6_E2M3", 6}, {"F6_E3M2", 6}, {"U8", 8},
+                                    {"I8", 8},   {"F8_E5M2", 8}, {"F8_E4M3", 8}, {"F8_E8M0", 8}, {"I16", 16},
+                                    {"U16", 16}, {"F16", 16},    {"BF16", 16},   {"I32", 32},    {"U32", 32},
+                                    {"F32", 32}, {"C64", 64},    {"F64", 64},    {"I64", 64},    {"U64", 64}};
 
 /// \returns the bits of one element of `dtype`, or 0 if the format defines no such dtype.
 inline unsigned dtype_bits(const std::string& dtype) {
@@ -333,12 +333,12 @@ class SafeTensors {
   /// naming both shapes otherwise.
   template <typename Scalar>
   Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> matrix(const std::string& name, Eigen::Index rows,
-                                                                Eigen::Index cols) const {
+                                                               Eigen::Index cols) const {
     const Tensor& t = tensor(name);
     const auto [actual_rows, actual_cols] = matrix_shape(name, t);
     if (actual_rows != rows || actual_cols != cols)
-      fail("tensor \"", name, "\" of shape ", detail::shape_string(t.shape), " is a ", actual_rows, " x ",
-           actual_cols, " matrix, expected ", rows, " x ", cols);
+      fail("tensor \"", name, "\" of shape ", detail::shape_string(t.shape), " is a ", actual_rows, " x ", actual_cols,
+           " matrix, expected ", rows, " x ", cols);
     return matrix<Scalar>(name);
   }
 
@@ -431,11 +431,11 @@ class SafeTensors {
     };
     Tensor t;
     const nlohmann::json& dtype = field("dtype");
-    if (!dtype.is_string())
-      fail("tensor \"", name, "\": \"dtype\" ", detail::quoted(dtype), " is not a string");
+    if (!dtype.is_string()) fail("tensor \"", name, "\": \"dtype\" ", detail::quoted(dtype), " is not a string");
     t.dtype = dtype.get<std::string>();
     const unsigned bits = detail::dtype_bits(t.dtype);
-    if (bits == 0) fail("tensor \"", name, "\" has unknown dtype \"", t.dtype, "\" (known: ", detail::dtype_names(), ")");
+    if (bits == 0)
+      fail("tensor \"", name, "\" has unknown dtype \"", t.dtype, "\" (known: ", detail::dtype_names(), ")");
 
     const nlohmann::json& shape = field("shape");
     if (!shape.is_array()) fail("tensor \"", name, "\": \"shape\" ", detail::quoted(shape), " is not an array");
@@ -457,8 +457,8 @@ class SafeTensors {
       fail("tensor \"", name, "\" of shape ", detail::shape_string(t.shape), " and dtype ", t.dtype,
            " is too large: 2^61 bytes or more");
     if (total_bits % 8 != 0)
-      fail("tensor \"", name, "\" of shape ", detail::shape_string(t.shape), " and dtype ", t.dtype, " is ",
-           total_bits, " bits, not a whole number of bytes");
+      fail("tensor \"", name, "\" of shape ", detail::shape_string(t.shape), " and dtype ", t.dtype, " is ", total_bits,
+           " bits, not a whole number of bytes");
 
     const nlohmann::json& offsets = field("data_offsets");
     Span span{};
@@ -467,8 +467,8 @@ class SafeTensors {
       fail("tensor \"", name, "\": \"data_offsets\" ", detail::quoted(offsets),
            " is not [begin, end] with 0 <= begin <= end");
     if (span.end > data_size)
-      fail("tensor \"", name, "\": data_offsets [", span.begin, ", ", span.end, "] run past the end of the ",
-           data_size, "-byte data buffer (truncated file?)");
+      fail("tensor \"", name, "\": data_offsets [", span.begin, ", ", span.end, "] run past the end of the ", data_size,
+           "-byte data buffer (truncated file?)");
     if (span.end - span.begin != total_bits / 8)
       fail("tensor \"", name, "\": data_offsets [", span.begin, ", ", span.end, "] hold ", span.end - span.begin,
            " bytes, but shape ", detail::shape_string(t.shape), " of ", t.dtype, " needs ", total_bits / 8);
@@ -495,8 +495,8 @@ class SafeTensors {
   /// rank 2 a matrix, and a higher rank whose leading dimensions are all 1 (PyTorch's bias_k is
   /// 1 × 1 × E) the matrix of its last two; anything else throws.
   std::pair<Eigen::Index, Eigen::Index> matrix_shape(const std::string& name, const Tensor& t) const {
-    const bool squeezable = t.shape.size() > 2 && std::all_of(t.shape.begin(), t.shape.end() - 2,
-                                                               [](std::int64_t n) { return n == 1; });
+    const bool squeezable =
+        t.shape.size() > 2 && std::all_of(t.shape.begin(), t.shape.end() - 2, [](std::int64_t n) { return n == 1; });
     if (t.shape.size() != 1 && t.shape.size() != 2 && !squeezable)
       fail("tensor \"", name, "\" has shape ", detail::shape_string(t.shape), " of rank ", t.shape.size(),
            "; matrix() reads only rank 1 (as a row vector), rank 2, and higher ranks whose leading "
@@ -509,16 +509,16 @@ class SafeTensors {
   std::string contents() const {
     if (tensors_.empty()) return "it has no tensors";
     constexpr std::size_t kListed = 10;
-    std::string s = "its " + std::to_string(tensors_.size()) + " tensors " +
-                    (tensors_.size() > kListed ? "begin with " : "are ");
+    std::string s =
+        "its " + std::to_string(tensors_.size()) + " tensors " + (tensors_.size() > kListed ? "begin with " : "are ");
     std::size_t listed = 0;
     for (auto it = tensors_.begin(); it != tensors_.end() && listed < kListed; ++it, ++listed)
       s += (listed ? ", \"" : "\"") + it->first + "\"";
     return s;
   }
 
-  std::string what_;                              ///< the file or buffer, as the error messages name it
-  std::map<std::string, Tensor> tensors_;         ///< every tensor, by name
+  std::string what_;                             ///< the file or buffer, as the error messages name it
+  std::map<std::string, Tensor> tensors_;        ///< every tensor, by name
   std::map<std::string, std::string> metadata_;  ///< the "__metadata__" entries
 };
 
