@@ -3,8 +3,9 @@
 
 # The Debian packages that building and testing mha needs.
 MHA_PACKAGES=(cmake make g++ libeigen3-dev libgtest-dev libbenchmark-dev nlohmann-json3-dev libcairo2-dev)
-# And those that `scripts/test --full` adds: clang with its sanitizer, libFuzzer and OpenMP runtimes.
-MHA_FULL_PACKAGES=(clang libclang-rt-14-dev libomp-dev)
+# And those that `scripts/test --full` adds: clang with its sanitizer, libFuzzer and OpenMP runtimes,
+# and clang-format for the style check.
+MHA_FULL_PACKAGES=(clang libclang-rt-14-dev libomp-dev clang-format)
 
 # Installs the packages among "$@" that are missing, with apt-get; runs `apt-get update` first only
 # when something is missing, and nothing at all when everything is there.

@@ -86,14 +86,14 @@ inline mha_reference::DecoderOptions reference_options(const mha::AttentionOptio
 
 inline std::string describe(const mha::AttentionOptions& o) {
   return std::string(o.causal ? "causal" : "not causal") +
-         (o.alignment == mha::CausalAlignment::bottom_right ? ", bottom-right" : ", top-left") +
-         ", window " + std::to_string(o.window);
+         (o.alignment == mha::CausalAlignment::bottom_right ? ", bottom-right" : ", top-left") + ", window " +
+         std::to_string(o.window);
 }
 
 inline std::string describe(const mha::MultiHeadAttentionConfig& c) {
   return "h " + std::to_string(c.num_heads) + ", h_kv " + std::to_string(c.num_kv_heads) +
          (c.rotary ? (c.rotary_pairs == mha::RotaryPairs::interleaved ? ", rotary interleaved base "
-                                                                       : ", rotary halves base ") +
+                                                                      : ", rotary halves base ") +
                          std::to_string(c.rotary_base)
                    : ", no rotary") +
          (c.bias ? ", bias" : "");

@@ -124,8 +124,7 @@ inline Fixture load_fixture(const std::string& path) {
     std::istringstream in(line);
     std::string word, name;
     long rows = -1, cols = -1;
-    if (!(in >> word >> name >> rows >> cols) || word != "matrix" || rows < 0 || cols < 0 ||
-        !detail::at_end(in))
+    if (!(in >> word >> name >> rows >> cols) || word != "matrix" || rows < 0 || cols < 0 || !detail::at_end(in))
       fail("expected 'matrix NAME ROWS COLS', got '" + line + "'");
     if (fixture.matrices.count(name) != 0) fail("matrix '" + name + "' repeated");
     Eigen::MatrixXd m(rows, cols);
@@ -135,11 +134,11 @@ inline Fixture load_fixture(const std::string& path) {
       std::istringstream row(line);
       for (long c = 0; c < cols; ++c)
         if (!detail::read_number(row, m(r, c)))
-          fail("row " + std::to_string(r) + " of matrix '" + name + "' has fewer than " +
-               std::to_string(cols) + " numbers");
+          fail("row " + std::to_string(r) + " of matrix '" + name + "' has fewer than " + std::to_string(cols) +
+               " numbers");
       if (!detail::at_end(row))
-        fail("row " + std::to_string(r) + " of matrix '" + name + "' has more than " +
-             std::to_string(cols) + " numbers");
+        fail("row " + std::to_string(r) + " of matrix '" + name + "' has more than " + std::to_string(cols) +
+             " numbers");
     }
     fixture.matrices.emplace(name, std::move(m));
   }

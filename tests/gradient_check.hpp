@@ -35,8 +35,8 @@ struct Problem {
   mha::AttentionOptions options;
   bool self_attention = false;
 
-  Problem(const mha::MultiHeadAttentionConfig& cfg, std::vector<Index> query_lengths_,
-          std::vector<Index> key_lengths_, std::uint64_t seed = 1)
+  Problem(const mha::MultiHeadAttentionConfig& cfg, std::vector<Index> query_lengths_, std::vector<Index> key_lengths_,
+          std::uint64_t seed = 1)
       : attn(cfg), query_lengths(std::move(query_lengths_)), key_lengths(std::move(key_lengths_)) {
     const Index L = sum(query_lengths), S = sum(key_lengths);
     query = random_matrix<double>(L, attn.d_model(), seed);
@@ -58,7 +58,8 @@ struct Problem {
     if (self_attention && query_lengths.size() == 1)
       return tape ? attn.forward(query, options, *tape) : attn.forward(query, options);
     if (self_attention)
-      return tape ? attn.forward_batch(query, query_lengths, options, *tape) : attn.forward_batch(query, query_lengths, options);
+      return tape ? attn.forward_batch(query, query_lengths, options, *tape)
+                  : attn.forward_batch(query, query_lengths, options);
     if (tape) return attn.forward_batch(query, key, value, query_lengths, key_lengths, options, *tape);
     return attn.forward_batch(query, key, value, query_lengths, key_lengths, options);
   }
@@ -102,9 +103,9 @@ inline std::vector<Index> all_entries(const Eigen::Ref<const Matrix>& m) {
 }
 
 inline ::testing::AssertionResult matches_finite_differences(const std::string& name, double* data,
-                                                      const Eigen::Ref<const Matrix>& shape,
-                                                      const Matrix& gradient, Problem& p,
-                                                      const Selection& select) {
+                                                             const Eigen::Ref<const Matrix>& shape,
+                                                             const Matrix& gradient, Problem& p,
+                                                             const Selection& select) {
   if (gradient.rows() != shape.rows() || gradient.cols() != shape.cols())
     return ::testing::AssertionFailure() << name << ": gradient is " << gradient.rows() << " x " << gradient.cols()
                                          << ", parameter " << shape.rows() << " x " << shape.cols();
@@ -133,7 +134,8 @@ inline void expect_gradients_match_finite_differences(Problem& p, const Selectio
   for (std::size_t i = 0; i < params.size(); ++i) {
     ASSERT_EQ(params[i].name, grads[i].name);
     const Matrix gradient = grads[i].value;
-    EXPECT_TRUE(matches_finite_differences(params[i].name, params[i].value.data(), params[i].value, gradient, p, select));
+    EXPECT_TRUE(
+        matches_finite_differences(params[i].name, params[i].value.data(), params[i].value, gradient, p, select));
   }
   if (p.self_attention) {
     EXPECT_TRUE(matches_finite_differences("x", p.query.data(), p.query, g.inputs.self_attention(), p, select));
@@ -144,7 +146,8 @@ inline void expect_gradients_match_finite_differences(Problem& p, const Selectio
   EXPECT_TRUE(matches_finite_differences("value", p.value.data(), p.value, g.inputs.value, p, select));
 }
 
-inline mha::MultiHeadAttentionConfig with(mha::MultiHeadAttentionConfig c, const std::function<void(mha::MultiHeadAttentionConfig&)>& f) {
+inline mha::MultiHeadAttentionConfig with(mha::MultiHeadAttentionConfig c,
+                                          const std::function<void(mha::MultiHeadAttentionConfig&)>& f) {
   f(c);
   return c;
 }

@@ -158,12 +158,13 @@ TYPED_TEST(ScaledDotProductAttention, LargeLogitsStayFinite) {
                           v = random_matrix<TypeParam>(300, 3, 3);
   const Matrix<TypeParam> out = mha::scaled_dot_product_attention(q, k, v);
   EXPECT_TRUE(out.allFinite());
-  EXPECT_TRUE(close(out, mha_reference::attention<TypeParam>(q, k, v, TypeParam(0.5), false), 100 * tolerance<TypeParam>()));
+  EXPECT_TRUE(
+      close(out, mha_reference::attention<TypeParam>(q, k, v, TypeParam(0.5), false), 100 * tolerance<TypeParam>()));
 }
 
 TYPED_TEST(ScaledDotProductAttention, EmptyQueriesGiveAnEmptyResult) {
-  const Matrix<TypeParam> out =
-      mha::scaled_dot_product_attention(Matrix<TypeParam>(0, 4), random_matrix<TypeParam>(3, 4, 1), random_matrix<TypeParam>(3, 2, 2));
+  const Matrix<TypeParam> out = mha::scaled_dot_product_attention(
+      Matrix<TypeParam>(0, 4), random_matrix<TypeParam>(3, 4, 1), random_matrix<TypeParam>(3, 2, 2));
   EXPECT_EQ(out.rows(), 0);
   EXPECT_EQ(out.cols(), 2);
 }
@@ -172,8 +173,8 @@ TYPED_TEST(ScaledDotProductAttention, NoKeysGiveZeros) {
   for (const bool causal : {false, true}) {
     mha::AttentionOptions options;
     options.causal = causal;
-    const Matrix<TypeParam> out = mha::scaled_dot_product_attention(random_matrix<TypeParam>(3, 4, 1), Matrix<TypeParam>(0, 4),
-                                                                    Matrix<TypeParam>(0, 2), options);
+    const Matrix<TypeParam> out = mha::scaled_dot_product_attention(
+        random_matrix<TypeParam>(3, 4, 1), Matrix<TypeParam>(0, 4), Matrix<TypeParam>(0, 2), options);
     EXPECT_EQ(out.rows(), 3);
     EXPECT_EQ(out.cols(), 2);
     EXPECT_TRUE(out.isZero(0));
@@ -213,7 +214,8 @@ TYPED_TEST(ScaledDotProductAttention, RejectsMismatchedShapesWithAClearMessage) 
   EXPECT_EQ(error_of([&] { mha::scaled_dot_product_attention(q, q, q, options); }),
             "mha: options.scale must be finite, got nan");
   // The error type is the library's own subclass of std::invalid_argument.
-  EXPECT_THROW(mha::scaled_dot_product_attention(q, Matrix<TypeParam>(5, 3), Matrix<TypeParam>(5, 2)), mha::invalid_argument);
+  EXPECT_THROW(mha::scaled_dot_product_attention(q, Matrix<TypeParam>(5, 3), Matrix<TypeParam>(5, 2)),
+               mha::invalid_argument);
 }
 
 }  // namespace

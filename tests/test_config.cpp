@@ -59,7 +59,7 @@ TEST(RotaryConfig, OddHeadWidthAndBadBaseAreRejected) {
   EXPECT_EQ(error_of([] { rotary(config(12, 4), mha::RotaryPairs::halves).resolved(); }),  // d_k = 12 / 4 = 3
             "mha: rotary embeddings rotate pairs of coordinates, so d_k must be even, got d_k = 3");
   EXPECT_THROW(mha::MultiHeadAttention<double>(rotary(config(12, 4), mha::RotaryPairs::halves)), mha::invalid_argument);
-  EXPECT_EQ(config(20, 2, 5, 4).resolved().d_k, 5);  // odd d_k is fine without rotary
+  EXPECT_EQ(config(20, 2, 5, 4).resolved().d_k, 5);                                    // odd d_k is fine without rotary
   EXPECT_EQ(rotary(config(20, 2, 4, 5), mha::RotaryPairs::halves).resolved().d_v, 5);  // d_v is not rotated
   for (const double base : {0.0, -2.0, std::numeric_limits<double>::infinity()}) {
     const auto c = rotary(config(16, 2), mha::RotaryPairs::interleaved, base);

@@ -93,8 +93,8 @@ TYPED_TEST(EdgeCases, EmptyInputsGiveEmptyOrZeroResults) {
   EXPECT_EQ(attn.forward(none, none, none).cols(), 6);
   EXPECT_TRUE(attn.forward(random_matrix<TypeParam>(3, 6, 1), none, none).isZero(0));
   // A value width of 0: every row of the result is empty.
-  const Matrix<TypeParam> out =
-      mha::scaled_dot_product_attention(random_matrix<TypeParam>(3, 2, 1), random_matrix<TypeParam>(4, 2, 2), Matrix<TypeParam>(4, 0));
+  const Matrix<TypeParam> out = mha::scaled_dot_product_attention(
+      random_matrix<TypeParam>(3, 2, 1), random_matrix<TypeParam>(4, 2, 2), Matrix<TypeParam>(4, 0));
   EXPECT_EQ(out.rows(), 3);
   EXPECT_EQ(out.cols(), 0);
   // A query and key width of 0: every score is 0, so each row averages the values.

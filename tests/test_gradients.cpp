@@ -34,7 +34,6 @@ using mha_test::gradient_check::expect_gradients_match_finite_differences;
 using mha_test::gradient_check::Problem;
 using mha_test::gradient_check::with;
 
-
 TEST(Gradients, CrossAttentionMatchesFiniteDifferences) {
   for (const Index h : {1, 2, 3}) {
     Problem p(config(6, h), {5}, {7});
@@ -248,7 +247,12 @@ TEST(Gradients, PerHeadViewsOfTheGradientsAreTheHeadsColumnBlocks) {
 }
 
 TEST(Gradients, TapeForwardGivesTheInferenceOutput) {
-  Problem p(with(config(6, 2), [](auto& c) { c.bias = true; c.add_zero_attn = true; }), {5, 3}, {4, 6});
+  Problem p(with(config(6, 2),
+                 [](auto& c) {
+                   c.bias = true;
+                   c.add_zero_attn = true;
+                 }),
+            {5, 3}, {4, 6});
   p.options.causal = true;
   mha::Tape<double> tape;
   EXPECT_TRUE(tape.empty());

@@ -87,9 +87,9 @@ TYPED_TEST(GroupedQueryAttention, ForwardEqualsTheRepeatInterleaveReference) {
       const Matrix<TypeParam> query = random_matrix<TypeParam>(L, 32, 10 * L + S);
       const Matrix<TypeParam> key = random_matrix<TypeParam>(S, 20, 10 * L + S + 1);
       const Matrix<TypeParam> value = random_matrix<TypeParam>(S, 12, 10 * L + S + 2);
-      for (const auto& o : {options_of(false, mha::CausalAlignment::top_left),
-                            options_of(true, mha::CausalAlignment::top_left),
-                            options_of(true, mha::CausalAlignment::bottom_right)})
+      for (const auto& o :
+           {options_of(false, mha::CausalAlignment::top_left), options_of(true, mha::CausalAlignment::top_left),
+            options_of(true, mha::CausalAlignment::bottom_right)})
         EXPECT_TRUE(near<TypeParam>(attn.forward(query, key, value, o),
                                     mha_reference::decoder_attention(attn, query, key, value, reference_options(o)),
                                     "grouped-query forward"))
@@ -103,7 +103,8 @@ TYPED_TEST(GroupedQueryAttention, ForwardEqualsTheRepeatInterleaveReference) {
       std::vector<Matrix<TypeParam>> weights;
       const mha_reference::DecoderOptions o = reference_options(causal_if(causal));
       EXPECT_TRUE(near<TypeParam>(self.forward(x, causal_if(causal)),
-                                  mha_reference::decoder_attention(self, x, x, x, o, &weights), "grouped-query forward"))
+                                  mha_reference::decoder_attention(self, x, x, x, o, &weights),
+                                  "grouped-query forward"))
           << "self-attention, h_kv = " << h_kv << ", causal = " << causal;
       ASSERT_EQ(result.weights.size(), weights.size());
       for (std::size_t i = 0; i < weights.size(); ++i)
@@ -113,7 +114,8 @@ TYPED_TEST(GroupedQueryAttention, ForwardEqualsTheRepeatInterleaveReference) {
 }
 
 TYPED_TEST(GroupedQueryAttention, AsManyKvHeadsAsHeadsIsPlainMultiHeadAttention) {
-  const mha::MultiHeadAttention<TypeParam> plain(config(32, 4, 0, 0, 3)), explicit_kv(decoder_config(32, 4, 4, 0, 0, 3));
+  const mha::MultiHeadAttention<TypeParam> plain(config(32, 4, 0, 0, 3)),
+      explicit_kv(decoder_config(32, 4, 4, 0, 0, 3));
   EXPECT_EQ(Matrix<TypeParam>(plain.w_k()), Matrix<TypeParam>(explicit_kv.w_k()));  // same shapes, same draws
   EXPECT_EQ(Matrix<TypeParam>(plain.w_o()), Matrix<TypeParam>(explicit_kv.w_o()));
   const Matrix<TypeParam> query = random_matrix<TypeParam>(70, 32, 1), kv = random_matrix<TypeParam>(530, 32, 2);
@@ -181,13 +183,16 @@ TYPED_TEST(GroupedQueryAttention, EqualsAFullModuleWhoseKvBlocksAreRepeated) {
         EXPECT_TRUE(near<TypeParam>(dg.w_o(), df.w_o(), "grouped against repeated blocks, gradients"));
         const Index group = 4 / h_kv;
         for (Index j = 0; j < h_kv; ++j) {
-          Matrix<TypeParam> w_k_sum = Matrix<TypeParam>::Zero(24, full.d_k()), w_v_sum = Matrix<TypeParam>::Zero(24, full.d_v());
+          Matrix<TypeParam> w_k_sum = Matrix<TypeParam>::Zero(24, full.d_k()),
+                            w_v_sum = Matrix<TypeParam>::Zero(24, full.d_v());
           for (Index i = j * group; i < (j + 1) * group; ++i) {
             w_k_sum += df.w_k(i);
             w_v_sum += df.w_v(i);
           }
-          EXPECT_TRUE(near<TypeParam>(dg.w_k(j), w_k_sum, "grouped against repeated blocks, gradients")) << "kv head " << j;
-          EXPECT_TRUE(near<TypeParam>(dg.w_v(j), w_v_sum, "grouped against repeated blocks, gradients")) << "kv head " << j;
+          EXPECT_TRUE(near<TypeParam>(dg.w_k(j), w_k_sum, "grouped against repeated blocks, gradients"))
+              << "kv head " << j;
+          EXPECT_TRUE(near<TypeParam>(dg.w_v(j), w_v_sum, "grouped against repeated blocks, gradients"))
+              << "kv head " << j;
         }
       }
     }

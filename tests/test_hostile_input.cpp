@@ -11,10 +11,10 @@
 
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <new>
 #include <stdexcept>
 #include <string>
-#include <memory>
 #include <vector>
 
 #ifdef _OPENMP
@@ -52,14 +52,18 @@ TEST(HostileInput, BatchLengthsWhoseSumWrapsAroundAreRejected) {
   // max + max + 12 wraps to 10 in two's complement.
   const std::vector<Index> wrapping = {kMaxIndex, kMaxIndex, 12};
   EXPECT_TRUE(says(error_of([&] { attn.forward_batch(x, wrapping); }),
-              "query_lengths add up to more than the 10 rows of query (sequence 0 has " +
-                        std::to_string(kMaxIndex) + " after 0 rows before it)"));
+                   "query_lengths add up to more than the 10 rows of query (sequence 0 has " +
+                       std::to_string(kMaxIndex) + " after 0 rows before it)"));
   EXPECT_TRUE(says(error_of([&] { attn.forward_batch(x, x, x, {10}, wrapping); }),
-              "query_lengths has 1 sequences but key_lengths has 3"));
-  EXPECT_TRUE(says(error_of([&] { attn.forward_batch(x, x, x, {4, 6, 0}, wrapping); }),
-              "key_lengths add up to more than the 10 rows of key (sequence 0"));
-  EXPECT_TRUE(says(error_of([&] { attn.forward_batch(x, {5, kMaxIndex - 2, 7}); }),
-              "(sequence 1 has " + std::to_string(kMaxIndex - 2) + " after 5 rows before it)"));
+                   "query_lengths has 1 sequences but key_lengths has 3"));
+  EXPECT_TRUE(says(error_of([&] {
+                     attn.forward_batch(x, x, x, {4, 6, 0}, wrapping);
+                   }),
+                   "key_lengths add up to more than the 10 rows of key (sequence 0"));
+  EXPECT_TRUE(says(error_of([&] {
+                     attn.forward_batch(x, {5, kMaxIndex - 2, 7});
+                   }),
+                   "(sequence 1 has " + std::to_string(kMaxIndex - 2) + " after 5 rows before it)"));
 }
 
 TEST(HostileInput, DecodeLengthsWhoseSumWrapsAroundAreRejectedAndLeaveTheCache) {
@@ -67,14 +71,16 @@ TEST(HostileInput, DecodeLengthsWhoseSumWrapsAroundAreRejectedAndLeaveTheCache) 
   auto cache = attn.make_cache(3);
   attn.decode_batch(random_matrix<double>(3, 8, 2), {1, 1, 1}, cache);
   const Matrix x = random_matrix<double>(10, 8, 3);
-  EXPECT_TRUE(says(error_of([&] { attn.decode_batch(x, {kMaxIndex, kMaxIndex, 12}, cache); }),
-              "new_lengths add up to more than the 10 rows of x"));
+  EXPECT_TRUE(says(error_of([&] {
+                     attn.decode_batch(x, {kMaxIndex, kMaxIndex, 12}, cache);
+                   }),
+                   "new_lengths add up to more than the 10 rows of x"));
   for (Index b = 0; b < 3; ++b) EXPECT_EQ(cache.length(b), 1);
   // A fixed capacity is checked without overflow too.
   auto fixed = attn.make_cache(1, 4);
   attn.decode(random_matrix<double>(2, 8, 4), fixed);
   EXPECT_TRUE(says(error_of([&] { attn.decode(random_matrix<double>(3, 8, 5), fixed); }),
-              "holds 2 of at most 4 tokens; 3 more do not fit"));
+                   "holds 2 of at most 4 tokens; 3 more do not fit"));
   EXPECT_EQ(fixed.length(), 2);
 }
 
@@ -105,10 +111,10 @@ TEST(HostileInput, AScaleThatOverflowsTheModulesScalarIsRejected) {
   const MatrixF x = random_matrix<float>(5, 8, 6);
   mha::AttentionOptions o;
   o.scale = 1e39;
-  EXPECT_TRUE(says(error_of([&] { attn.forward(x, o); }),
-              "options.scale = 1e+39 is not finite in the module's scalar type"));
-  EXPECT_TRUE(says(error_of([&] { mha::scaled_dot_product_attention(x, x, x, o); }),
-              "options.scale = 1e+39 is not finite"));
+  EXPECT_TRUE(
+      says(error_of([&] { attn.forward(x, o); }), "options.scale = 1e+39 is not finite in the module's scalar type"));
+  EXPECT_TRUE(
+      says(error_of([&] { mha::scaled_dot_product_attention(x, x, x, o); }), "options.scale = 1e+39 is not finite"));
   auto cache = attn.make_cache();
   EXPECT_TRUE(says(error_of([&] { attn.decode(x, cache, o); }), "options.scale = 1e+39"));
   EXPECT_EQ(cache.length(), 0);
@@ -222,7 +228,7 @@ TEST(HostileInput, AMaskMadeFromATemporaryKeepsItsOwnCopy) {
   mha::AttentionOptions viewing;
   viewing.mask = mha::AttentionMask::blocked(named);
   mha::AttentionOptions owning;
-  owning.mask = mha::AttentionMask::blocked(causal_blocked(6));  // the temporary dies here
+  owning.mask = mha::AttentionMask::blocked(causal_blocked(6));                   // the temporary dies here
   const mha_test::BoolMatrix reuse = mha_test::BoolMatrix::Constant(6, 6, true);  // may take its memory
   mha::AttentionOptions additive;
   additive.mask = mha::AttentionMask::additive(Matrix(named.cast<double>() * -1e300));
@@ -275,7 +281,7 @@ TEST(HostileInput, ACacheBelongsToTheModuleAndWindowThatFilledIt) {
   mha::AttentionOptions rescaled = windowed;
   rescaled.scale = 0.25;
   EXPECT_TRUE(says(error_of([&] { layer1.decode(next, cache, rescaled); }),
-              "the cache holds tokens decoded with the scale 0.5; options.scale gives 0.25"));
+                   "the cache holds tokens decoded with the scale 0.5; options.scale gives 0.25"));
   EXPECT_EQ(cache.length(), 4);
   // The same module and window go on; an emptied cache can be filled anew by anyone.
   EXPECT_NO_THROW(layer1.decode(next, cache, windowed));

@@ -120,7 +120,7 @@ TYPED_TEST(KVCache, BatchedDecodeWithRaggedNewLengthsEqualsEachSequenceAlone) {
   for (const DecodeCase& c : decode_cases()) {
     const auto attn = make_module<TypeParam>(c.config);
     SCOPED_TRACE(describe(c.config) + ", window " + std::to_string(c.window));
-    const std::vector<Lengths> rounds = {{3, 0, 5, 1}, {0, 0, 2, 7}, {1, 1, 1, 1}, {300, 0, 1, 2},
+    const std::vector<Lengths> rounds = {{3, 0, 5, 1}, {0, 0, 2, 7},   {1, 1, 1, 1}, {300, 0, 1, 2},
                                          {0, 0, 0, 0}, {1, 260, 0, 1}, {1, 1, 1, 1}, {2, 0, 1, 0}};
     const std::size_t B = 4;
     Lengths final_lengths(B, 0);
@@ -184,7 +184,9 @@ TYPED_TEST(KVCache, FixedCapacityIsAnErrorWhenFullAndLeavesTheCacheUnchanged) {
   auto batch = attn.make_cache(2, 10);
   attn.decode_batch(random_matrix<TypeParam>(8, 16, 3), Lengths{4, 4}, batch);
   const Matrix<TypeParam> keys0 = batch.keys(0), keys1 = batch.keys(1);
-  EXPECT_EQ(error_of([&] { attn.decode_batch(random_matrix<TypeParam>(9, 16, 4), Lengths{2, 7}, batch); }),
+  EXPECT_EQ(error_of([&] {
+              attn.decode_batch(random_matrix<TypeParam>(9, 16, 4), Lengths{2, 7}, batch);
+            }),
             "mha: KVCache: sequence 1 holds 4 of at most 10 tokens; 7 more do not fit (make the cache with a larger "
             "max_length, or truncate it)");
   EXPECT_EQ(batch.length(0), 4);
@@ -366,12 +368,18 @@ TYPED_TEST(KVCache, DecodeRejectsWhatItCannotDo) {
             "mha: MultiHeadAttention::decode: decoding is inference; options.training must be false");
   EXPECT_EQ(error_of([&] { attn.decode(random_matrix<TypeParam>(3, 7, 1), cache); }),
             "mha: MultiHeadAttention::decode: x is 3 x 7 but d_model is 8; x needs 8 columns");
-  EXPECT_EQ(error_of([&] { attn.decode_batch(x, Lengths{1, 2}, cache); }),
+  EXPECT_EQ(error_of([&] {
+              attn.decode_batch(x, Lengths{1, 2}, cache);
+            }),
             "mha: MultiHeadAttention::decode_batch: new_lengths has 2 sequences but the cache holds 1");
   auto two = attn.make_cache(2, 0);
-  EXPECT_EQ(error_of([&] { attn.decode_batch(x, Lengths{1, 1}, two); }),
+  EXPECT_EQ(error_of([&] {
+              attn.decode_batch(x, Lengths{1, 1}, two);
+            }),
             "mha: MultiHeadAttention::decode_batch: new_lengths add up to 2 but x has 3 rows");
-  EXPECT_EQ(error_of([&] { attn.decode_batch(x, Lengths{4, -1}, two); }),
+  EXPECT_EQ(error_of([&] {
+              attn.decode_batch(x, Lengths{4, -1}, two);
+            }),
             "mha: MultiHeadAttention::decode_batch: sequence lengths must be >= 0, got -1");
   EXPECT_EQ(error_of([&] { attn.decode(x, two); }),
             "mha: MultiHeadAttention::decode: the cache holds 2 sequences; decode_batch takes the new tokens of each");
@@ -394,20 +402,22 @@ TYPED_TEST(KVCache, DecodeRejectsWhatItCannotDo) {
   // A cache belongs to modules of one shape.
   const auto other = make_module<TypeParam>(decoder_config(8, 2, 2));
   auto other_cache = other.make_cache(1, 0);
-  EXPECT_EQ(error_of([&] { attn.decode(x, other_cache); }),
-            "mha: MultiHeadAttention::decode: the cache was made for a module of another shape (d_model 8, num_heads 2, "
-            "d_k 4, d_v 4, kdim 8, vdim 8) than this one (d_model 8, num_heads 2, num_kv_heads 1, d_k 4, d_v 4, kdim 8, "
-            "vdim 8); use make_cache()");
+  EXPECT_EQ(
+      error_of([&] { attn.decode(x, other_cache); }),
+      "mha: MultiHeadAttention::decode: the cache was made for a module of another shape (d_model 8, num_heads 2, "
+      "d_k 4, d_v 4, kdim 8, vdim 8) than this one (d_model 8, num_heads 2, num_kv_heads 1, d_k 4, d_v 4, kdim 8, "
+      "vdim 8); use make_cache()");
   EXPECT_EQ(other_cache.length(), 0);
   // And to modules that turn the keys alike: a cache holds rotated keys.
   auto rotating = decoder_config(8, 2, 1);
   rotating.rotary = true;
   const auto rotary = make_module<TypeParam>(rotating);
   auto rotated_cache = rotary.make_cache(1, 0);
-  EXPECT_EQ(error_of([&] { attn.decode(x, rotated_cache); }),
-            "mha: MultiHeadAttention::decode: the cache was made for a module of another shape (d_model 8, num_heads 2, "
-            "num_kv_heads 1, d_k 4, d_v 4, kdim 8, vdim 8, rotary interleaved base 10000) than this one (d_model 8, "
-            "num_heads 2, num_kv_heads 1, d_k 4, d_v 4, kdim 8, vdim 8); use make_cache()");
+  EXPECT_EQ(
+      error_of([&] { attn.decode(x, rotated_cache); }),
+      "mha: MultiHeadAttention::decode: the cache was made for a module of another shape (d_model 8, num_heads 2, "
+      "num_kv_heads 1, d_k 4, d_v 4, kdim 8, vdim 8, rotary interleaved base 10000) than this one (d_model 8, "
+      "num_heads 2, num_kv_heads 1, d_k 4, d_v 4, kdim 8, vdim 8); use make_cache()");
   EXPECT_EQ(rotated_cache.length(), 0);
 }
 
@@ -430,13 +440,16 @@ TYPED_TEST(KVCache, BadCacheArgumentsAreRejected) {
   EXPECT_EQ(error_of([&] { attn.make_cache(1, -1); }), "mha: KVCache: max_length must be >= 0 (0 = no limit), got -1");
   auto cache = attn.make_cache(2, 0);
   attn.decode_batch(random_matrix<TypeParam>(3, 8, 1), Lengths{1, 2}, cache);
-  EXPECT_EQ(error_of([&] { cache.truncate(-1); }), "mha: KVCache::truncate: sequence 0 holds 1 tokens; cannot truncate it to -1");
+  EXPECT_EQ(error_of([&] { cache.truncate(-1); }),
+            "mha: KVCache::truncate: sequence 0 holds 1 tokens; cannot truncate it to -1");
   EXPECT_EQ(error_of([&] { cache.truncate(2, 0); }),
             "mha: KVCache::truncate: sequence 2 out of range; the cache holds 2 sequences");
-  EXPECT_EQ(error_of([&] { cache.keys(2); }), "mha: KVCache::keys: sequence 2 out of range; the cache holds 2 sequences");
+  EXPECT_EQ(error_of([&] { cache.keys(2); }),
+            "mha: KVCache::keys: sequence 2 out of range; the cache holds 2 sequences");
   EXPECT_EQ(error_of([&] { cache.values(-1); }),
             "mha: KVCache::values: sequence -1 out of range; the cache holds 2 sequences");
-  EXPECT_EQ(error_of([&] { cache.length(5); }), "mha: KVCache::length: sequence 5 out of range; the cache holds 2 sequences");
+  EXPECT_EQ(error_of([&] { cache.length(5); }),
+            "mha: KVCache::length: sequence 5 out of range; the cache holds 2 sequences");
   EXPECT_EQ(cache.length(0), 1);
   EXPECT_EQ(cache.length(1), 2);
 }

@@ -35,8 +35,9 @@ BoolMatrix random_bools(Eigen::Index rows, Eigen::Index cols, double p, std::uin
 /// The additive form of a blocked mask: −∞ where true, 0 elsewhere.
 template <typename Scalar>
 Matrix<Scalar> additive(const BoolMatrix& blocked) {
-  return blocked.select(Matrix<Scalar>::Constant(blocked.rows(), blocked.cols(), -std::numeric_limits<Scalar>::infinity()),
-                        Matrix<Scalar>::Zero(blocked.rows(), blocked.cols()));
+  return blocked.select(
+      Matrix<Scalar>::Constant(blocked.rows(), blocked.cols(), -std::numeric_limits<Scalar>::infinity()),
+      Matrix<Scalar>::Zero(blocked.rows(), blocked.cols()));
 }
 
 TYPED_TEST(Masks, SharedPerHeadAndPaddingMasksEqualTheReferenceAcrossTiles) {
@@ -132,8 +133,8 @@ TYPED_TEST(Masks, WhollyMaskedKeyTilesAreSkippedWithoutChangingTheResult) {
   options.key_padding_mask = mha::AttentionMask::blocked(padding);
   mha_reference::Options<TypeParam> reference;
   reference.key_padding = additive<TypeParam>(padding);
-  EXPECT_TRUE(close(attn.forward(query, kv, kv, options), mha_reference::multi_head_attention_full(attn, query, kv, kv, reference),
-                    tolerance<TypeParam>()));
+  EXPECT_TRUE(close(attn.forward(query, kv, kv, options),
+                    mha_reference::multi_head_attention_full(attn, query, kv, kv, reference), tolerance<TypeParam>()));
 }
 
 TYPED_TEST(Masks, BottomRightCausalLetsTheLastQuerySeeEveryKey) {

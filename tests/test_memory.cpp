@@ -10,8 +10,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <cstdlib>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <new>
@@ -161,9 +161,13 @@ TEST(Memory, AllocationFailuresReachTheCallerAndLeaveTheCacheAsItWas) {
   const int status = pclose(child);
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
       << "the child " << (WIFSIGNALED(status) ? "was killed by signal " + std::to_string(WTERMSIG(status)) : "failed")
-      << ":\n" << output;
+      << ":\n"
+      << output;
   const auto summary = output.find("calls threw");
-  if (summary != std::string::npos) std::cout << "child: " << output.substr(output.rfind('\n', summary) + 1, output.find('\n', summary) - output.rfind('\n', summary));
+  if (summary != std::string::npos)
+    std::cout << "child: "
+              << output.substr(output.rfind('\n', summary) + 1,
+                               output.find('\n', summary) - output.rfind('\n', summary));
 }
 
 }  // namespace

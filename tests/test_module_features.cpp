@@ -50,7 +50,8 @@ TYPED_TEST(ModuleFeatures, BiasesKdimVdimBiasKvAndZeroAttnEqualTheReference) {
       for (const bool zero_attn : {false, true}) {
         const auto attn = full_module<TypeParam>(bias, bias_kv, zero_attn);
         for (const Eigen::Index S : {0, 1, 9, 600}) {
-          const Matrix<TypeParam> query = random_matrix<TypeParam>(6, 12, S), key = random_matrix<TypeParam>(S, 5, S + 1),
+          const Matrix<TypeParam> query = random_matrix<TypeParam>(6, 12, S),
+                                  key = random_matrix<TypeParam>(S, 5, S + 1),
                                   value = random_matrix<TypeParam>(S, 7, S + 2);
           for (const bool causal : {false, true}) {
             mha::AttentionOptions options;
@@ -79,8 +80,10 @@ TYPED_TEST(ModuleFeatures, ParameterShapesFollowKdimAndVdim) {
   EXPECT_EQ(error_of([&] { plain.b_q(); }), "mha: b_q(): the module has no biases; set config.bias = true");
   EXPECT_EQ(error_of([&] { plain.bias_v(); }),
             "mha: bias_v(): the module has no bias_k and bias_v; set config.add_bias_kv = true");
-  EXPECT_EQ(error_of([&] { plain.forward(random_matrix<TypeParam>(2, 12, 1), random_matrix<TypeParam>(3, 12, 2),
-                                         random_matrix<TypeParam>(3, 7, 3)); }),
+  EXPECT_EQ(error_of([&] {
+              plain.forward(random_matrix<TypeParam>(2, 12, 1), random_matrix<TypeParam>(3, 12, 2),
+                            random_matrix<TypeParam>(3, 7, 3));
+            }),
             "mha: MultiHeadAttention::forward: key is 3 x 12 but kdim is 5; key needs 5 columns");
 }
 
@@ -125,7 +128,8 @@ TYPED_TEST(ModuleFeatures, RaggedBatchEqualsEachSequenceAlone) {
   const std::vector<Eigen::Index> query_lengths = {3, 0, 300, 1, 17}, key_lengths = {5, 4, 270, 0, 600};
   Eigen::Index total_q = 0, total_k = 0;
   for (std::size_t b = 0; b < query_lengths.size(); ++b) total_q += query_lengths[b], total_k += key_lengths[b];
-  const Matrix<TypeParam> query = random_matrix<TypeParam>(total_q, 12, 1), key = random_matrix<TypeParam>(total_k, 5, 2),
+  const Matrix<TypeParam> query = random_matrix<TypeParam>(total_q, 12, 1),
+                          key = random_matrix<TypeParam>(total_k, 5, 2),
                           value = random_matrix<TypeParam>(total_k, 7, 3);
   for (const bool causal : {false, true}) {
     mha::AttentionOptions options;
@@ -169,23 +173,32 @@ TYPED_TEST(ModuleFeatures, BatchLengthsAreChecked) {
   const auto attn = full_module<TypeParam>(false, false, false);
   const Matrix<TypeParam> q = random_matrix<TypeParam>(5, 12, 1), k = random_matrix<TypeParam>(4, 5, 2),
                           v = random_matrix<TypeParam>(4, 7, 3);
-  EXPECT_EQ(error_of([&] { attn.forward_batch(q, k, v, {2, 2}, {2, 2}); }),
+  EXPECT_EQ(error_of([&] {
+              attn.forward_batch(q, k, v, {2, 2}, {2, 2});
+            }),
             "mha: MultiHeadAttention::forward_batch: query_lengths add up to 4 but query has 5 rows");
-  EXPECT_EQ(error_of([&] { attn.forward_batch(q, k, v, {2, 3}, {4}); }),
+  EXPECT_EQ(error_of([&] {
+              attn.forward_batch(q, k, v, {2, 3}, {4});
+            }),
             "mha: MultiHeadAttention::forward_batch: query_lengths has 2 sequences but key_lengths has 1");
-  EXPECT_EQ(error_of([&] { attn.forward_batch(q, k, v, {6, -1}, {2, 2}); }),
+  EXPECT_EQ(error_of([&] {
+              attn.forward_batch(q, k, v, {6, -1}, {2, 2});
+            }),
             "mha: MultiHeadAttention::forward_batch: sequence lengths must be >= 0, got -1");
   const BoolMatrix mask(2, 2);
   mha::AttentionOptions options;
   options.mask = mha::AttentionMask::blocked(mask);
-  EXPECT_EQ(error_of([&] { attn.forward_batch(q, k, v, {2, 3}, {2, 2}, options); }),
+  EXPECT_EQ(error_of([&] {
+              attn.forward_batch(q, k, v, {2, 3}, {2, 2}, options);
+            }),
             "mha: MultiHeadAttention::forward_batch: options.mask is shared by every sequence, so all need the same "
             "query and key lengths");
   mha::MultiHeadAttentionConfig bad;
   bad.d_model = 4;
   bad.num_heads = 2;
   bad.dropout = 1.0;
-  EXPECT_EQ(error_of([&] { mha::MultiHeadAttention<TypeParam> m(bad); }), "mha: dropout must be in [0, 1), got dropout = 1");
+  EXPECT_EQ(error_of([&] { mha::MultiHeadAttention<TypeParam> m(bad); }),
+            "mha: dropout must be in [0, 1), got dropout = 1");
 }
 
 }  // namespace

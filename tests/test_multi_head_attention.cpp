@@ -76,8 +76,8 @@ TYPED_TEST(MultiHeadAttention, InitialisationIsSeededXavierUniform) {
   EXPECT_NE(Matrix<TypeParam>(a.w_q()), Matrix<TypeParam>(a.w_k()));
   // U(−a, a) with a = √(6 / (fan_in + fan_out)): every weight within a, standard deviation a/√3.
   const double bound = std::sqrt(6.0 / (64 + 64));
-  for (const Matrix<TypeParam>& w : {Matrix<TypeParam>(a.w_q()), Matrix<TypeParam>(a.w_k()),
-                                    Matrix<TypeParam>(a.w_v()), Matrix<TypeParam>(a.w_o())}) {
+  for (const Matrix<TypeParam>& w : {Matrix<TypeParam>(a.w_q()), Matrix<TypeParam>(a.w_k()), Matrix<TypeParam>(a.w_v()),
+                                     Matrix<TypeParam>(a.w_o())}) {
     EXPECT_LE(w.cwiseAbs().maxCoeff(), bound);
     EXPECT_GT(w.cwiseAbs().maxCoeff(), 0.99 * bound);
     const double mean = w.template cast<double>().mean();
@@ -134,7 +134,8 @@ TYPED_TEST(MultiHeadAttention, EqualsTheLiteralReferenceOverASweep) {
         const Matrix<TypeParam> value = random_matrix<TypeParam>(S, d_model, 10 * L + S + 2);
         for (const bool causal : {false, true}) {
           EXPECT_TRUE(close(attn.forward(query, key, value, causal_if(causal)),
-                            mha_reference::multi_head_attention(attn, query, key, value, causal), tolerance<TypeParam>()))
+                            mha_reference::multi_head_attention(attn, query, key, value, causal),
+                            tolerance<TypeParam>()))
               << "h = " << h << ", L = " << L << ", S = " << S << ", causal = " << causal;
           ++cases;
         }
@@ -157,7 +158,8 @@ TYPED_TEST(MultiHeadAttention, TiledKernelEqualsTheReferenceAcrossBlockBoundarie
         const Matrix<TypeParam> value = random_matrix<TypeParam>(S, 24, 7 * L + S + 2);
         for (const bool causal : {false, true})
           EXPECT_TRUE(close(attn.forward(query, key, value, causal_if(causal)),
-                            mha_reference::multi_head_attention(attn, query, key, value, causal), tolerance<TypeParam>()))
+                            mha_reference::multi_head_attention(attn, query, key, value, causal),
+                            tolerance<TypeParam>()))
               << "h = " << h << ", L = " << L << ", S = " << S << ", causal = " << causal;
       }
   }
@@ -169,8 +171,8 @@ TYPED_TEST(MultiHeadAttention, SelfAttentionWithDefaultHeadSizesEqualsTheReferen
     for (const Eigen::Index n : {1, 63, 64, 65, 130}) {
       const Matrix<TypeParam> x = random_matrix<TypeParam>(n, 64, n);
       for (const bool causal : {false, true})
-        EXPECT_TRUE(close(attn.forward(x, causal_if(causal)), mha_reference::multi_head_attention(attn, x, x, x, causal),
-                          tolerance<TypeParam>()))
+        EXPECT_TRUE(close(attn.forward(x, causal_if(causal)),
+                          mha_reference::multi_head_attention(attn, x, x, x, causal), tolerance<TypeParam>()))
             << "h = " << h << ", n = " << n << ", causal = " << causal;
     }
   }
@@ -217,7 +219,8 @@ TYPED_TEST(MultiHeadAttention, PermutingKeyAndValueRowsTogetherChangesNothing) {
   perm.setIdentity();
   std::reverse(perm.indices().data(), perm.indices().data() + 270);
   std::swap(perm.indices()(1), perm.indices()(200));
-  EXPECT_TRUE(close(attn.forward(query, perm * key, perm * value), attn.forward(query, key, value), tolerance<TypeParam>()));
+  EXPECT_TRUE(
+      close(attn.forward(query, perm * key, perm * value), attn.forward(query, key, value), tolerance<TypeParam>()));
 }
 
 TYPED_TEST(MultiHeadAttention, SelfAttentionIsForwardWithQueryKeyAndValueEqual) {
@@ -241,14 +244,15 @@ TYPED_TEST(MultiHeadAttention, AcceptsRowMajorMapsBlocksAndExpressions) {
 
   Matrix<TypeParam> big = Matrix<TypeParam>::Zero(30, 20);
   big.block(5, 3, 12, 16) = kv;
-  EXPECT_TRUE(close(attn.forward(q, big.block(5, 3, 12, 16), big.block(5, 3, 12, 16)), expected, tolerance<TypeParam>()));
+  EXPECT_TRUE(
+      close(attn.forward(q, big.block(5, 3, 12, 16), big.block(5, 3, 12, 16)), expected, tolerance<TypeParam>()));
   EXPECT_TRUE(close(attn.forward(q + Matrix<TypeParam>::Zero(7, 16), kv, kv), expected, tolerance<TypeParam>()));
 }
 
 TYPED_TEST(MultiHeadAttention, EmptyQueryGivesAnEmptyOutput) {
   const mha::MultiHeadAttention<TypeParam> attn(config(8, 2));
-  const Matrix<TypeParam> out = attn.forward(Matrix<TypeParam>(0, 8), random_matrix<TypeParam>(3, 8, 1),
-                                             random_matrix<TypeParam>(3, 8, 2));
+  const Matrix<TypeParam> out =
+      attn.forward(Matrix<TypeParam>(0, 8), random_matrix<TypeParam>(3, 8, 1), random_matrix<TypeParam>(3, 8, 2));
   EXPECT_EQ(out.rows(), 0);
   EXPECT_EQ(out.cols(), 8);
   EXPECT_EQ(attn.forward(Matrix<TypeParam>(0, 8), causal_if(true)).rows(), 0);
@@ -257,8 +261,8 @@ TYPED_TEST(MultiHeadAttention, EmptyQueryGivesAnEmptyOutput) {
 TYPED_TEST(MultiHeadAttention, NoKeysGiveZeroOutputs) {
   const mha::MultiHeadAttention<TypeParam> attn(config(8, 2));
   for (const bool causal : {false, true}) {
-    const Matrix<TypeParam> out =
-        attn.forward(random_matrix<TypeParam>(4, 8, 1), Matrix<TypeParam>(0, 8), Matrix<TypeParam>(0, 8), causal_if(causal));
+    const Matrix<TypeParam> out = attn.forward(random_matrix<TypeParam>(4, 8, 1), Matrix<TypeParam>(0, 8),
+                                               Matrix<TypeParam>(0, 8), causal_if(causal));
     EXPECT_EQ(out.rows(), 4);
     EXPECT_EQ(out.cols(), 8);
     EXPECT_TRUE(out.isZero(0));

@@ -119,8 +119,7 @@ template <typename Scalar>
 /// `actual` does NOT match `expected`: the negative control of a feature (an error at least 1000
 /// times the tolerance, far above rounding).
 template <typename Scalar>
-::testing::AssertionResult differs_from_torch(const mha_test::Matrix<Scalar>& actual,
-                                              const Eigen::MatrixXd& expected) {
+::testing::AssertionResult differs_from_torch(const mha_test::Matrix<Scalar>& actual, const Eigen::MatrixXd& expected) {
   const double error = finite_row_error(actual, expected);
   if (error > 1000 * tolerance<Scalar>()) return ::testing::AssertionSuccess();
   return ::testing::AssertionFailure() << "relative error only " << error

@@ -35,10 +35,9 @@ using mha_test::Fixture;
 // Every fixture of tests/fixtures/gradients; GradientFixtureListMatchesDirectory fails on a file
 // not listed here.
 const std::vector<std::string> kFixtures = {
-    "cross_attention_h4.txt",    "self_attention_h2.txt", "causal_self_attention_h4.txt",
-    "bias_h4.txt",               "kdim_vdim_h2.txt",      "float_mask_h4.txt",
-    "bool_mask_per_head_h2.txt", "padded_batch_h4.txt",   "bias_kv_zero_attn_h4.txt",
-    "causal_bottom_right_h2.txt"};
+    "cross_attention_h4.txt",   "self_attention_h2.txt",     "causal_self_attention_h4.txt", "bias_h4.txt",
+    "kdim_vdim_h2.txt",         "float_mask_h4.txt",         "bool_mask_per_head_h2.txt",    "padded_batch_h4.txt",
+    "bias_kv_zero_attn_h4.txt", "causal_bottom_right_h2.txt"};
 
 // The fixture with every parameter (biases, bias_k and bias_v), for the accumulation test.
 const char* const kAllParameters = "bias_kv_zero_attn_h4.txt";
@@ -93,9 +92,9 @@ class Comparison {
     const Eigen::MatrixXd& expected = f_.matrix(name, actual.rows(), actual.cols());
     const double scale = f_.matrix(scale_name).cwiseAbs().maxCoeff();
     if (!(expected.cwiseAbs().maxCoeff() <= 1e-12 * scale))
-      return ::testing::AssertionFailure() << name << ": PyTorch's is not zero up to rounding: "
-                                           << expected.cwiseAbs().maxCoeff() << " against " << scale_name << " "
-                                           << scale;
+      return ::testing::AssertionFailure()
+             << name << ": PyTorch's is not zero up to rounding: " << expected.cwiseAbs().maxCoeff() << " against "
+             << scale_name << " " << scale;
     if (!actual.allFinite()) return ::testing::AssertionFailure() << name << ": mha's is not finite";
     const double error = actual.template cast<double>().cwiseAbs().maxCoeff() / scale;
     note(name + " (vs " + scale_name + ")", error);

@@ -43,7 +43,8 @@ template <typename Scalar>
 void check_against_torch(const std::string& file, double tol) {
   const auto tensors = mha::io::SafeTensors::load(fixture(file));
   const auto num_heads = std::stol(tensors.metadata().at("num_heads"));
-  const auto attn = mha::io::from_state_dict<Scalar>(tensors, num_heads, "", tensors.metadata().at("add_zero_attn") == "1");
+  const auto attn =
+      mha::io::from_state_dict<Scalar>(tensors, num_heads, "", tensors.metadata().at("add_zero_attn") == "1");
   const Matrix<Scalar> out = attn.forward(tensors.matrix<Scalar>("check.query"), tensors.matrix<Scalar>("check.key"),
                                           tensors.matrix<Scalar>("check.value"));
   EXPECT_TRUE(close(out, tensors.matrix<double>("check.output"), tol)) << file;
@@ -82,13 +83,16 @@ TYPED_TEST(PyTorchImport, WrongShapesAreRejectedByName) {
   mha::io::PyTorchMultiheadAttention<TypeParam> w;
   w.in_proj_weight = Matrix<TypeParam>::Zero(12, 4);
   w.out_proj_weight = Matrix<TypeParam>::Zero(4, 5);
-  EXPECT_EQ(error_of([&] { mha::io::from_pytorch(w, 2); }), "mha: PyTorch weights: out_proj.weight is 4 x 5 but must be 4 x 4");
+  EXPECT_EQ(error_of([&] { mha::io::from_pytorch(w, 2); }),
+            "mha: PyTorch weights: out_proj.weight is 4 x 5 but must be 4 x 4");
   w.out_proj_weight = Matrix<TypeParam>::Zero(4, 4);
   w.in_proj_bias = Matrix<TypeParam>::Zero(1, 11);
   w.out_proj_bias = Matrix<TypeParam>::Zero(1, 4);
-  EXPECT_EQ(error_of([&] { mha::io::from_pytorch(w, 2); }), "mha: PyTorch weights: in_proj_bias has 11 values but must have 12");
+  EXPECT_EQ(error_of([&] { mha::io::from_pytorch(w, 2); }),
+            "mha: PyTorch weights: in_proj_bias has 11 values but must have 12");
   w.in_proj_weight = Matrix<TypeParam>::Zero(11, 4);
-  EXPECT_EQ(error_of([&] { mha::io::from_pytorch(w, 2); }), "mha: PyTorch weights: in_proj_weight is 11 x 4 but must be 12 x 4");
+  EXPECT_EQ(error_of([&] { mha::io::from_pytorch(w, 2); }),
+            "mha: PyTorch weights: in_proj_weight is 11 x 4 but must be 12 x 4");
   EXPECT_EQ(error_of([&] { mha::io::from_pytorch(w, 3); }),
             "mha: d_model = 4 is not divisible by num_heads = 3; set d_k and d_v explicitly or choose a divisor");
 }
@@ -139,20 +143,25 @@ TEST(PyTorchImport, HugeDeclaredWidthsAreRejectedBeforeAnythingIsAllocated) {
   // (1 GiB), was allocated and initialised (3.4 s) before the shape was checked; 1 x 50000 (a
   // 100 KB file) ran out of memory. Now no tensor is converted and no module built.
   for (const std::int64_t E : {8000, 50000}) {
-    const auto tensors = mha::io::SafeTensors::parse(f16_file({{"in_proj_weight", {1, E}}, {"out_proj.weight", {1, 1}}}));
+    const auto tensors =
+        mha::io::SafeTensors::parse(f16_file({{"in_proj_weight", {1, E}}, {"out_proj.weight", {1, 1}}}));
     const std::string e = std::to_string(E);
     const NoEigenAllocation forbidden;
     EXPECT_EQ(error_of([&] { mha::io::from_state_dict<float>(tensors, 1); }),
               "mha: PyTorch weights: in_proj_weight is 1 x " + e + " but must be " + std::to_string(3 * E) + " x " + e);
-    EXPECT_EQ(error_of([&] { mha::io::from_state_dict<double>(tensors, 3); }),
-              "mha: d_model = " + e + " is not divisible by num_heads = 3; set d_k and d_v explicitly or choose a divisor");
+    EXPECT_EQ(
+        error_of([&] { mha::io::from_state_dict<double>(tensors, 3); }),
+        "mha: d_model = " + e + " is not divisible by num_heads = 3; set d_k and d_v explicitly or choose a divisor");
   }
   // Every other shape too, with kdim and vdim from k_proj_weight and v_proj_weight.
-  const auto unpacked = mha::io::SafeTensors::parse(
-      f16_file({{"q_proj_weight", {4, 4}}, {"k_proj_weight", {1, 50000}}, {"v_proj_weight", {4, 3}}, {"out_proj.weight", {4, 4}}}));
-  const auto biased = mha::io::SafeTensors::parse(
-      f16_file({{"in_proj_weight", {12, 4}}, {"in_proj_bias", {50000}}, {"out_proj.weight", {4, 4}}, {"out_proj.bias", {4}}}));
-  const auto out = mha::io::SafeTensors::parse(f16_file({{"in_proj_weight", {12, 4}}, {"out_proj.weight", {50000, 4}}}));
+  const auto unpacked = mha::io::SafeTensors::parse(f16_file({{"q_proj_weight", {4, 4}},
+                                                              {"k_proj_weight", {1, 50000}},
+                                                              {"v_proj_weight", {4, 3}},
+                                                              {"out_proj.weight", {4, 4}}}));
+  const auto biased = mha::io::SafeTensors::parse(f16_file(
+      {{"in_proj_weight", {12, 4}}, {"in_proj_bias", {50000}}, {"out_proj.weight", {4, 4}}, {"out_proj.bias", {4}}}));
+  const auto out =
+      mha::io::SafeTensors::parse(f16_file({{"in_proj_weight", {12, 4}}, {"out_proj.weight", {50000, 4}}}));
   const NoEigenAllocation forbidden;
   EXPECT_EQ(error_of([&] { mha::io::from_state_dict<float>(unpacked, 2); }),
             "mha: PyTorch weights: k_proj_weight is 1 x 50000 but must be 4 x 50000");
@@ -174,9 +183,11 @@ TEST(PyTorchImport, FromPytorchChecksEveryShapeBeforeBuildingTheModule) {
   const NoEigenAllocation forbidden;
   EXPECT_EQ(error_of([&] { mha::io::from_pytorch(w, 1); }),
             "mha: PyTorch weights: in_proj_weight is 1 x 50000 but must be 150000 x 50000");
-  EXPECT_EQ(error_of([&] { mha::io::from_pytorch(valid, 2); }), "mha: PyTorch weights: bias_v has 5 values but must have 4");
+  EXPECT_EQ(error_of([&] { mha::io::from_pytorch(valid, 2); }),
+            "mha: PyTorch weights: bias_v has 5 values but must have 4");
   valid.bias_v = Matrix<float>::Zero(0, 0);  // (allocates nothing)
-  EXPECT_EQ(error_of([&] { mha::io::from_pytorch(valid, 2); }), "mha: PyTorch weights: bias_v has 0 values but must have 4");
+  EXPECT_EQ(error_of([&] { mha::io::from_pytorch(valid, 2); }),
+            "mha: PyTorch weights: bias_v has 0 values but must have 4");
   valid.bias_k = Matrix<float>::Zero(0, 0);
   // Shapes that fit: building the module allocates, which the guard catches (so it would catch an
   // allocation before the checks too).
@@ -191,26 +202,30 @@ TEST(PyTorchImport, EmptyKeyAndValueProjectionsAreRejected) {
   w.k_proj_weight = Matrix<double>::Zero(4, 0);
   w.v_proj_weight = Matrix<double>::Zero(4, 4);
   w.out_proj_weight = Matrix<double>::Zero(4, 4);
-  EXPECT_EQ(error_of([&] { mha::io::from_pytorch(w, 2); }), "mha: PyTorch weights: k_proj_weight is 4 x 0 but must be 4 x 4");
+  EXPECT_EQ(error_of([&] { mha::io::from_pytorch(w, 2); }),
+            "mha: PyTorch weights: k_proj_weight is 4 x 0 but must be 4 x 4");
   w.k_proj_weight = Matrix<double>::Zero(4, 3);
   w.v_proj_weight = Matrix<double>::Zero(4, 0);
-  EXPECT_EQ(error_of([&] { mha::io::from_pytorch(w, 2); }), "mha: PyTorch weights: v_proj_weight is 4 x 0 but must be 4 x 4");
-  const auto tensors = mha::io::SafeTensors::parse(
-      f16_file({{"q_proj_weight", {4, 4}}, {"k_proj_weight", {4, 0}}, {"v_proj_weight", {4, 4}}, {"out_proj.weight", {4, 4}}}));
+  EXPECT_EQ(error_of([&] { mha::io::from_pytorch(w, 2); }),
+            "mha: PyTorch weights: v_proj_weight is 4 x 0 but must be 4 x 4");
+  const auto tensors = mha::io::SafeTensors::parse(f16_file(
+      {{"q_proj_weight", {4, 4}}, {"k_proj_weight", {4, 0}}, {"v_proj_weight", {4, 4}}, {"out_proj.weight", {4, 4}}}));
   EXPECT_EQ(error_of([&] { mha::io::from_state_dict<float>(tensors, 2); }),
             "mha: PyTorch weights: k_proj_weight is 4 x 0 but must be 4 x 4");
 }
 
 TEST(PyTorchImport, StateDictErrorsNameTheTensorWithItsPrefix) {
-  const auto tensors = mha::io::SafeTensors::parse(f16_file(
-      {{"encoder.self_attn.in_proj_weight", {24, 8}}, {"encoder.self_attn.out_proj.weight", {8, 8}},
-       {"encoder.self_attn.bias_k", {1, 1, 8}}, {"encoder.self_attn.bias_v", {1, 1, 7}}}));
+  const auto tensors = mha::io::SafeTensors::parse(f16_file({{"encoder.self_attn.in_proj_weight", {24, 8}},
+                                                             {"encoder.self_attn.out_proj.weight", {8, 8}},
+                                                             {"encoder.self_attn.bias_k", {1, 1, 8}},
+                                                             {"encoder.self_attn.bias_v", {1, 1, 7}}}));
   EXPECT_EQ(error_of([&] { mha::io::from_state_dict<float>(tensors, 2, "encoder.self_attn."); }),
             "mha: PyTorch weights: encoder.self_attn.bias_v has 7 values but must have 8");
-  const auto stray = mha::io::SafeTensors::parse(f16_file(
-      {{"enc.in_proj_weight", {24, 8}}, {"enc.out_proj.weight", {8, 8}}, {"enc.out_proj.bias", {8}}}));
-  EXPECT_EQ(error_of([&] { mha::io::from_state_dict<float>(stray, 2, "enc."); }),
-            "mha: PyTorch weights: enc.out_proj.bias is given but enc.in_proj_bias is not; PyTorch has both or neither");
+  const auto stray = mha::io::SafeTensors::parse(
+      f16_file({{"enc.in_proj_weight", {24, 8}}, {"enc.out_proj.weight", {8, 8}}, {"enc.out_proj.bias", {8}}}));
+  EXPECT_EQ(
+      error_of([&] { mha::io::from_state_dict<float>(stray, 2, "enc."); }),
+      "mha: PyTorch weights: enc.out_proj.bias is given but enc.in_proj_bias is not; PyTorch has both or neither");
 }
 
 }  // namespace

@@ -33,13 +33,11 @@ using mha_test::tolerance;
 // malformed fails its test; FixtureListMatchesDirectory fails on a file that is in no list.
 const std::vector<std::string> kSelfAttention = {"self_attention_h1.txt", "self_attention_h2.txt",
                                                  "self_attention_h4.txt", "self_attention_h8.txt"};
-const std::vector<std::string> kCausalSelfAttention = {"causal_self_attention_h2.txt",
-                                                       "causal_self_attention_h4.txt"};
+const std::vector<std::string> kCausalSelfAttention = {"causal_self_attention_h2.txt", "causal_self_attention_h4.txt"};
 const std::vector<std::string> kCrossAttention = {"cross_attention_h2.txt", "cross_attention_h4.txt"};
 const std::vector<std::string> kCausalCrossAttention = {"causal_cross_attention_h2.txt",
                                                         "causal_cross_attention_h4.txt"};
-const std::vector<std::string> kSingleHeadAttention = {"single_head_attention.txt",
-                                                       "single_head_attention_causal.txt"};
+const std::vector<std::string> kSingleHeadAttention = {"single_head_attention.txt", "single_head_attention_causal.txt"};
 
 std::string fixture_path(const std::string& name) { return std::string(MHA_FIXTURE_DIR) + "/" + name; }
 
@@ -63,8 +61,8 @@ std::optional<Fixture> load(const std::string& name) {
 
 ::testing::AssertionResult has_shape(const Eigen::MatrixXd& m, Eigen::Index rows, Eigen::Index cols) {
   if (m.rows() == rows && m.cols() == cols) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << "matrix is " << m.rows() << " x " << m.cols() << ", expected "
-                                       << rows << " x " << cols;
+  return ::testing::AssertionFailure() << "matrix is " << m.rows() << " x " << m.cols() << ", expected " << rows
+                                       << " x " << cols;
 }
 
 template <typename Scalar>

@@ -75,7 +75,8 @@ TYPED_TEST(Rotary, ForwardEqualsTheReferenceForBothPairStylesAndBases) {
       // Self-attention over two query tiles, and cross-attention where the alignment moves the queries.
       const Matrix<TypeParam> x = random_matrix<TypeParam>(300, 32, 1);
       for (const auto& o : all_alignments())
-        EXPECT_TRUE(near<TypeParam>(attn.forward(x, o), mha_reference::decoder_attention(attn, x, x, x, reference_options(o)),
+        EXPECT_TRUE(near<TypeParam>(attn.forward(x, o),
+                                    mha_reference::decoder_attention(attn, x, x, x, reference_options(o)),
                                     "rotary forward"))
             << "self-attention, " << describe(o);
       for (const auto& [L, S] : {std::pair<Index, Index>{9, 530}, {530, 9}, {257, 513}}) {
@@ -129,7 +130,8 @@ TYPED_TEST(Rotary, WeightsDependOnlyOnRelativePositions) {
     }
   // Without rotary, positions do not exist: the same comparison gives the same weights.
   const auto plain = make_module<TypeParam>(decoder_config(16, 2, 1, 0, 0, 9));
-  const Matrix<TypeParam> x = random_matrix<TypeParam>(n, 16, 1), keys = stack<TypeParam>(random_matrix<TypeParam>(m, 16, 2), x);
+  const Matrix<TypeParam> x = random_matrix<TypeParam>(n, 16, 1),
+                          keys = stack<TypeParam>(random_matrix<TypeParam>(m, 16, 2), x);
   Eigen::Matrix<bool, 1, Eigen::Dynamic> padding = Eigen::Matrix<bool, 1, Eigen::Dynamic>::Constant(m + n, false);
   padding.head(m).setConstant(true);
   mha::AttentionOptions queries_only;

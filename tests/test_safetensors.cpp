@@ -61,7 +61,8 @@ Bytes file_of(const std::vector<Entry>& entries, const std::map<std::string, std
   if (!metadata.empty()) header["__metadata__"] = metadata;
   Bytes data;
   for (const Entry& e : entries) {
-    header[e.name] = {{"dtype", e.dtype}, {"shape", e.shape}, {"data_offsets", {data.size(), data.size() + e.bytes.size()}}};
+    header[e.name] = {
+        {"dtype", e.dtype}, {"shape", e.shape}, {"data_offsets", {data.size(), data.size() + e.bytes.size()}}};
     data.insert(data.end(), e.bytes.begin(), e.bytes.end());
   }
   return file_with(header.dump(), data);
@@ -85,7 +86,9 @@ std::string error_of(F&& f) {
 }
 
 /// The message of parsing `file`.
-std::string parse_error(const Bytes& file) { return error_of([&] { SafeTensors::parse(file); }); }
+std::string parse_error(const Bytes& file) {
+  return error_of([&] { SafeTensors::parse(file); });
+}
 
 /// The bits of `f`.
 std::uint32_t bits_of(float f) {
@@ -120,9 +123,10 @@ TYPED_TEST_SUITE(SafeTensorsTyped, mha_test::Scalars, mha_test::ScalarNames);
 TYPED_TEST(SafeTensorsTyped, ReadsF32AndF64MatricesInRowMajorOrder) {
   const std::initializer_list<float> f = {0.5f, -1.25f, 3.0f, 1e-3f, -7e5f, 0.1f};
   const std::initializer_list<double> d = {0.1, -2.5, 1e-300, 3.0, -1e300, 1.0 / 3};
-  const SafeTensors st = SafeTensors::parse(
-      file_of({{"f", "F32", {2, 3}, bytes_of(f)}, {"d", "F64", {3, 2}, bytes_of(d)}, {"f1", "F32", {6}, bytes_of(f)},
-               {"d1", "F64", {6}, bytes_of(d)}}));
+  const SafeTensors st = SafeTensors::parse(file_of({{"f", "F32", {2, 3}, bytes_of(f)},
+                                                     {"d", "F64", {3, 2}, bytes_of(d)},
+                                                     {"f1", "F32", {6}, bytes_of(f)},
+                                                     {"d1", "F64", {6}, bytes_of(d)}}));
   const Matrix<TypeParam> mf = st.matrix<TypeParam>("f"), md = st.matrix<TypeParam>("d");
   const Matrix<TypeParam> mf1 = st.matrix<TypeParam>("f1"), md1 = st.matrix<TypeParam>("d1");
   ASSERT_EQ(mf.rows(), 2);
@@ -146,14 +150,14 @@ TYPED_TEST(SafeTensorsTyped, ReadsF32AndF64MatricesInRowMajorOrder) {
 
 TYPED_TEST(SafeTensorsTyped, ConvertsChosenF16BitPatternsExactly) {
   const TypeParam inf = std::numeric_limits<TypeParam>::infinity();
-  const std::initializer_list<std::uint16_t> bits = {
-      0x3c00, 0xc100, 0x0001, 0x03ff, 0x0400, 0x7bff, 0x3555, 0x0000, 0x8000, 0x7c00, 0xfc00, 0x7e00, 0xfc01};
+  const std::initializer_list<std::uint16_t> bits = {0x3c00, 0xc100, 0x0001, 0x03ff, 0x0400, 0x7bff, 0x3555,
+                                                     0x0000, 0x8000, 0x7c00, 0xfc00, 0x7e00, 0xfc01};
   const TypeParam expected[] = {1,
                                 -2.5,
-                                static_cast<TypeParam>(std::ldexp(1.0, -24)),    // smallest subnormal
+                                static_cast<TypeParam>(std::ldexp(1.0, -24)),     // smallest subnormal
                                 static_cast<TypeParam>(std::ldexp(1023.0, -24)),  // largest subnormal
-                                static_cast<TypeParam>(std::ldexp(1.0, -14)),    // smallest normal
-                                65504,                                           // largest normal
+                                static_cast<TypeParam>(std::ldexp(1.0, -14)),     // smallest normal
+                                65504,                                            // largest normal
                                 static_cast<TypeParam>(1365.0 / 4096),
                                 0,
                                 0,
@@ -176,8 +180,8 @@ TYPED_TEST(SafeTensorsTyped, ConvertsChosenBF16BitPatternsExactly) {
                                                      0x0000, 0x8000, 0x7f80, 0xff80, 0x7fc0};
   const TypeParam expected[] = {1,
                                 -2.5,
-                                static_cast<TypeParam>(std::ldexp(1.0, -133)),  // smallest subnormal
-                                static_cast<TypeParam>(std::ldexp(1.0, -126)),  // smallest normal
+                                static_cast<TypeParam>(std::ldexp(1.0, -133)),   // smallest subnormal
+                                static_cast<TypeParam>(std::ldexp(1.0, -126)),   // smallest normal
                                 static_cast<TypeParam>(std::ldexp(255.0, 120)),  // largest normal
                                 static_cast<TypeParam>(std::ldexp(171.0, -9)),
                                 0,
@@ -191,8 +195,9 @@ TYPED_TEST(SafeTensorsTyped, ConvertsChosenBF16BitPatternsExactly) {
 }
 
 TYPED_TEST(SafeTensorsTyped, F16And2DBF16AreRowMajorToo) {
-  const SafeTensors st = SafeTensors::parse(file_of({{"h", "F16", {2, 2}, bytes_of<std::uint16_t>({0x3c00, 0x4000, 0x4200, 0x4400})},
-                                                     {"b", "BF16", {2, 2}, bytes_of<std::uint16_t>({0x3f80, 0x4000, 0x4040, 0x4080})}}));
+  const SafeTensors st =
+      SafeTensors::parse(file_of({{"h", "F16", {2, 2}, bytes_of<std::uint16_t>({0x3c00, 0x4000, 0x4200, 0x4400})},
+                                  {"b", "BF16", {2, 2}, bytes_of<std::uint16_t>({0x3f80, 0x4000, 0x4040, 0x4080})}}));
   Matrix<TypeParam> expected(2, 2);
   expected << 1, 2, 3, 4;
   EXPECT_EQ(st.matrix<TypeParam>("h"), expected);
@@ -214,8 +219,8 @@ TEST(SafeTensors, EveryF16BitPatternMatchesItsDefinition) {
     if (exponent == 31) {
       EXPECT_TRUE(mantissa ? std::isnan(h(0, b)) : h(0, b) == sign * std::numeric_limits<double>::infinity()) << b;
     } else {
-      const double value =
-          exponent ? sign * std::ldexp(1024.0 + mantissa, int(exponent) - 25) : sign * std::ldexp(double(mantissa), -24);
+      const double value = exponent ? sign * std::ldexp(1024.0 + mantissa, int(exponent) - 25)
+                                    : sign * std::ldexp(double(mantissa), -24);
       EXPECT_EQ(double(h(0, b)), value) << b;
       EXPECT_EQ(std::signbit(h(0, b)), (b & 0x8000) != 0) << b;
     }
@@ -228,9 +233,9 @@ TEST(SafeTensors, EveryF16BitPatternMatchesItsDefinition) {
 
 TEST(SafeTensors, NamesContainsTensorAndMetadata) {
   const Bytes i64 = bytes_of<std::int64_t>({-3, 1LL << 40});
-  const SafeTensors st = SafeTensors::parse(
-      file_of({{"layer.weight", "F32", {1, 1}, bytes_of({2.0f})}, {"b", "I64", {2}, i64}, {"a.mask", "BOOL", {3}, {1, 0, 1}}},
-              {{"format", "pt"}, {"note", "\xc3\xbc and \"quotes\""}}));
+  const SafeTensors st = SafeTensors::parse(file_of(
+      {{"layer.weight", "F32", {1, 1}, bytes_of({2.0f})}, {"b", "I64", {2}, i64}, {"a.mask", "BOOL", {3}, {1, 0, 1}}},
+      {{"format", "pt"}, {"note", "\xc3\xbc and \"quotes\""}}));
   EXPECT_EQ(st.names(), (std::vector<std::string>{"a.mask", "b", "layer.weight"}));
   EXPECT_TRUE(st.contains("b"));
   EXPECT_FALSE(st.contains("c"));
@@ -286,10 +291,10 @@ TEST(SafeTensors, AcceptsAnyOrderGapsEmptyTensorsAndScalars) {
 
 TEST(SafeTensors, EmptyTensorsOfHugeSizesAreReadWithoutVisitingTheirRows) {
   // 2^62 rows of 0 elements: matrix() looped over every (empty) row, for ever, on a 100-byte file.
-  const SafeTensors st = SafeTensors::parse(file_with(
-      R"({"rows":{"dtype":"F32","shape":[4611686018427387904,0],"data_offsets":[0,0]},)"
-      R"("cols":{"dtype":"F16","shape":[0,4611686018427387904],"data_offsets":[0,0]},)"
-      R"("squeezed":{"dtype":"BF16","shape":[1,4611686018427387904,0],"data_offsets":[0,0]}})"));
+  const SafeTensors st = SafeTensors::parse(
+      file_with(R"({"rows":{"dtype":"F32","shape":[4611686018427387904,0],"data_offsets":[0,0]},)"
+                R"("cols":{"dtype":"F16","shape":[0,4611686018427387904],"data_offsets":[0,0]},)"
+                R"("squeezed":{"dtype":"BF16","shape":[1,4611686018427387904,0],"data_offsets":[0,0]}})"));
   const Matrix<float> rows = st.matrix<float>("rows");
   EXPECT_EQ(rows.rows(), Eigen::Index{1} << 62);
   EXPECT_EQ(rows.cols(), 0);
@@ -308,7 +313,8 @@ TEST(SafeTensors, ANameGivenTwiceCountsWithItsLastEntry) {
 }
 
 TEST(SafeTensors, LoadsAFile) {
-  const TempFile file(file_of({{"w", "F32", {2, 2}, bytes_of({1.0f, 2.0f, 3.0f, 4.0f})}, {"e", "F64", {0}, {}},
+  const TempFile file(file_of({{"w", "F32", {2, 2}, bytes_of({1.0f, 2.0f, 3.0f, 4.0f})},
+                               {"e", "F64", {0}, {}},
                                {"h", "F16", {1}, bytes_of<std::uint16_t>({0xc100})}},
                               {{"k", "v"}}));
   const SafeTensors st = SafeTensors::load(file.path());
@@ -323,7 +329,8 @@ TEST(SafeTensors, LoadsAFile) {
 
 TEST(SafeTensors, LoadErrorsNameTheFile) {
   const std::string missing = ::testing::TempDir() + "mha_test_safetensors_no_such_file.safetensors";
-  EXPECT_EQ(error_of([&] { SafeTensors::load(missing); }), "mha: safetensors file \"" + missing + "\": cannot be opened");
+  EXPECT_EQ(error_of([&] { SafeTensors::load(missing); }),
+            "mha: safetensors file \"" + missing + "\": cannot be opened");
 
   Bytes truncated = file_of({{"w", "F32", {4}, bytes_of({1.0f, 2.0f, 3.0f, 4.0f})}});
   truncated.resize(truncated.size() - 1);
@@ -338,7 +345,8 @@ TEST(SafeTensors, LoadErrorsNameTheFile) {
   EXPECT_EQ(error_of([&] { SafeTensors::load(long_header.path()); }),
             "mha: safetensors file \"" + long_header.path() + "\": header length 9 exceeds the 2 bytes that follow it");
   const std::string directory = ::testing::TempDir();
-  EXPECT_EQ(error_of([&] { SafeTensors::load(directory); }).rfind("mha: safetensors file \"" + directory + "\": ", 0), 0u);
+  EXPECT_EQ(error_of([&] { SafeTensors::load(directory); }).rfind("mha: safetensors file \"" + directory + "\": ", 0),
+            0u);
 }
 
 TEST(SafeTensors, RejectsFilesTooShortForTheirHeader) {
@@ -352,7 +360,8 @@ TEST(SafeTensors, RejectsFilesTooShortForTheirHeader) {
             "mha: safetensors buffer: header length 18446744073709551615 exceeds the 0 bytes that follow it");
   Bytes huge(16, ' ');
   for (int i = 0; i < 8; ++i) huge[i] = i == 7 ? 0x80 : 0;
-  EXPECT_EQ(parse_error(huge), "mha: safetensors buffer: header length 9223372036854775808 exceeds the 8 bytes that follow it");
+  EXPECT_EQ(parse_error(huge),
+            "mha: safetensors buffer: header length 9223372036854775808 exceeds the 8 bytes that follow it");
 }
 
 TEST(SafeTensors, HeaderLengthsAboveTheLimitAreRejectedBeforeReading) {
@@ -364,8 +373,9 @@ TEST(SafeTensors, HeaderLengthsAboveTheLimitAreRejectedBeforeReading) {
   prefix.push_back('{');
   const TempFile file(prefix);
   std::filesystem::resize_file(file.path(), 8 + n);
-  EXPECT_EQ(error_of([&] { SafeTensors::load(file.path()); }),
-            "mha: safetensors file \"" + file.path() + "\": header length 100000001 exceeds the limit of 100000000 bytes");
+  EXPECT_EQ(
+      error_of([&] { SafeTensors::load(file.path()); }),
+      "mha: safetensors file \"" + file.path() + "\": header length 100000001 exceeds the limit of 100000000 bytes");
 }
 
 TEST(SafeTensors, RejectsHeadersThatAreNotAJsonObject) {
@@ -375,16 +385,23 @@ TEST(SafeTensors, RejectsHeadersThatAreNotAJsonObject) {
       {"{", "parse_error.101] parse error at line 1, column 9: syntax error while parsing object key"},
       {"", "parse_error.101] parse error at line 1, column 1: syntax error while parsing value"},
       {"{\"w\":1,}", "parse_error.101] parse error at line 1, column 8: syntax error while parsing object key"},
-      {"{\"\xff\":{}}", "parse_error.101] parse error at line 1, column 3: syntax error while parsing object key - invalid string: ill-formed UTF-8 byte"},
+      {"{\"\xff\":{}}",
+       "parse_error.101] parse error at line 1, column 3: syntax error while parsing object key - invalid string: "
+       "ill-formed UTF-8 byte"},
       {"{\"w\":[1e400]}", "out_of_range.406] number overflow parsing '1e400'"},
-      {"{} {}", "parse_error.101] parse error at line 1, column 4: syntax error while parsing value - unexpected '{'; expected end of input"},
-      {"{/* comment */}", "parse_error.101] parse error at line 1, column 2: syntax error while parsing object key - invalid literal"}};
+      {"{} {}",
+       "parse_error.101] parse error at line 1, column 4: syntax error while parsing value - unexpected '{'; expected "
+       "end of input"},
+      {"{/* comment */}",
+       "parse_error.101] parse error at line 1, column 2: syntax error while parsing object key - invalid literal"}};
   for (const auto& [header, message] : cases)
     EXPECT_EQ(parse_error(file_with(header)).rfind(prefix + message, 0), 0u) << parse_error(file_with(header));
   EXPECT_EQ(parse_error(file_with("[1, 2]")), "mha: safetensors buffer: header is a JSON array, not an object");
   EXPECT_EQ(parse_error(file_with("\"w\"")), "mha: safetensors buffer: header is a JSON string, not an object");
-  EXPECT_EQ(parse_error(file_with("{\"w\": 3}")), "mha: safetensors buffer: tensor \"w\" is a JSON number, not an object");
-  EXPECT_EQ(parse_error(file_with("{\"w\": null}")), "mha: safetensors buffer: tensor \"w\" is a JSON null, not an object");
+  EXPECT_EQ(parse_error(file_with("{\"w\": 3}")),
+            "mha: safetensors buffer: tensor \"w\" is a JSON number, not an object");
+  EXPECT_EQ(parse_error(file_with("{\"w\": null}")),
+            "mha: safetensors buffer: tensor \"w\" is a JSON null, not an object");
 }
 
 TEST(SafeTensors, RejectsBadMetadata) {
@@ -404,7 +421,9 @@ TEST(SafeTensors, RejectsEntriesWithMissingOrMistypedFields) {
   EXPECT_EQ(parse_error(file_with_entry(R"("dtype":"F128","shape":[4],"data_offsets":[0,16])")),
             w + " has unknown dtype \"F128\" (known: BOOL, F4, F6_E2M3, F6_E3M2, U8, I8, F8_E5M2, F8_E4M3, F8_E8M0, "
                 "I16, U16, F16, BF16, I32, U32, F32, C64, F64, I64, U64)");
-  EXPECT_EQ(parse_error(file_with_entry(R"("dtype":"f32","shape":[4],"data_offsets":[0,16])")).rfind(w + " has unknown dtype \"f32\"", 0), 0u);
+  EXPECT_EQ(parse_error(file_with_entry(R"("dtype":"f32","shape":[4],"data_offsets":[0,16])"))
+                .rfind(w + " has unknown dtype \"f32\"", 0),
+            0u);
   EXPECT_EQ(parse_error(file_with_entry(R"("dtype":"F32","shape":4,"data_offsets":[0,16])")),
             w + ": \"shape\" 4 is not an array");
   EXPECT_EQ(parse_error(file_with_entry(R"("dtype":"F32","shape":{"rows":4},"data_offsets":[0,16])")),
@@ -436,22 +455,25 @@ TEST(SafeTensors, RejectsBadShapes) {
   EXPECT_EQ(parse_error(file_with_entry(R"("dtype":"U8","shape":[2305843009213693952],"data_offsets":[0,16])")),
             w + " of shape [2305843009213693952] and dtype U8 is too large: 2^61 bytes or more");
   // The largest size that does not overflow is let through to the data_offsets check.
-  EXPECT_EQ(parse_error(file_with_entry(R"("dtype":"U8","shape":[2305843009213693951],"data_offsets":[0,16])")),
-            w + ": data_offsets [0, 16] hold 16 bytes, but shape [2305843009213693951] of U8 needs 2305843009213693951");
+  EXPECT_EQ(
+      parse_error(file_with_entry(R"("dtype":"U8","shape":[2305843009213693951],"data_offsets":[0,16])")),
+      w + ": data_offsets [0, 16] hold 16 bytes, but shape [2305843009213693951] of U8 needs 2305843009213693951");
 }
 
 TEST(SafeTensors, RejectsBadDataOffsets) {
   const std::string w = "mha: safetensors buffer: tensor \"w\"";
   const std::string rule = " is not [begin, end] with 0 <= begin <= end";
-  for (const std::string offsets : {"16", "[16]", "[0,8,16]", "[-1,15]", "[0,16.0]", "[\"0\",16]", "[8,4]", "{\"begin\":0}"})
+  for (const std::string offsets :
+       {"16", "[16]", "[0,8,16]", "[-1,15]", "[0,16.0]", "[\"0\",16]", "[8,4]", "{\"begin\":0}"})
     EXPECT_EQ(parse_error(file_with_entry(R"("dtype":"F32","shape":[4],"data_offsets":)" + offsets)),
               w + ": \"data_offsets\" " + offsets + rule);
   EXPECT_EQ(parse_error(file_with_entry(R"("dtype":"F32","shape":[4],"data_offsets":[0,20])")),
             w + ": data_offsets [0, 20] run past the end of the 16-byte data buffer (truncated file?)");
   EXPECT_EQ(parse_error(file_with_entry(R"("dtype":"F32","shape":[0],"data_offsets":[17,17])")),
             w + ": data_offsets [17, 17] run past the end of the 16-byte data buffer (truncated file?)");
-  EXPECT_EQ(parse_error(file_with_entry(R"("dtype":"F32","shape":[4],"data_offsets":[0,18446744073709551615])")),
-            w + ": data_offsets [0, 18446744073709551615] run past the end of the 16-byte data buffer (truncated file?)");
+  EXPECT_EQ(
+      parse_error(file_with_entry(R"("dtype":"F32","shape":[4],"data_offsets":[0,18446744073709551615])")),
+      w + ": data_offsets [0, 18446744073709551615] run past the end of the 16-byte data buffer (truncated file?)");
   EXPECT_EQ(parse_error(file_with_entry(R"("dtype":"F32","shape":[2,2],"data_offsets":[0,12])")),
             w + ": data_offsets [0, 12] hold 12 bytes, but shape [2, 2] of F32 needs 16");
   EXPECT_EQ(parse_error(file_with_entry(R"("dtype":"F64","shape":[1],"data_offsets":[0,16])")),
@@ -501,7 +523,8 @@ TEST(SafeTensors, DeeplyNestedFieldsAreRejectedWithoutRecursion) {
             too_deep(" in tensor \"w\""));
   EXPECT_EQ(parse_error(file_with_entry(R"("dtype":)" + deep + R"(,"shape":[4],"data_offsets":[0,16])")),
             too_deep(" in tensor \"w\""));
-  EXPECT_EQ(parse_error(file_with_entry(R"("dtype":"F32","shape":[4],"data_offsets":)" + deep)), too_deep(" in tensor \"w\""));
+  EXPECT_EQ(parse_error(file_with_entry(R"("dtype":"F32","shape":[4],"data_offsets":)" + deep)),
+            too_deep(" in tensor \"w\""));
   EXPECT_EQ(parse_error(file_with_entry(R"("dtype":"F32","shape":[4],"data_offsets":[0,16],"extra":)" + deep)),
             too_deep(" in tensor \"w\""));
   EXPECT_EQ(parse_error(file_with("{\"w\":" + deep + "}")), too_deep(" in tensor \"w\""));
@@ -529,8 +552,9 @@ TEST(SafeTensors, ErrorMessagesQuoteOnlyTheStartOfAValue) {
   const std::string w = "mha: safetensors buffer: tensor \"w\"";
   EXPECT_EQ(parse_error(file_with_entry(R"("dtype":"F32","shape":[)" + sizes + R"(-1],"data_offsets":[0,16])")),
             w + ": \"shape\" [1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1... has a negative size");
-  EXPECT_EQ(parse_error(file_with_entry(R"("dtype":"F32","shape":[4],"data_offsets":[0,16,)" + sizes + "0]")),
-            w + ": \"data_offsets\" [0,16,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,... is not [begin, end] with 0 <= begin <= end");
+  EXPECT_EQ(
+      parse_error(file_with_entry(R"("dtype":"F32","shape":[4],"data_offsets":[0,16,)" + sizes + "0]")),
+      w + ": \"data_offsets\" [0,16,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,... is not [begin, end] with 0 <= begin <= end");
   const std::string long_name(100000, 'n');
   EXPECT_EQ(parse_error(file_with_entry(R"("dtype":{")" + long_name + R"(":1},"shape":[4],"data_offsets":[0,16])")),
             w + ": \"dtype\" {\"" + std::string(38, 'n') + "... is not a string");
@@ -538,12 +562,13 @@ TEST(SafeTensors, ErrorMessagesQuoteOnlyTheStartOfAValue) {
   std::string umlauts;
   for (int i = 0; i < 50000; ++i) umlauts += "\xc3\xbc";
   EXPECT_EQ(parse_error(file_with(R"({"__metadata__":{"a":["x)" + umlauts + R"("]}})")),
-            "mha: safetensors buffer: \"__metadata__\" maps \"a\" to the JSON array [\"x" +
-                umlauts.substr(0, 36) + "..., not a string");
+            "mha: safetensors buffer: \"__metadata__\" maps \"a\" to the JSON array [\"x" + umlauts.substr(0, 36) +
+                "..., not a string");
   // Values that fit are quoted whole, as before.
-  EXPECT_EQ(parse_error(file_with(R"({"__metadata__":{"a":{"list":[1,"two",null,true,2.5]}}})")),
-            "mha: safetensors buffer: \"__metadata__\" maps \"a\" to the JSON object {\"list\":[1,\"two\",null,true,2.5]}, "
-            "not a string");
+  EXPECT_EQ(
+      parse_error(file_with(R"({"__metadata__":{"a":{"list":[1,"two",null,true,2.5]}}})")),
+      "mha: safetensors buffer: \"__metadata__\" maps \"a\" to the JSON object {\"list\":[1,\"two\",null,true,2.5]}, "
+      "not a string");
 }
 
 TEST(SafeTensors, ParseErrorsQuoteOnlyTheStartOfTheTokenRead) {
@@ -551,7 +576,8 @@ TEST(SafeTensors, ParseErrorsQuoteOnlyTheStartOfTheTokenRead) {
   // characters (the string padded to 100 008 by file_with). Its first 200 characters are kept.
   const std::string prefix = "mha: safetensors buffer: header is not valid JSON: ";
   const std::pair<std::string, std::string> cases[] = {
-      {"{\"w\":[1" + std::string(100000, '0') + "e400]}", "[json.exception.out_of_range.406] number overflow parsing '10000"},
+      {"{\"w\":[1" + std::string(100000, '0') + "e400]}",
+       "[json.exception.out_of_range.406] number overflow parsing '10000"},
       {"{\"w\":\"" + std::string(100000, 'x'),
        "[json.exception.parse_error.101] parse error at line 1, column 100009: syntax error while parsing value - "
        "invalid string: missing closing quote; last read: '\"xxxx"}};
@@ -578,27 +604,40 @@ TEST(SafeTensors, MissingTensorsListWhatIsThere) {
 }
 
 TEST(SafeTensors, MatrixRejectsOtherRanksAndDtypes) {
-  const SafeTensors st = SafeTensors::parse(
-      file_of({{"s", "F32", {}, bytes_of({1.0f})}, {"t", "F32", {2, 1, 1}, bytes_of({1.0f, 2.0f})},
-               {"i", "I64", {2}, bytes_of<std::int64_t>({1, 2})}, {"b", "BOOL", {1, 1}, {1}}, {"u", "U16", {1}, {0, 0}}}));
+  const SafeTensors st = SafeTensors::parse(file_of({{"s", "F32", {}, bytes_of({1.0f})},
+                                                     {"t", "F32", {2, 1, 1}, bytes_of({1.0f, 2.0f})},
+                                                     {"i", "I64", {2}, bytes_of<std::int64_t>({1, 2})},
+                                                     {"b", "BOOL", {1, 1}, {1}},
+                                                     {"u", "U16", {1}, {0, 0}}}));
   const std::string prefix = "mha: safetensors buffer: tensor ";
   EXPECT_EQ(error_of([&] { st.matrix<float>("s"); }),
-            prefix + "\"s\" has shape [] of rank 0; matrix() reads only rank 1 (as a row vector), rank 2, and higher ranks whose leading dimensions are 1");
+            prefix +
+                "\"s\" has shape [] of rank 0; matrix() reads only rank 1 (as a row vector), rank 2, and higher ranks "
+                "whose leading dimensions are 1");
   EXPECT_EQ(error_of([&] { st.matrix<double>("t"); }),
-            prefix + "\"t\" has shape [2, 1, 1] of rank 3; matrix() reads only rank 1 (as a row vector), rank 2, and higher ranks whose leading dimensions are 1");
-  EXPECT_EQ(error_of([&] { st.matrix<double>("i"); }), prefix + "\"i\" has dtype I64; matrix() reads only F32, F64, F16 and BF16");
-  EXPECT_EQ(error_of([&] { st.matrix<float>("b"); }), prefix + "\"b\" has dtype BOOL; matrix() reads only F32, F64, F16 and BF16");
-  EXPECT_EQ(error_of([&] { st.matrix<float>("u"); }), prefix + "\"u\" has dtype U16; matrix() reads only F32, F64, F16 and BF16");
+            prefix +
+                "\"t\" has shape [2, 1, 1] of rank 3; matrix() reads only rank 1 (as a row vector), rank 2, and higher "
+                "ranks whose leading dimensions are 1");
+  EXPECT_EQ(error_of([&] { st.matrix<double>("i"); }),
+            prefix + "\"i\" has dtype I64; matrix() reads only F32, F64, F16 and BF16");
+  EXPECT_EQ(error_of([&] { st.matrix<float>("b"); }),
+            prefix + "\"b\" has dtype BOOL; matrix() reads only F32, F64, F16 and BF16");
+  EXPECT_EQ(error_of([&] { st.matrix<float>("u"); }),
+            prefix + "\"u\" has dtype U16; matrix() reads only F32, F64, F16 and BF16");
 }
 
 TEST(SafeTensors, ShapeExpectationsNameBothShapes) {
   const SafeTensors st = SafeTensors::parse(
       file_of({{"w", "F32", {2, 3}, Bytes(24)}, {"v", "F32", {3}, Bytes(12)}, {"t", "F32", {2, 1, 1}, Bytes(8)}}));
   const std::string prefix = "mha: safetensors buffer: tensor ";
-  EXPECT_EQ(error_of([&] { st.matrix<float>("w", 3, 2); }), prefix + "\"w\" of shape [2, 3] is a 2 x 3 matrix, expected 3 x 2");
-  EXPECT_EQ(error_of([&] { st.matrix<float>("v", 3, 1); }), prefix + "\"v\" of shape [3] is a 1 x 3 matrix, expected 3 x 1");
+  EXPECT_EQ(error_of([&] { st.matrix<float>("w", 3, 2); }),
+            prefix + "\"w\" of shape [2, 3] is a 2 x 3 matrix, expected 3 x 2");
+  EXPECT_EQ(error_of([&] { st.matrix<float>("v", 3, 1); }),
+            prefix + "\"v\" of shape [3] is a 1 x 3 matrix, expected 3 x 1");
   EXPECT_EQ(error_of([&] { st.matrix<float>("t", 2, 1); }),
-            prefix + "\"t\" has shape [2, 1, 1] of rank 3; matrix() reads only rank 1 (as a row vector), rank 2, and higher ranks whose leading dimensions are 1");
+            prefix +
+                "\"t\" has shape [2, 1, 1] of rank 3; matrix() reads only rank 1 (as a row vector), rank 2, and higher "
+                "ranks whose leading dimensions are 1");
   EXPECT_EQ(error_of([&] { st.expect_shape("w", {3, 2}); }), prefix + "\"w\" has shape [2, 3], expected [3, 2]");
   EXPECT_EQ(error_of([&] { st.expect_shape("w", {2, 3, 1}); }), prefix + "\"w\" has shape [2, 3], expected [2, 3, 1]");
   EXPECT_EQ(st.expect_shape("t", {2, 1, 1}).bytes.size(), 8u);
@@ -606,8 +645,8 @@ TEST(SafeTensors, ShapeExpectationsNameBothShapes) {
 
 TEST(SafeTensors, LeadingDimensionsOfOneAreSqueezed) {
   // PyTorch's nn.MultiheadAttention saves bias_k as 1 × 1 × E.
-  const SafeTensors st = SafeTensors::parse(file_of({{"bias_k", "F32", {1, 1, 3}, bytes_of({1.0f, 2.0f, 3.0f})},
-                                                     {"col", "F32", {1, 2, 1}, bytes_of({4.0f, 5.0f})}}));
+  const SafeTensors st = SafeTensors::parse(file_of(
+      {{"bias_k", "F32", {1, 1, 3}, bytes_of({1.0f, 2.0f, 3.0f})}, {"col", "F32", {1, 2, 1}, bytes_of({4.0f, 5.0f})}}));
   Eigen::MatrixXf row(1, 3), col(2, 1);
   row << 1, 2, 3;
   col << 4, 5;
@@ -625,7 +664,8 @@ bool parses_consistently(const Bytes& file) {
       std::uint64_t elements = 1;  // wraps only if a size is 0, and then ends 0 all the same
       for (std::int64_t d : t.shape) elements *= static_cast<std::uint64_t>(d);
       EXPECT_EQ(t.bytes.size() * 8, elements * mha::detail::dtype_bits(t.dtype)) << name;
-      if (t.shape.size() == 1 || t.shape.size() == 2) error_of([&] { EXPECT_EQ(std::uint64_t(st.matrix<double>(name).size()), elements); });
+      if (t.shape.size() == 1 || t.shape.size() == 2)
+        error_of([&] { EXPECT_EQ(std::uint64_t(st.matrix<double>(name).size()), elements); });
     }
     return true;
   } catch (const mha::invalid_argument&) {
@@ -634,8 +674,8 @@ bool parses_consistently(const Bytes& file) {
 }
 
 TEST(SafeTensors, EveryTruncationIsRejected) {
-  const Bytes file = file_of({{"w", "F32", {2, 2}, bytes_of({1.0f, 2.0f, 3.0f, 4.0f})}, {"h", "F16", {1}, Bytes(2)}},
-                             {{"k", "v"}});
+  const Bytes file =
+      file_of({{"w", "F32", {2, 2}, bytes_of({1.0f, 2.0f, 3.0f, 4.0f})}, {"h", "F16", {1}, Bytes(2)}}, {{"k", "v"}});
   ASSERT_TRUE(parses_consistently(file));
   for (std::size_t size = 0; size < file.size(); ++size)
     EXPECT_FALSE(parses_consistently(Bytes(file.begin(), file.begin() + static_cast<std::ptrdiff_t>(size)))) << size;
@@ -643,7 +683,8 @@ TEST(SafeTensors, EveryTruncationIsRejected) {
 
 TEST(SafeTensors, CorruptedFilesAreRejectedOrReadConsistently) {
   const Bytes file = file_of({{"w", "F32", {2, 2}, bytes_of({1.0f, 2.0f, 3.0f, 4.0f})},
-                              {"h", "F16", {3}, Bytes(6)}, {"b", "BF16", {1, 1}, Bytes(2)}},
+                              {"h", "F16", {3}, Bytes(6)},
+                              {"b", "BF16", {1, 1}, Bytes(2)}},
                              {{"k", "v"}});
   std::mt19937_64 engine(7);
   int accepted = 0;

@@ -60,7 +60,8 @@ TYPED_TEST(SlidingWindow, WeightsOutsideTheWindowAreZeroAndEqualTheReference) {
   for (const auto& o : all_alignments(5)) {
     const auto result = attn.forward_with_weights(query, kv, kv, o, mha::AttentionWeights::per_head);
     std::vector<Matrix<TypeParam>> weights;
-    const Matrix<TypeParam> expected = mha_reference::decoder_attention(attn, query, kv, kv, reference_options(o), &weights);
+    const Matrix<TypeParam> expected =
+        mha_reference::decoder_attention(attn, query, kv, kv, reference_options(o), &weights);
     EXPECT_TRUE(near<TypeParam>(result.output, expected, "window forward")) << describe(o);
     const Index offset = o.alignment == mha::CausalAlignment::bottom_right ? 530 - 20 : 0;
     for (std::size_t i = 0; i < weights.size(); ++i) {
@@ -130,7 +131,8 @@ TYPED_TEST(SlidingWindow, RaggedBatchWithRotaryAndWindowEqualsEachSequenceAlone)
       const Index L = query_lengths[b], S = key_lengths[b];
       const Matrix<TypeParam> q = query.middleRows(q0, L), k = kv.middleRows(k0, S);
       EXPECT_TRUE(near<TypeParam>(batched.middleRows(q0, L),
-                                  mha_reference::decoder_attention(attn, q, k, k, reference_options(o)), "window batch"))
+                                  mha_reference::decoder_attention(attn, q, k, k, reference_options(o)),
+                                  "window batch"))
           << "sequence " << b << ", " << describe(o);
       q0 += L;
       k0 += S;

@@ -49,8 +49,8 @@ TYPED_TEST(Softmax, AddingAConstantToARowChangesNothing) {
 
 TYPED_TEST(Softmax, HugeLogitsGiveNoNaNOrInf) {
   Matrix<TypeParam> logits(3, 4);
-  logits << 1e4, -1e4, 1e4, 0,     //
-      -1e4, -1e4, -1e4, -1e4,      //
+  logits << 1e4, -1e4, 1e4, 0,  //
+      -1e4, -1e4, -1e4, -1e4,   //
       1e4, 1e4 - 1, -1e4, 1e4 - 2;
   const Matrix<TypeParam> p = mha::softmax_rows(logits);
   EXPECT_TRUE(p.allFinite());
@@ -84,7 +84,8 @@ TYPED_TEST(Softmax, InPlaceWorksOnABlockOfALargerMatrix) {
   Matrix<TypeParam> m = random_matrix<TypeParam>(6, 8, 3);
   const Matrix<TypeParam> before = m;
   mha::softmax_rows_in_place(m.block(1, 2, 3, 4));
-  EXPECT_TRUE(mha_test::close(m.block(1, 2, 3, 4), mha::softmax_rows(before.block(1, 2, 3, 4)), tolerance<TypeParam>()));
+  EXPECT_TRUE(
+      mha_test::close(m.block(1, 2, 3, 4), mha::softmax_rows(before.block(1, 2, 3, 4)), tolerance<TypeParam>()));
   m.block(1, 2, 3, 4) = before.block(1, 2, 3, 4);
   EXPECT_EQ(m, before);
 }

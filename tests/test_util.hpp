@@ -37,9 +37,13 @@ struct ScalarNames {
 template <typename Scalar>
 constexpr double tolerance();
 template <>
-constexpr double tolerance<float>() { return 1e-5; }
+constexpr double tolerance<float>() {
+  return 1e-5;
+}
 template <>
-constexpr double tolerance<double>() { return 1e-10; }
+constexpr double tolerance<double>() {
+  return 1e-10;
+}
 
 /// A rows × cols matrix of U(−1, 1) entries from a seeded engine (the same on every platform).
 template <typename Scalar>
@@ -63,8 +67,7 @@ double relative_error(const Eigen::MatrixBase<A>& actual, const Eigen::MatrixBas
 
 /// Asserts equal shapes and a relative error within `tol`.
 template <typename A, typename B>
-::testing::AssertionResult close(const Eigen::MatrixBase<A>& actual, const Eigen::MatrixBase<B>& expected,
-                                 double tol) {
+::testing::AssertionResult close(const Eigen::MatrixBase<A>& actual, const Eigen::MatrixBase<B>& expected, double tol) {
   if (actual.rows() != expected.rows() || actual.cols() != expected.cols())
     return ::testing::AssertionFailure() << "shape " << actual.rows() << " x " << actual.cols()
                                          << " != " << expected.rows() << " x " << expected.cols();

@@ -12,7 +12,7 @@ int main() {
   const Eigen::MatrixXf x = Eigen::MatrixXf::Random(5, 16);
   const Eigen::MatrixXf y = attention.forward(x);
   const bool ok = y.rows() == 5 && y.cols() == 16 && y.allFinite();
-  std::cout << "consumer linking mha::mha: forward gave " << y.rows() << " x " << y.cols()
-            << (ok ? ", ok" : ", WRONG") << "\n";
+  std::cout << "consumer linking mha::mha: forward gave " << y.rows() << " x " << y.cols() << (ok ? ", ok" : ", WRONG")
+            << "\n";
   return ok ? 0 : 1;
 }

@@ -39,13 +39,23 @@ class Bytes {
     const std::uint8_t kind = byte();
     const double unit = (static_cast<double>(byte()) - 127.5) / 127.5;  // in [−1, 1]
     switch (kind % 16) {
-      case 0: moderate = false; return std::numeric_limits<Scalar>::quiet_NaN();
-      case 1: moderate = false; return (unit < 0 ? -1 : 1) * std::numeric_limits<Scalar>::infinity();
-      case 2: moderate = false; return static_cast<Scalar>(unit * 0.99) * std::numeric_limits<Scalar>::max();
-      case 3: return static_cast<Scalar>(unit * 100) * std::numeric_limits<Scalar>::denorm_min();
-      case 4: return 0;
-      case 5: return static_cast<Scalar>(unit * 1e3);
-      default: return static_cast<Scalar>(unit * 4);
+      case 0:
+        moderate = false;
+        return std::numeric_limits<Scalar>::quiet_NaN();
+      case 1:
+        moderate = false;
+        return (unit < 0 ? -1 : 1) * std::numeric_limits<Scalar>::infinity();
+      case 2:
+        moderate = false;
+        return static_cast<Scalar>(unit * 0.99) * std::numeric_limits<Scalar>::max();
+      case 3:
+        return static_cast<Scalar>(unit * 100) * std::numeric_limits<Scalar>::denorm_min();
+      case 4:
+        return 0;
+      case 5:
+        return static_cast<Scalar>(unit * 1e3);
+      default:
+        return static_cast<Scalar>(unit * 4);
     }
   }
 
@@ -78,16 +88,25 @@ mha::AttentionOptions options(Bytes& in, bool& valid, bool& moderate) {
   mha::AttentionOptions o;
   o.causal = in.byte() % 2 == 1;
   switch (in.byte() % 7) {
-    case 0: o.scale = (in.byte() - 127.5) / 16; break;
-    case 1: o.scale = std::numeric_limits<double>::quiet_NaN(); valid = false; break;
-    case 2: o.scale = std::numeric_limits<double>::infinity(); valid = false; break;
+    case 0:
+      o.scale = (in.byte() - 127.5) / 16;
+      break;
+    case 1:
+      o.scale = std::numeric_limits<double>::quiet_NaN();
+      valid = false;
+      break;
+    case 2:
+      o.scale = std::numeric_limits<double>::infinity();
+      valid = false;
+      break;
     case 3:
       // Finite in double, not in float.
       o.scale = 1e39;
       valid = valid && std::is_same<Scalar, double>::value;
       moderate = false;
       break;
-    default: break;
+    default:
+      break;
   }
   return o;
 }
@@ -198,7 +217,8 @@ void multi_head(Bytes& in) {
     if (in.in(0, 15) == 0) {
       const Eigen::Index largest = std::numeric_limits<Eigen::Index>::max(), a = in.in(0, 3), b = in.in(0, 3);
       const bool queries = in.byte() % 2;
-      (queries ? query_lengths : key_lengths) = std::vector<Eigen::Index>{largest - a, largest - b, (queries ? L : S) + a + b + 2};
+      (queries ? query_lengths : key_lengths) =
+          std::vector<Eigen::Index>{largest - a, largest - b, (queries ? L : S) + a + b + 2};
       valid = false;
     }
     try {
@@ -215,8 +235,8 @@ void multi_head(Bytes& in) {
       const auto d_output = matrix<Scalar>(in, L, attn.d_model(), moderate);
       auto gradients = attn.zero_gradients();
       const auto d = attn.backward(tape, d_output, gradients);
-      if (d.query.rows() != L || d.query.cols() != attn.d_model() || d.key.rows() != S ||
-          d.key.cols() != attn.kdim() || d.value.rows() != S || d.value.cols() != attn.vdim())
+      if (d.query.rows() != L || d.query.cols() != attn.d_model() || d.key.rows() != S || d.key.cols() != attn.kdim() ||
+          d.value.rows() != S || d.value.cols() != attn.vdim())
         violated("backward returned input gradients of the wrong shape");
       bool finite = d.query.allFinite() && d.key.allFinite() && d.value.allFinite();
       for (const auto& g : gradients.parameters()) finite = finite && g.value.allFinite();
@@ -345,10 +365,18 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const std::uint8_t what = in.byte();
   const bool use_double = what & 1;
   switch ((what >> 1) % 4) {
-    case 0: use_double ? multi_head<double>(in) : multi_head<float>(in); break;
-    case 1: use_double ? single_head<double>(in) : single_head<float>(in); break;
-    case 2: use_double ? softmax<double>(in) : softmax<float>(in); break;
-    default: use_double ? decoding<double>(in) : decoding<float>(in); break;
+    case 0:
+      use_double ? multi_head<double>(in) : multi_head<float>(in);
+      break;
+    case 1:
+      use_double ? single_head<double>(in) : single_head<float>(in);
+      break;
+    case 2:
+      use_double ? softmax<double>(in) : softmax<float>(in);
+      break;
+    default:
+      use_double ? decoding<double>(in) : decoding<float>(in);
+      break;
   }
   return 0;
 }

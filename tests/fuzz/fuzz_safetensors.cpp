@@ -81,9 +81,9 @@ struct Written {
   std::uint64_t begin = 0, end = 0;
   /// The header's fields of its entry, in order: key and JSON text of the value.
   std::vector<std::pair<std::string, std::string>> fields;
-  std::string entry;     ///< the whole entry's JSON text, when a mutation replaced it
-  bool plain = true;     ///< no mutation touched it: it must read back as written
-  bool shadowed = false; ///< a later entry has the same name, and counts instead
+  std::string entry;      ///< the whole entry's JSON text, when a mutation replaced it
+  bool plain = true;      ///< no mutation touched it: it must read back as written
+  bool shadowed = false;  ///< a later entry has the same name, and counts instead
 };
 
 /// What the generator wrote, and what it knows the reader must do with it.
@@ -91,11 +91,11 @@ struct Generated {
   Bytes file;
   std::vector<Written> tensors;
   std::map<std::string, std::string> metadata;
-  bool valid = true;          ///< a well-formed file: must be accepted
-  int depth = 0;              ///< the deepest nesting in the bytes the header length covers
-  bool state_dict = false;    ///< a valid nn.MultiheadAttention state_dict of width E
-  std::int64_t E = 0;         ///< the width of the state_dict
-  std::uint64_t data = 0;     ///< where the data buffer begins, by the header length written
+  bool valid = true;        ///< a well-formed file: must be accepted
+  int depth = 0;            ///< the deepest nesting in the bytes the header length covers
+  bool state_dict = false;  ///< a valid nn.MultiheadAttention state_dict of width E
+  std::int64_t E = 0;       ///< the width of the state_dict
+  std::uint64_t data = 0;   ///< where the data buffer begins, by the header length written
 };
 
 /// A tensor `name` of shape `shape`, its dtype and place chosen later.
@@ -131,8 +131,8 @@ std::vector<Written> state_dict(Choices& in, std::int64_t E) {
 
 /// Tensors of other names, ranks 0 to 3 and sizes 0 to 6.
 std::vector<Written> other_tensors(Choices& in) {
-  static const char* const kNames[] = {"w", "", "a.b", "\"quoted\"", "\xc3\xbc", "__metadata", "in_proj_weight",
-                                       "out_proj.weight", "bias_k", "x"};
+  static const char* const kNames[] = {
+      "w", "", "a.b", "\"quoted\"", "\xc3\xbc", "__metadata", "in_proj_weight", "out_proj.weight", "bias_k", "x"};
   std::vector<Written> t(static_cast<std::size_t>(in.in(0, 4)));
   for (Written& w : t) {
     w.name = in.pick(kNames);
@@ -145,10 +145,24 @@ std::vector<Written> other_tensors(Choices& in) {
 /// A JSON number or other value where a size or offset belongs: huge, negative, fractional, of the
 /// wrong type, or nested.
 std::string odd_number(Choices& in) {
-  static const char* const kOdd[] = {"-1", "1.5", "4.0", "-0", "1e400", "18446744073709551615",
-                                     "18446744073709551616", "9223372036854775807", "9223372036854775808",
-                                     "4294967296", "2305843009213693952", "\"4\"", "null", "true", "[4]",
-                                     "{\"n\":4}", "-9223372036854775808", "0"};
+  static const char* const kOdd[] = {"-1",
+                                     "1.5",
+                                     "4.0",
+                                     "-0",
+                                     "1e400",
+                                     "18446744073709551615",
+                                     "18446744073709551616",
+                                     "9223372036854775807",
+                                     "9223372036854775808",
+                                     "4294967296",
+                                     "2305843009213693952",
+                                     "\"4\"",
+                                     "null",
+                                     "true",
+                                     "[4]",
+                                     "{\"n\":4}",
+                                     "-9223372036854775808",
+                                     "0"};
   return in.pick(kOdd);
 }
 
@@ -199,8 +213,8 @@ void append_length(Bytes& file, std::uint64_t n) {
 /// A file from the choices `in` makes, with what the reader must make of it.
 Generated generate(Choices& in) {
   static const char* const kFloatDtypes[] = {"F32", "F16", "BF16", "F64"};
-  static const char* const kAnyDtypes[] = {"F32", "F16", "BF16", "F64", "BOOL", "I64", "U8", "F4", "I32",
-                                           "F8_E4M3", "C64", "F6_E2M3", "F128", "f32", ""};
+  static const char* const kAnyDtypes[] = {"F32", "F16",     "BF16", "F64",     "BOOL", "I64", "U8", "F4",
+                                           "I32", "F8_E4M3", "C64",  "F6_E2M3", "F128", "f32", ""};
   Generated g;
   g.state_dict = !in.one_in(4);
   g.E = in.in(1, 8);
@@ -227,7 +241,8 @@ Generated generate(Choices& in) {
     w.end = size += (elements * bits + 7) / 8;
   }
   for (Written& w : g.tensors)
-    w.fields = {{"dtype", nlohmann::json(w.dtype).dump()}, {"shape", json_list(w.shape)},
+    w.fields = {{"dtype", nlohmann::json(w.dtype).dump()},
+                {"shape", json_list(w.shape)},
                 {"data_offsets", json_list(std::vector<std::uint64_t>{w.begin, w.end})}};
   if (in.one_in(4)) g.metadata = {{"format", "pt"}, {in.one_in(2) ? "\xc3\xbc" : "num_heads", "2"}};
   std::string metadata_text;
@@ -268,11 +283,21 @@ Generated generate(Choices& in) {
         if (std::string* f = field(*w, "data_offsets")) {
           const std::string begin = std::to_string(w->begin), end = std::to_string(w->end);
           switch (in.in(0, 4)) {
-            case 0: *f = "[" + odd_number(in) + "," + end + "]"; break;
-            case 1: *f = "[" + begin + "," + odd_number(in) + "]"; break;
-            case 2: *f = "[" + end + "," + begin + "]"; break;
-            case 3: *f = "[" + begin + "," + std::to_string(w->end + static_cast<std::uint64_t>(in.in(1, 300))) + "]"; break;
-            default: *f = in.one_in(2) ? "[0]" : "[0,0,0]"; break;
+            case 0:
+              *f = "[" + odd_number(in) + "," + end + "]";
+              break;
+            case 1:
+              *f = "[" + begin + "," + odd_number(in) + "]";
+              break;
+            case 2:
+              *f = "[" + end + "," + begin + "]";
+              break;
+            case 3:
+              *f = "[" + begin + "," + std::to_string(w->end + static_cast<std::uint64_t>(in.in(1, 300))) + "]";
+              break;
+            default:
+              *f = in.one_in(2) ? "[0]" : "[0,0,0]";
+              break;
           }
         }
         break;
@@ -331,8 +356,12 @@ Generated generate(Choices& in) {
         break;
       case 11:  // metadata that is not an object of strings, or deeply nested
         switch (in.in(0, 3)) {
-          case 0: metadata_text = "{\"a\":" + odd_number(in) + "}"; break;
-          case 1: metadata_text = odd_number(in); break;
+          case 0:
+            metadata_text = "{\"a\":" + odd_number(in) + "}";
+            break;
+          case 1:
+            metadata_text = odd_number(in);
+            break;
           default: {
             const int depth = in.one_in(2) ? in.in(kMaxDepth - 3, kMaxDepth) : 100000;
             metadata_text = "{\"a\":" + nested(depth) + "}";
@@ -396,8 +425,9 @@ Generated generate(Choices& in) {
   for (std::uint64_t i = 0; i < data_size; ++i) g.file.push_back(static_cast<unsigned char>(in.byte() ^ (i * 37)));
   if (length <= g.file.size() - 8)
     g.depth = nesting(std::string(g.file.begin() + 8, g.file.begin() + 8 + static_cast<std::ptrdiff_t>(length)));
-  g.state_dict = g.state_dict && g.valid &&
-                 std::all_of(g.tensors.begin(), g.tensors.end(), [](const Written& w) { return w.plain && !w.shadowed; });
+  g.state_dict = g.state_dict && g.valid && std::all_of(g.tensors.begin(), g.tensors.end(), [](const Written& w) {
+                   return w.plain && !w.shadowed;
+                 });
   return g;
 }
 
@@ -425,9 +455,9 @@ void check_matrices(const mha::io::SafeTensors& st) {
     for (std::int64_t n : t.shape) elements *= static_cast<std::uint64_t>(n);
     if (t.bytes.size() * 8 != elements * mha::detail::dtype_bits(t.dtype))
       violated("a tensor holds the bytes its shape and dtype need", name);
-    const bool rank_read = t.shape.size() == 1 || t.shape.size() == 2 ||
-                           (t.shape.size() > 2 && std::all_of(t.shape.begin(), t.shape.end() - 2,
-                                                              [](std::int64_t n) { return n == 1; }));
+    const bool rank_read =
+        t.shape.size() == 1 || t.shape.size() == 2 ||
+        (t.shape.size() > 2 && std::all_of(t.shape.begin(), t.shape.end() - 2, [](std::int64_t n) { return n == 1; }));
     const bool dtype_read = t.dtype == "F32" || t.dtype == "F64" || t.dtype == "F16" || t.dtype == "BF16";
     std::pair<Eigen::Index, Eigen::Index> size{};
     if (accepted("matrix_size", [&] { size = st.matrix_size(name); }) != rank_read)

@@ -41,13 +41,13 @@ Matrix<Scalar> softmax_rows(const Matrix<Scalar>& scores) {
 
 /// Attention(Q, K, V) = softmax(Q Kᵀ · scale) V for one head; causal hides key j from query r < j.
 template <typename Scalar>
-Matrix<Scalar> attention(const Matrix<Scalar>& q, const Matrix<Scalar>& k, const Matrix<Scalar>& v,
-                         Scalar scale, bool causal) {
+Matrix<Scalar> attention(const Matrix<Scalar>& q, const Matrix<Scalar>& k, const Matrix<Scalar>& v, Scalar scale,
+                         bool causal) {
   Matrix<Scalar> scores = (q * k.transpose()) * scale;  // L × S
   if (causal)
     for (Eigen::Index r = 0; r < scores.rows(); ++r)
       for (Eigen::Index j = r + 1; j < scores.cols(); ++j) scores(r, j) = -std::numeric_limits<Scalar>::infinity();
-  return softmax_rows(scores) * v;                      // L × d_v
+  return softmax_rows(scores) * v;  // L × d_v
 }
 
 /// What the PyTorch-parity features add to one head's scores, written out plainly: an additive
@@ -96,14 +96,14 @@ Matrix<Scalar> multi_head_attention(const mha::MultiHeadAttention<Scalar>& modul
   const Scalar s = static_cast<Scalar>(scale ? *scale : 1.0 / std::sqrt(static_cast<double>(module.d_k())));
   std::vector<Matrix<Scalar>> heads;
   for (Eigen::Index i = 0; i < h; ++i) {
-    const Matrix<Scalar> q_i = query * module.w_q(i);   // L × d_k
-    const Matrix<Scalar> k_i = key * module.w_k(i);     // S × d_k
-    const Matrix<Scalar> v_i = value * module.w_v(i);   // S × d_v
+    const Matrix<Scalar> q_i = query * module.w_q(i);  // L × d_k
+    const Matrix<Scalar> k_i = key * module.w_k(i);    // S × d_k
+    const Matrix<Scalar> v_i = value * module.w_v(i);  // S × d_v
     heads.push_back(attention<Scalar>(q_i, k_i, v_i, s, causal));
   }
-  Matrix<Scalar> concat(query.rows(), h * d_v);         // L × h·d_v
+  Matrix<Scalar> concat(query.rows(), h * d_v);  // L × h·d_v
   for (Eigen::Index i = 0; i < h; ++i) concat.middleCols(i * d_v, d_v) = heads[i];
-  return concat * module.w_o();                         // L × d_model
+  return concat * module.w_o();  // L × d_model
 }
 
 }  // namespace mha_reference
@@ -114,8 +114,8 @@ namespace mha_reference {
 /// (one L × S matrix for every head, or h of them), an additive key padding row, causal alignment.
 template <typename Scalar>
 struct Options {
-  std::vector<Matrix<Scalar>> masks;   ///< empty, one shared, or one per head
-  Matrix<Scalar> key_padding;          ///< empty or 1 × S
+  std::vector<Matrix<Scalar>> masks;  ///< empty, one shared, or one per head
+  Matrix<Scalar> key_padding;         ///< empty or 1 × S
   bool causal = false;
   bool bottom_right = false;
   std::optional<double> scale;
@@ -128,16 +128,17 @@ struct Options {
 template <typename Scalar>
 Matrix<Scalar> multi_head_attention_full(const mha::MultiHeadAttention<Scalar>& module, const Matrix<Scalar>& query,
                                          const Matrix<Scalar>& key, const Matrix<Scalar>& value,
-                                         const Options<Scalar>& options, std::vector<Matrix<Scalar>>* weights = nullptr) {
+                                         const Options<Scalar>& options,
+                                         std::vector<Matrix<Scalar>>* weights = nullptr) {
   const auto& config = module.config();
   const Eigen::Index h = module.num_heads(), d_k = module.d_k(), d_v = module.d_v(), S = key.rows();
   const Scalar s = static_cast<Scalar>(options.scale ? *options.scale : 1.0 / std::sqrt(static_cast<double>(d_k)));
   Matrix<Scalar> concat(query.rows(), h * d_v);
   if (weights) weights->clear();
   for (Eigen::Index i = 0; i < h; ++i) {
-    Matrix<Scalar> q_i = query * module.w_q(i);        // L × d_k
-    Matrix<Scalar> k_i = key * module.w_k(i);          // S × d_k
-    Matrix<Scalar> v_i = value * module.w_v(i);        // S × d_v
+    Matrix<Scalar> q_i = query * module.w_q(i);  // L × d_k
+    Matrix<Scalar> k_i = key * module.w_k(i);    // S × d_k
+    Matrix<Scalar> v_i = value * module.w_v(i);  // S × d_v
     if (config.bias) {
       q_i.rowwise() += module.b_q().segment(i * d_k, d_k);
       k_i.rowwise() += module.b_k().segment(i * d_k, d_k);
@@ -156,7 +157,8 @@ Matrix<Scalar> multi_head_attention_full(const mha::MultiHeadAttention<Scalar>& 
       v_i.row(v_i.rows() - 1).setZero();
     }
     HeadMasks<Scalar> masks;
-    if (!options.masks.empty()) masks.mask = &options.masks[options.masks.size() == 1 ? 0 : static_cast<std::size_t>(i)];
+    if (!options.masks.empty())
+      masks.mask = &options.masks[options.masks.size() == 1 ? 0 : static_cast<std::size_t>(i)];
     if (options.key_padding.size() > 0) masks.key_padding = &options.key_padding;
     masks.causal = options.causal;
     masks.offset = options.bottom_right ? S - query.rows() : 0;
@@ -166,7 +168,7 @@ Matrix<Scalar> multi_head_attention_full(const mha::MultiHeadAttention<Scalar>& 
     concat.middleCols(i * d_v, d_v) = p * v_i;
     if (weights) weights->push_back(p);
   }
-  Matrix<Scalar> out = concat * module.w_o();         // L × d_model
+  Matrix<Scalar> out = concat * module.w_o();  // L × d_model
   if (config.bias) out.rowwise() += module.b_o();
   return out;
 }
@@ -237,8 +239,8 @@ Matrix<Scalar> decoder_attention(const mha::MultiHeadAttention<Scalar>& module, 
   // The key/value heads' keys and values (keys rotated to their positions 0 … S − 1).
   std::vector<Matrix<Scalar>> kv_keys, kv_values;
   for (Eigen::Index j = 0; j < h_kv; ++j) {
-    Matrix<Scalar> k_j = key * module.w_k(j);      // S × d_k
-    Matrix<Scalar> v_j = value * module.w_v(j);    // S × d_v
+    Matrix<Scalar> k_j = key * module.w_k(j);    // S × d_k
+    Matrix<Scalar> v_j = value * module.w_v(j);  // S × d_v
     if (config.bias) {
       k_j.rowwise() += module.b_k().segment(j * d_k, d_k);
       v_j.rowwise() += module.b_v().segment(j * d_v, d_v);
@@ -252,7 +254,7 @@ Matrix<Scalar> decoder_attention(const mha::MultiHeadAttention<Scalar>& module, 
   Matrix<Scalar> concat(L, h * d_v);
   if (weights) weights->clear();
   for (Eigen::Index i = 0; i < h; ++i) {
-    Matrix<Scalar> q_i = query * module.w_q(i);    // L × d_k
+    Matrix<Scalar> q_i = query * module.w_q(i);  // L × d_k
     if (config.bias) q_i.rowwise() += module.b_q().segment(i * d_k, d_k);
     if (config.rotary) q_i = rotate<Scalar>(q_i, query_position, config.rotary_base, config.rotary_pairs);
     HeadMasks<Scalar> masks;
@@ -263,7 +265,7 @@ Matrix<Scalar> decoder_attention(const mha::MultiHeadAttention<Scalar>& module, 
     concat.middleCols(i * d_v, d_v) = p * values[static_cast<std::size_t>(i)];
     if (weights) weights->push_back(p);
   }
-  Matrix<Scalar> out = concat * module.w_o();      // L × d_model
+  Matrix<Scalar> out = concat * module.w_o();  // L × d_model
   if (config.bias) out.rowwise() += module.b_o();
   return out;
 }
