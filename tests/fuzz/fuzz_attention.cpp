@@ -162,7 +162,12 @@ void multi_head(Bytes& in) {
   // Now and then a configuration whose parameter matrices overflow an index.
   const int huge = in.in(0, 31);
   if (huge == 0) config.d_k = config.d_v = Eigen::Index(1) << 62;
-  if (huge == 1) config.d_model = Eigen::Index(1) << 40;
+  if (huge == 1) {
+    // d_k = d_v = d_model / h: W^Q's d_model · h·d_k entries overflow (a small explicit d_k would
+    // make a valid module of terabytes, whose allocation may fail only as std::bad_alloc).
+    config.d_model = Eigen::Index(1) << 40;
+    config.d_k = config.d_v = 0;
+  }
   const bool config_valid = huge > 1 && config.d_model > 0 && config.num_heads > 0 && config.d_k >= 0 &&
                             config.d_v >= 0 && config.kdim >= 0 && config.vdim >= 0 &&
                             ((config.d_k > 0 && config.d_v > 0) || config.d_model % config.num_heads == 0);
