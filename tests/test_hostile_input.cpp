@@ -24,6 +24,7 @@
 namespace {
 
 using mha_test::config;
+using mha_test::decoder_config;
 using mha_test::error_of;
 using mha_test::random_matrix;
 using Index = Eigen::Index;
@@ -37,12 +38,6 @@ using MatrixF = Eigen::MatrixXf;
 }
 
 constexpr Index kMaxIndex = std::numeric_limits<Index>::max();
-
-mha::MultiHeadAttentionConfig decoder_config(Index d_model, Index h, Index h_kv) {
-  auto c = config(d_model, h);
-  c.num_kv_heads = h_kv;
-  return c;
-}
 
 // Row 1 of the audit: lengths whose sum wraps around to the row count passed the check and the
 // batch then wrote out of bounds.
