@@ -1,7 +1,8 @@
 // Reading .safetensors files with mha::io::SafeTensors: files built in memory by the tests (and one
 // written to a temporary file for load()), read back exactly; F16 and BF16 conversions of chosen
-// and of all bit patterns; every kind of malformed file rejected with a message naming the file,
-// the tensor and the problem; truncated and corrupted files never read out of bounds.
+// and of all bit patterns; BOOL tensors as masks and as 0 and 1, other bytes rejected; every kind of malformed file
+// rejected with a message naming the file, the tensor and the problem; truncated and corrupted files never read out of
+// bounds.
 #include <mha/io/safetensors.hpp>
 
 #include "test_util.hpp"
@@ -607,7 +608,6 @@ TEST(SafeTensors, MatrixRejectsOtherRanksAndDtypes) {
   const SafeTensors st = SafeTensors::parse(file_of({{"s", "F32", {}, bytes_of({1.0f})},
                                                      {"t", "F32", {2, 1, 1}, bytes_of({1.0f, 2.0f})},
                                                      {"i", "I64", {2}, bytes_of<std::int64_t>({1, 2})},
-                                                     {"b", "BOOL", {1, 1}, {1}},
                                                      {"u", "U16", {1}, {0, 0}}}));
   const std::string prefix = "mha: safetensors buffer: tensor ";
   EXPECT_EQ(error_of([&] { st.matrix<float>("s"); }),
@@ -619,11 +619,57 @@ TEST(SafeTensors, MatrixRejectsOtherRanksAndDtypes) {
                 "\"t\" has shape [2, 1, 1] of rank 3; matrix() reads only rank 1 (as a row vector), rank 2, and higher "
                 "ranks whose leading dimensions are 1");
   EXPECT_EQ(error_of([&] { st.matrix<double>("i"); }),
-            prefix + "\"i\" has dtype I64; matrix() reads only F32, F64, F16 and BF16");
-  EXPECT_EQ(error_of([&] { st.matrix<float>("b"); }),
-            prefix + "\"b\" has dtype BOOL; matrix() reads only F32, F64, F16 and BF16");
+            prefix + "\"i\" has dtype I64; matrix() reads only F32, F64, F16, BF16 and BOOL");
   EXPECT_EQ(error_of([&] { st.matrix<float>("u"); }),
-            prefix + "\"u\" has dtype U16; matrix() reads only F32, F64, F16 and BF16");
+            prefix + "\"u\" has dtype U16; matrix() reads only F32, F64, F16, BF16 and BOOL");
+  EXPECT_EQ(error_of([&] { st.matrix<bool>("t"); }),
+            prefix +
+                "\"t\" has shape [2, 1, 1] of rank 3; matrix() reads only rank 1 (as a row vector), rank 2, and higher "
+                "ranks whose leading dimensions are 1");
+  EXPECT_EQ(error_of([&] { st.matrix<bool>("i"); }), prefix + "\"i\" has dtype I64; matrix<bool>() reads only BOOL");
+  EXPECT_EQ(error_of([&] { st.matrix<bool>("s"); }),
+            prefix +
+                "\"s\" has shape [] of rank 0; matrix() reads only rank 1 (as a row vector), rank 2, and higher ranks "
+                "whose leading dimensions are 1");
+}
+
+TEST(SafeTensors, ReadsBoolTensorsAsMasksAndAsZeroAndOne) {
+  // A BOOL element is one byte, 0 or 1, in row-major order like every other dtype.
+  const SafeTensors st = SafeTensors::parse(file_of({{"mask", "BOOL", {2, 3}, {1, 0, 0, 1, 1, 0}},
+                                                     {"row", "BOOL", {4}, {0, 1, 1, 0}},
+                                                     {"squeezed", "BOOL", {1, 1, 2}, {1, 0}},
+                                                     {"empty", "BOOL", {0, 5}, {}}}));
+  mha_test::BoolMatrix mask(2, 3);
+  mask << true, false, false, true, true, false;
+  EXPECT_EQ(st.matrix<bool>("mask"), mask);
+  EXPECT_EQ(st.matrix<bool>("mask", 2, 3), mask);
+  EXPECT_EQ(st.matrix<float>("mask"), mask.cast<float>());
+  EXPECT_EQ(st.matrix<double>("mask"), mask.cast<double>());
+  EXPECT_EQ(st.matrix<bool>("row"), (mha_test::BoolMatrix(1, 4) << false, true, true, false).finished());
+  EXPECT_EQ(st.matrix<double>("row"), (Matrix<double>(1, 4) << 0, 1, 1, 0).finished());
+  EXPECT_EQ(st.matrix<bool>("squeezed"), (mha_test::BoolMatrix(1, 2) << true, false).finished());
+  EXPECT_EQ(st.matrix_size("mask"), (std::pair<Eigen::Index, Eigen::Index>{2, 3}));
+  EXPECT_EQ(st.matrix<bool>("empty").rows(), 0);
+  EXPECT_EQ(st.matrix<bool>("empty").cols(), 5);
+  EXPECT_EQ(error_of([&] { st.matrix<bool>("mask", 3, 2); }),
+            "mha: safetensors buffer: tensor \"mask\" of shape [2, 3] is a 2 x 3 matrix, expected 3 x 2");
+}
+
+TEST(SafeTensors, BoolBytesOtherThanZeroAndOneAreErrors) {
+  const SafeTensors st = SafeTensors::parse(
+      file_of({{"m", "BOOL", {2, 2}, {0, 1, 2, 1}}, {"n", "BOOL", {3}, {255, 0, 0}}, {"f", "F32", {1}, Bytes(4)}}),
+      "masks.safetensors");
+  const std::string prefix = "mha: safetensors masks.safetensors: tensor ";
+  const std::string m =
+      prefix + "\"m\" of dtype BOOL has the byte 2 at element 2 (row-major); a BOOL element is 0 or 1";
+  EXPECT_EQ(error_of([&] { st.matrix<bool>("m"); }), m);
+  EXPECT_EQ(error_of([&] { st.matrix<float>("m"); }), m);
+  EXPECT_EQ(error_of([&] { st.matrix<double>("m", 2, 2); }), m);
+  EXPECT_EQ(error_of([&] { st.matrix<bool>("n"); }),
+            prefix + "\"n\" of dtype BOOL has the byte 255 at element 0 (row-major); a BOOL element is 0 or 1");
+  EXPECT_EQ(error_of([&] { st.matrix<bool>("f"); }), prefix + "\"f\" has dtype F32; matrix<bool>() reads only BOOL");
+  // The raw bytes are still there, as the file holds them.
+  EXPECT_EQ(st.tensor("m").bytes, (Bytes{0, 1, 2, 1}));
 }
 
 TEST(SafeTensors, ShapeExpectationsNameBothShapes) {

@@ -11,7 +11,9 @@
 //   - a file written without mutations is accepted and reads back as written: names, dtypes,
 //     shapes, bytes and metadata; one nesting deeper than the reader's bound is rejected for that;
 //   - every tensor accepted holds the bytes its shape and dtype need; matrix() reads exactly the
-//     ranks and dtypes it documents, at the size matrix_size() gives, F32 and F64 bit for bit;
+//     ranks and dtypes it documents, at the size matrix_size() gives, F32 and F64 bit for bit, BOOL
+//     (whose bytes the generator makes all 0 or 1 by choice) as 0 and 1 exactly when every byte is
+//     0 or 1; matrix<bool>() reads exactly those BOOL tensors, byte for byte;
 //   - a module from_state_dict builds holds one parameter per value of its file (every weight
 //     comes from the file: a small file cannot make a big module), and a valid state_dict is
 //     accepted by every num_heads that divides its width;
@@ -423,6 +425,10 @@ Generated generate(Choices& in) {
     data_change = -static_cast<std::int64_t>(size);
   const std::uint64_t data_size = size + static_cast<std::uint64_t>(data_change);
   for (std::uint64_t i = 0; i < data_size; ++i) g.file.push_back(static_cast<unsigned char>(in.byte() ^ (i * 37)));
+  // BOOL tensors whose every byte is 0 or 1, as the format wants them, by choice.
+  for (const Written& w : g.tensors)
+    if (w.dtype == "BOOL" && in.one_in(2))
+      for (std::uint64_t i = g.data + w.begin; i < g.data + w.end && i < g.file.size(); ++i) g.file[i] &= 1;
   if (length <= g.file.size() - 8)
     g.depth = nesting(std::string(g.file.begin() + 8, g.file.begin() + 8 + static_cast<std::ptrdiff_t>(length)));
   g.state_dict = g.state_dict && g.valid && std::all_of(g.tensors.begin(), g.tensors.end(), [](const Written& w) {
@@ -458,16 +464,30 @@ void check_matrices(const mha::io::SafeTensors& st) {
     const bool rank_read =
         t.shape.size() == 1 || t.shape.size() == 2 ||
         (t.shape.size() > 2 && std::all_of(t.shape.begin(), t.shape.end() - 2, [](std::int64_t n) { return n == 1; }));
-    const bool dtype_read = t.dtype == "F32" || t.dtype == "F64" || t.dtype == "F16" || t.dtype == "BF16";
+    const bool zero_one =
+        t.dtype == "BOOL" && std::all_of(t.bytes.begin(), t.bytes.end(), [](unsigned char b) { return b <= 1; });
+    const bool dtype_read = t.dtype == "F32" || t.dtype == "F64" || t.dtype == "F16" || t.dtype == "BF16" || zero_one;
     std::pair<Eigen::Index, Eigen::Index> size{};
     if (accepted("matrix_size", [&] { size = st.matrix_size(name); }) != rank_read)
       violated("matrix_size reads ranks 1 and 2, and higher ones whose leading sizes are 1", name);
     Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> m;
     if (accepted("matrix", [&] { m = st.matrix<Scalar>(name); }) != (rank_read && dtype_read))
       violated("matrix reads the ranks and the dtypes it documents", name);
+    Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic> mask;
+    if (accepted("matrix<bool>", [&] { mask = st.matrix<bool>(name); }) != (rank_read && zero_one))
+      violated("matrix<bool> reads BOOL tensors of 0 and 1 bytes, of the ranks matrix reads", name);
     if (!(rank_read && dtype_read)) continue;
     if (m.rows() != size.first || m.cols() != size.second || static_cast<std::uint64_t>(m.size()) != elements)
       violated("a matrix has the tensor's size", name);
+    if (zero_one) {  // BOOL: each byte, row by row, as 0 or 1 and as false or true
+      if (mask.rows() != m.rows() || mask.cols() != m.cols()) violated("a matrix<bool> has the tensor's size", name);
+      for (Eigen::Index r = 0; r < m.rows(); ++r)
+        for (Eigen::Index c = 0; c < m.cols(); ++c) {
+          const unsigned char b = t.bytes[static_cast<std::size_t>(r * m.cols() + c)];
+          if (m(r, c) != static_cast<Scalar>(b) || mask(r, c) != (b == 1))
+            violated("matrix and matrix<bool> read BOOL bytes in row-major order, as 0 and 1", name);
+        }
+    }
     // F32 and F64 elements in row-major order, bit for bit, when Scalar is their type.
     const std::size_t width = sizeof(Scalar);
     if (m.size() > 0 && ((t.dtype == "F32" && width == 4) || (t.dtype == "F64" && width == 8)))
@@ -491,8 +511,8 @@ void check_import(const mha::io::SafeTensors& st, const Generated* g, std::size_
       if (!ok) return;
       std::size_t parameters = 0;
       for (const auto& p : module->parameters()) parameters += static_cast<std::size_t>(p.value.size());
-      // One parameter per value of the file, which holds each in 2 bytes or more.
-      if (2 * parameters > file_size) violated("a module holds no more parameters than its file has values");
+      // One parameter per value of the file, which holds each in 1 byte (BOOL) or more.
+      if (parameters > file_size) violated("a module holds no more parameters than its file has values");
       if (module->d_model() != st.matrix_size("out_proj.weight").second)
         violated("the module's width is out_proj.weight's");
     };

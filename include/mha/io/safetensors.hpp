@@ -35,6 +35,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -303,23 +304,34 @@ class SafeTensors {
 
   /// \returns the tensor called `name` as a matrix: shape [rows, cols] as rows × cols, and shape [n]
   /// as a 1 × n row vector. F32, F64, F16 and BF16 elements are converted to Scalar (exactly, but for
-  /// rounding F64 to float). Throws mha::invalid_argument for other ranks and dtypes.
+  /// rounding F64 to float), and BOOL elements to 0 and 1. matrix<bool>() reads BOOL tensors alone,
+  /// e.g. masks for AttentionMask::blocked or ::allowed. A BOOL element is one byte, 0 or 1; any other
+  /// byte is an error. Throws mha::invalid_argument for other ranks and dtypes, before allocating.
   template <typename Scalar>
   Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> matrix(const std::string& name) const {
     const Tensor& t = tensor(name);
     const auto [rows, cols] = matrix_shape(name, t);
+    constexpr bool kBool = std::is_same<Scalar, bool>::value;
+    const bool floating = t.dtype == "F32" || t.dtype == "F64" || t.dtype == "F16" || t.dtype == "BF16";
+    if (kBool && t.dtype != "BOOL")
+      fail("tensor \"", name, "\" has dtype ", t.dtype, "; matrix<bool>() reads only BOOL");
+    if (!kBool && !floating && t.dtype != "BOOL")
+      fail("tensor \"", name, "\" has dtype ", t.dtype, "; matrix() reads only F32, F64, F16, BF16 and BOOL");
+    if (t.dtype == "BOOL") check_bool(name, t);
     Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> m(rows, cols);
     const auto same = [](auto x) { return x; };
-    if (t.dtype == "F32")
-      detail::fill_row_major<float>(t.bytes, m, same);
-    else if (t.dtype == "F64")
-      detail::fill_row_major<double>(t.bytes, m, same);
-    else if (t.dtype == "F16")
-      detail::fill_row_major<std::uint16_t>(t.bytes, m, detail::half_to_float);
-    else if (t.dtype == "BF16")
-      detail::fill_row_major<std::uint16_t>(t.bytes, m, detail::bfloat16_to_float);
-    else
-      fail("tensor \"", name, "\" has dtype ", t.dtype, "; matrix() reads only F32, F64, F16 and BF16");
+    if (t.dtype == "BOOL")
+      detail::fill_row_major<std::uint8_t>(t.bytes, m, [](std::uint8_t b) { return b != 0; });
+    else if constexpr (!kBool) {
+      if (t.dtype == "F32")
+        detail::fill_row_major<float>(t.bytes, m, same);
+      else if (t.dtype == "F64")
+        detail::fill_row_major<double>(t.bytes, m, same);
+      else if (t.dtype == "F16")
+        detail::fill_row_major<std::uint16_t>(t.bytes, m, detail::half_to_float);
+      else
+        detail::fill_row_major<std::uint16_t>(t.bytes, m, detail::bfloat16_to_float);
+    }
     return m;
   }
 
@@ -489,6 +501,15 @@ class SafeTensors {
         fail("tensors \"", *previous_name, "\" [", previous.begin, ", ", previous.end, "] and \"", *name, "\" [",
              span.begin, ", ", span.end, "] overlap");
     }
+  }
+
+  /// Throws unless every byte of the BOOL tensor `t` is 0 or 1 (the format's only values), naming
+  /// the first other one.
+  void check_bool(const std::string& name, const Tensor& t) const {
+    const auto bad = std::find_if(t.bytes.begin(), t.bytes.end(), [](unsigned char b) { return b > 1; });
+    if (bad != t.bytes.end())
+      fail("tensor \"", name, "\" of dtype BOOL has the byte ", static_cast<unsigned>(*bad), " at element ",
+           bad - t.bytes.begin(), " (row-major); a BOOL element is 0 or 1");
   }
 
   /// \returns rows and cols of tensor `name` read as a matrix (see matrix()): rank 1 is a row,
