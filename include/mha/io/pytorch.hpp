@@ -73,18 +73,30 @@ void for_each_tensor(Weights& w, F f) {
   f("bias_v", w.bias_v);
 }
 
-/// Throws unless `m`, a matrix or MatrixSize, is rows × cols.
+/// The size of tensor `name` of `tensors` (see from_state_dict), from matrix_size() alone, or 0 × 0
+/// if there is none.
+template <typename Tensors>
+MatrixSize size_of(const Tensors& tensors, const std::string& name) {
+  if (!tensors.contains(name)) return {};
+  const auto [rows, cols] = tensors.matrix_size(name);
+  return {rows, cols};
+}
+
+/// Throws unless `m`, a matrix or MatrixSize, is rows × cols; the message begins with `source`,
+/// names the tensor `name` and both shapes, and ends with `why`.
 template <typename M>
-void expect_shape(const M& m, Eigen::Index rows, Eigen::Index cols, const std::string& name) {
+void expect_shape(const M& m, Eigen::Index rows, Eigen::Index cols, const std::string& name,
+                  const char* source = "PyTorch weights", const std::string& why = "") {
   if (m.rows() != rows || m.cols() != cols)
-    detail::fail("PyTorch weights: ", name, " is ", m.rows(), " x ", m.cols(), " but must be ", rows, " x ", cols);
+    detail::fail(source, ": ", name, " is ", m.rows(), " x ", m.cols(), " but must be ", rows, " x ", cols, why);
 }
 
 /// Throws unless `m`, a matrix or MatrixSize, holds n values, whatever its shape (PyTorch's bias_k
-/// is 1 × 1 × E).
+/// is 1 × 1 × E); the message as expect_shape's.
 template <typename M>
-void expect_values(const M& m, Eigen::Index n, const std::string& name) {
-  if (m.size() != n) detail::fail("PyTorch weights: ", name, " has ", m.size(), " values but must have ", n);
+void expect_values(const M& m, Eigen::Index n, const std::string& name, const char* source = "PyTorch weights",
+                   const std::string& why = "") {
+  if (m.size() != n) detail::fail(source, ": ", name, " has ", m.size(), " values but must have ", n, why);
 }
 
 /// The values of `m` as a 1 × m.size() row.
@@ -191,11 +203,8 @@ template <typename Scalar, typename Tensors>
 MultiHeadAttention<Scalar> from_state_dict(const Tensors& tensors, Eigen::Index num_heads,
                                            const std::string& prefix = "", bool add_zero_attn = false) {
   detail::PyTorchSizes sizes;
-  detail::for_each_tensor(sizes, [&](const char* name, detail::MatrixSize& size) {
-    if (!tensors.contains(prefix + name)) return;
-    const auto [rows, cols] = tensors.matrix_size(prefix + name);
-    size = {rows, cols};
-  });
+  detail::for_each_tensor(
+      sizes, [&](const char* name, detail::MatrixSize& size) { size = detail::size_of(tensors, prefix + name); });
   if (sizes.out_proj_weight.size() == 0) detail::fail("PyTorch weights: no tensor \"", prefix, "out_proj.weight\"");
   const MultiHeadAttentionConfig config = detail::checked_config(sizes, num_heads, add_zero_attn, prefix);
   PyTorchMultiheadAttention<Scalar> w;
