@@ -3,6 +3,7 @@
 #pragma once
 
 #include <mha/config.hpp>
+#include <mha/detail/checks.hpp>
 #include <mha/detail/visibility.hpp>
 #include <mha/softmax.hpp>
 #include <mha/threads.hpp>
@@ -53,10 +54,9 @@ struct AttentionScratch {
 /// the masks hide entirely are skipped, and only tiles that cross the diagonal are masked. A row
 /// with no visible key outputs zeros (and zero weights). Dropout, in training, removes weights
 /// after ℓ is summed, as PyTorch does: the kept weights are scaled by 1/(1 − p). Keys and values
-/// are column-major views unless Layout says row-major (a key/value cache).
-template <typename Scalar, int Layout = Eigen::ColMajor>
-void attention_query_block(const ConstMatrixRef<Scalar>& q, const NoDeduce<KeysRef<Scalar, Layout>>& k,
-                           const NoDeduce<KeysRef<Scalar, Layout>>& v, Scalar scale,
+/// are views of either storage order (Rows): a sequence's projections or a key/value cache.
+template <typename Scalar>
+void attention_query_block(const ConstMatrixRef<Scalar>& q, const Rows<Scalar>& k, const Rows<Scalar>& v, Scalar scale,
                            const KeyVisibility<Scalar>& visibility, Eigen::Index block,
                            AttentionScratch<Scalar>& scratch, MatrixRef<Scalar> out, Matrix<Scalar>* weights = nullptr,
                            Scalar* log_sum_exp = nullptr) {
@@ -76,7 +76,7 @@ void attention_query_block(const ConstMatrixRef<Scalar>& q, const NoDeduce<KeysR
 
   // One step of the online softmax: the tile's scores s (B_r × B_c) raise the running maximum,
   // rescale what was summed so far, and add their weighted values.
-  const auto online_softmax_step = [&](auto& s, Eigen::Index first_key, const auto& exp) {
+  const auto online_softmax_step = [&](Eigen::Map<Matrix<Scalar>>& s, Eigen::Index first_key, bool flushed) {
     m_new = m;
     if (rows == 1) {
       // One query (a decode step): the tile is one contiguous row, and the softmax runs along
@@ -84,29 +84,30 @@ void attention_query_block(const ConstMatrixRef<Scalar>& q, const NoDeduce<KeysR
       Eigen::Map<Eigen::Array<Scalar, 1, Eigen::Dynamic>> p(s.data(), s.cols());
       m_new(0) = std::max(m(0), p.maxCoeff());
       shift = stable_shift(m_new);
-      alpha = exp_flushed(m - shift);
+      alpha = m;
+      exp_minus(alpha.data(), 1, shift.data(), true);
       l *= alpha;
-      p = exp(p - shift(0));
+      exp_minus(p.data(), p.size(), shift(0), flushed);
       l(0) += p.sum();
     } else {
       // The softmax runs down the tile one key (column) at a time, vectorised over the rows:
       // Eigen's row-wise reductions of a column-major tile were 2× slower (README "Performance").
       for (Eigen::Index j = 0; j < s.cols(); ++j) m_new = m_new.max(s.col(j).array());
       shift = stable_shift(m_new);
-      alpha = exp_flushed(m - shift);  // e^(m − m′): 0 on the first tile, where m = −∞
+      alpha = m;
+      exp_minus(alpha.data(), rows, shift.data(), true);  // e^(m − m′): 0 on the first tile, where m = −∞
       l *= alpha;
       for (Eigen::Index j = 0; j < s.cols(); ++j) {
-        auto p = s.col(j).array();
-        p = exp(p - shift);
-        l += p;
+        exp_minus(s.col(j).data(), rows, shift.data(), flushed);
+        l += s.col(j).array();
       }
     }
     if (visibility.dropout > 0) drop_out(s, visibility, first_row, first_key);
     acc.array().colwise() *= alpha;
-    acc.noalias() += s * v.middleRows(first_key, s.cols());
+    gemm(operand(s), v.middle_rows(first_key, s.cols()), acc, true);
     m = m_new;
   };
-  for_each_tile<Scalar, Layout>(k, visibility, first_row, qs, scratch.scores, online_softmax_step);
+  for_each_tile<Scalar>(k, visibility, first_row, qs, scratch.scores, online_softmax_step);
   const auto inverse_sum = (l == Scalar(0)).select(Scalar(1), l).inverse().eval();
   acc.array().colwise() *= inverse_sum;
   // log Σ exp(score) = m + log ℓ; a row with nothing visible has m = −∞ and ℓ = 0, and keeps −∞.
@@ -115,12 +116,15 @@ void attention_query_block(const ConstMatrixRef<Scalar>& q, const NoDeduce<KeysR
   if (weights) {
     // A second pass recomputes each tile's scores against the final maximum and sum.
     shift = stable_shift(m);
-    const auto write_weights = [&](auto& s, Eigen::Index first_key, const auto& exp) {
-      for (Eigen::Index j = 0; j < s.cols(); ++j) s.col(j).array() = exp(s.col(j).array() - shift) * inverse_sum;
+    const auto write_weights = [&](Eigen::Map<Matrix<Scalar>>& s, Eigen::Index first_key, bool flushed) {
+      for (Eigen::Index j = 0; j < s.cols(); ++j) {
+        exp_minus(s.col(j).data(), rows, shift.data(), flushed);
+        s.col(j).array() *= inverse_sum;
+      }
       if (visibility.dropout > 0) drop_out(s, visibility, first_row, first_key);
       weights->block(first_row, first_key, rows, s.cols()) = s;
     };
-    for_each_tile<Scalar, Layout>(k, visibility, first_row, qs, scratch.scores, write_weights);
+    for_each_tile<Scalar>(k, visibility, first_row, qs, scratch.scores, write_weights);
   }
 }
 
@@ -137,7 +141,8 @@ void merge_key_parts(const ConstMatrixRef<Scalar>& outs, const ConstMatrixRef<Sc
   Column<Scalar> total = Column<Scalar>::Zero(lses.rows()), weight(lses.rows());
   out.setZero();
   for (Eigen::Index c = 0; c < parts; ++c) {
-    weight = exp_flushed(lses.col(c).array() - shift);
+    weight = lses.col(c).array();
+    exp_minus(weight.data(), weight.size(), shift.data(), true);
     total += weight;
     out.array() += outs.middleCols(c * d_v, d_v).array().colwise() * weight;
   }
@@ -204,12 +209,12 @@ void attention_backward(const ConstMatrixRef<Scalar>& q, const ConstMatrixRef<Sc
     D = d_out_rows.cwiseProduct(out.middleRows(first_row, rows)).rowwise().sum();
 
     // One tile of the forward pass, run backwards.
-    const auto backward_step = [&](auto& s, Eigen::Index first_key, const auto& exp) {
+    const auto backward_step = [&](Eigen::Map<Matrix<Scalar>>& s, Eigen::Index first_key, bool flushed) {
       const Eigen::Index keys = s.cols();
       // In the forward pass this was: P = exp(s − m) / ℓ, which is exp(s − lse).
-      for (Eigen::Index j = 0; j < keys; ++j) s.col(j).array() = exp(s.col(j).array() - shift);
+      for (Eigen::Index j = 0; j < keys; ++j) exp_minus(s.col(j).data(), rows, shift.data(), flushed);
       auto dp = scratch.d_weights.topLeftCorner(rows, keys);
-      dp.noalias() = d_out_rows * v.middleRows(first_key, keys).transpose();
+      gemm(operand(d_out_rows), operand(v).middle_rows(first_key, keys).t(), dp);
       if (visibility.dropout > 0) {
         // In the forward pass this was: P̃ = P ∘ keep (drop_out), then out += P̃ v.
         scratch.keep.resize(scratch.scores.rows(), scratch.scores.cols());  // once per thread, then a no-op
@@ -218,20 +223,55 @@ void attention_backward(const ConstMatrixRef<Scalar>& q, const ConstMatrixRef<Sc
         drop_out(keep, visibility, first_row, first_key);
         dp.array() *= keep.array();
         keep.array() *= s.array();
-        grad_v.middleRows(first_key, keys).noalias() += keep.transpose() * d_out_rows;
+        gemm(operand(keep).t(), operand(d_out_rows), grad_v.middleRows(first_key, keys), true);
       } else {
         // In the forward pass this was: out += P v.
-        grad_v.middleRows(first_key, keys).noalias() += s.transpose() * d_out_rows;
+        gemm(operand(s).t(), operand(d_out_rows), grad_v.middleRows(first_key, keys), true);
       }
       // The softmax's backward: ∂loss/∂s = P ∘ (∂loss/∂P − D).
       for (Eigen::Index j = 0; j < keys; ++j) s.col(j).array() *= dp.col(j).array() - D;
       // In the forward pass this was: s = (scale · q) kᵀ.
-      grad_q_rows.noalias() += s * k.middleRows(first_key, keys);
-      grad_k.middleRows(first_key, keys).noalias() += s.transpose() * qs;
+      gemm(operand(s), operand(k).middle_rows(first_key, keys), grad_q_rows, true);
+      gemm(operand(s).t(), operand(qs), grad_k.middleRows(first_key, keys), true);
     };
-    for_each_tile<Scalar, Eigen::ColMajor>(k, visibility, first_row, qs, scratch.scores, backward_step);
+    for_each_tile<Scalar>(operand(k), visibility, first_row, qs, scratch.scores, backward_step);
     grad_q.middleRows(first_row, rows) = scale * grad_q_rows;
   }
+}
+
+}  // namespace detail
+
+namespace detail {
+
+/// scaled_dot_product_attention, once its inputs are views (or evaluated copies) of one type.
+template <typename Scalar>
+Matrix<Scalar> scaled_dot_product_attention(const Input<Scalar>& q, const Input<Scalar>& k, const Input<Scalar>& v,
+                                            const AttentionOptions& options) {
+  if (q.cols() != k.cols())
+    fail("scaled_dot_product_attention: query is ", shape(q), " and key is ", shape(k), "; both need d_k columns");
+  if (k.rows() != v.rows())
+    fail("scaled_dot_product_attention: key has ", k.rows(), " rows but value has ", v.rows(), " (key is ", shape(k),
+         ", value is ", shape(v), ")");
+  const Eigen::Index L = q.rows(), S = k.rows();
+  if (!options.mask.empty() && (options.mask.rows() != L || options.mask.cols() != S))
+    fail("scaled_dot_product_attention: options.mask is ", options.mask.rows(), " x ", options.mask.cols(),
+         " but must be L x S = ", L, " x ", S);
+  if (!options.key_padding_mask.empty() &&
+      (options.key_padding_mask.rows() != 1 || options.key_padding_mask.cols() != S))
+    fail("scaled_dot_product_attention: options.key_padding_mask is ", options.key_padding_mask.rows(), " x ",
+         options.key_padding_mask.cols(), " but must be 1 x S = 1 x ", S);
+  const auto scale = resolve_scale<Scalar>(options, q.cols());
+  resolve_window(options);
+  const AdditiveMasks<Scalar> masks(options);
+  const auto visibility = key_visibility(options, masks, L, S);
+  Matrix<Scalar> out(L, v.cols());
+  parallel_tasks(
+      query_blocks(L), attention_flops(L, S, q.cols(), v.cols()),
+      [&] { return AttentionScratch<Scalar>::for_problem(L, S, q.cols()); },
+      [&](Eigen::Index block, AttentionScratch<Scalar>& scratch) {
+        attention_query_block<Scalar>(q, operand(k), operand(v), scale, visibility, block, scratch, out);
+      });
+  return out;
 }
 
 }  // namespace detail
@@ -247,38 +287,7 @@ template <typename DerivedQ, typename DerivedK, typename DerivedV>
 Eigen::Matrix<typename DerivedQ::Scalar, Eigen::Dynamic, Eigen::Dynamic> scaled_dot_product_attention(
     const Eigen::MatrixBase<DerivedQ>& q, const Eigen::MatrixBase<DerivedK>& k, const Eigen::MatrixBase<DerivedV>& v,
     const AttentionOptions& options = {}) {
-  using Scalar = typename DerivedQ::Scalar;
-  static_assert(
-      std::is_same<Scalar, typename DerivedK::Scalar>::value && std::is_same<Scalar, typename DerivedV::Scalar>::value,
-      "mha::scaled_dot_product_attention: q, k and v must have the same scalar type");
-  if (q.cols() != k.cols())
-    detail::fail("scaled_dot_product_attention: query is ", detail::shape(q), " and key is ", detail::shape(k),
-                 "; both need d_k columns");
-  if (k.rows() != v.rows())
-    detail::fail("scaled_dot_product_attention: key has ", k.rows(), " rows but value has ", v.rows(), " (key is ",
-                 detail::shape(k), ", value is ", detail::shape(v), ")");
-  const Eigen::Index L = q.rows(), S = k.rows();
-  if (!options.mask.empty() && (options.mask.rows() != L || options.mask.cols() != S))
-    detail::fail("scaled_dot_product_attention: options.mask is ", options.mask.rows(), " x ", options.mask.cols(),
-                 " but must be L x S = ", L, " x ", S);
-  if (!options.key_padding_mask.empty() &&
-      (options.key_padding_mask.rows() != 1 || options.key_padding_mask.cols() != S))
-    detail::fail("scaled_dot_product_attention: options.key_padding_mask is ", options.key_padding_mask.rows(), " x ",
-                 options.key_padding_mask.cols(), " but must be 1 x S = 1 x ", S);
-  const auto scale = detail::resolve_scale<Scalar>(options, q.cols());
-  // Views of the inputs; an expression or a strided layout is evaluated once, here.
-  const detail::ConstMatrixRef<Scalar> q_ref(q.derived()), k_ref(k.derived()), v_ref(v.derived());
-  detail::resolve_window(options);
-  const detail::AdditiveMasks<Scalar> masks(options);
-  const auto visibility = detail::key_visibility(options, masks, L, S);
-  detail::Matrix<Scalar> out(L, v.cols());
-  detail::parallel_tasks(
-      detail::query_blocks(L), detail::attention_flops(L, S, q.cols(), v.cols()),
-      [&] { return detail::AttentionScratch<Scalar>::for_problem(L, S, q.cols()); },
-      [&](Eigen::Index block, detail::AttentionScratch<Scalar>& scratch) {
-        detail::attention_query_block<Scalar>(q_ref, k_ref, v_ref, scale, visibility, block, scratch, out);
-      });
-  return out;
+  return detail::scaled_dot_product_attention<typename DerivedQ::Scalar>(q, k, v, options);
 }
 
 }  // namespace mha

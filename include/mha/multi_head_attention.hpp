@@ -38,6 +38,11 @@ inline std::uint64_t new_module_identity() {
   return next.fetch_add(1, std::memory_order_relaxed);
 }
 
+/// A tag whose type names the alignment Eigen was compiled with (EIGEN_MAX_ALIGN_BYTES, which
+/// -march changes): Eigen's matrices of two alignments cannot be passed between translation units.
+template <int Bytes>
+struct EigenAlignment {};
+
 }  // namespace detail
 
 /// Which attention weights forward_with_weights returns.
@@ -129,7 +134,8 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   /// Self-attention: forward(x, x, x, options), x: L × d_model  →  L × d_model.
   template <typename Derived>
   Matrix forward(const Eigen::MatrixBase<Derived>& x, const AttentionOptions& options = {}) const {
-    return forward(x, x, x, options);
+    const detail::Input<Scalar> rows(x);
+    return run_forward(rows, rows, rows, {x.rows()}, {x.rows()}, options, {}, "MultiHeadAttention::forward");
   }
 
   /// forward(query, key, value, options), recording into `tape` what backward() needs. The output
@@ -144,7 +150,9 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   /// Self-attention forward(x, options), recording into `tape` what backward() needs (x once).
   template <typename Derived>
   Matrix forward(const Eigen::MatrixBase<Derived>& x, const AttentionOptions& options, Tape<Scalar>& tape) const {
-    return run_forward(x, x, x, {x.rows()}, {x.rows()}, options, {nullptr, &tape, true}, "MultiHeadAttention::forward");
+    const detail::Input<Scalar> rows(x);
+    return run_forward(rows, rows, rows, {x.rows()}, {x.rows()}, options, {nullptr, &tape, true},
+                       "MultiHeadAttention::forward");
   }
 
   /// forward(query, key, value, options), and the attention weights softmax(…) of every head
@@ -196,14 +204,17 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   template <typename Derived>
   Matrix forward_batch(const Eigen::MatrixBase<Derived>& x, const std::vector<Index>& lengths,
                        const AttentionOptions& options = {}) const {
-    return run_forward(x, x, x, lengths, lengths, options, {}, "MultiHeadAttention::forward_batch");
+    const detail::Input<Scalar> rows(x);
+    return run_forward(rows, rows, rows, lengths, lengths, options, {}, "MultiHeadAttention::forward_batch");
   }
 
   /// Self-attention over a batch, recording into `tape` what backward() needs (x once).
   template <typename Derived>
   Matrix forward_batch(const Eigen::MatrixBase<Derived>& x, const std::vector<Index>& lengths,
                        const AttentionOptions& options, Tape<Scalar>& tape) const {
-    return run_forward(x, x, x, lengths, lengths, options, {nullptr, &tape, true}, "MultiHeadAttention::forward_batch");
+    const detail::Input<Scalar> rows(x);
+    return run_forward(rows, rows, rows, lengths, lengths, options, {nullptr, &tape, true},
+                       "MultiHeadAttention::forward_batch");
   }
 
   /// \returns an empty key/value cache for decoding `sequences` sequences with this module, holding
@@ -252,99 +263,18 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   template <typename Derived>
   InputGradients<Scalar> backward(const Tape<Scalar>& tape, const Eigen::MatrixBase<Derived>& d_output,
                                   Gradients& gradients) const {
-    static_assert(std::is_same<Scalar, typename Derived::Scalar>::value,
-                  "mha::MultiHeadAttention::backward: d_output must have the module's scalar type");
-    check_backward(tape, d_output, gradients);
-    const detail::TapedForward<Scalar>& f = tape.recorded();
-    const auto& dy = detail::evaluated(d_output);  // ΣL × d_model
-    const Index h = num_heads(), h_kv = num_kv_heads(), group = h / h_kv;
-    const detail::Batch batch(f.query_lengths, f.key_lengths, extra_keys());
-    const Matrix& key = f.self_attention ? f.query : f.key;
-    const Matrix& value = f.self_attention ? f.query : f.value;
-    detail::RowBlockJobs<Scalar> jobs;
-
-    // In the forward pass this was: output = concat · W^O + b^O.
-    Matrix d_concat(f.concat.rows(), h * d_v());  // ΣL × h·d_v
-    jobs.product(dy, w_o_.transpose(), d_concat);
-    jobs.product(f.concat.transpose(), dy, gradients.w_o(), true);
-    jobs.run();
-    if (config_.bias) gradients.b_o() += dy.colwise().sum();
-
-    // In the forward pass this was: head_i = attention(Q W_i^Q, K W_j^K, V W_j^V), j = i / group.
-    // One task per sequence and key/value head, owning its rows of ∂loss/∂(K W^K) and
-    // ∂loss/∂(V W^V), to which the heads of its group add in turn, and their ∂loss/∂(Q W^Q).
-    Matrix d_q(f.q.rows(), h * d_k());               // ΣL × h·d_k
-    Matrix d_keys(f.keys.rows(), h_kv * d_k());      // (ΣS + B·extra) × h_kv·d_k
-    Matrix d_values(f.values.rows(), h_kv * d_v());  // (ΣS + B·extra) × h_kv·d_v
-    const detail::AdditiveMasks<Scalar> masks(f.options);
-    const auto scale = detail::resolve_scale<Scalar>(f.options, d_k());
-    detail::parallel_tasks(
-        batch.size() * h_kv, 2.5 * batch.attention_flops(h, d_k(), d_v()),
-        [&] {
-          return detail::AttentionBackwardScratch<Scalar>::for_problem(batch.max_L, batch.max_S + batch.extra_keys,
-                                                                       d_k());
-        },
-        [&](Index t, detail::AttentionBackwardScratch<Scalar>& scratch) {
-          const Index b = t / h_kv, j = t % h_kv;
-          const Index L_b = batch.query_lengths[b], S_b = batch.key_lengths[b] + batch.extra_keys;
-          const Index q0 = batch.q_offset[b], k0 = batch.k_offset[b];
-          auto d_k_head = d_keys.block(k0, j * d_k(), S_b, d_k());
-          auto d_v_head = d_values.block(k0, j * d_v(), S_b, d_v());
-          d_k_head.setZero();
-          d_v_head.setZero();
-          for (Index i = j * group; i < (j + 1) * group; ++i)
-            detail::attention_backward<Scalar>(
-                f.q.block(q0, i * d_k(), L_b, d_k()), f.keys.block(k0, j * d_k(), S_b, d_k()),
-                f.values.block(k0, j * d_v(), S_b, d_v()), f.concat.block(q0, i * d_v(), L_b, d_v()),
-                f.log_sum_exp.col(i).data() + q0, d_concat.block(q0, i * d_v(), L_b, d_v()), scale,
-                visibility(f.options, masks, batch, b, i), scratch, d_q.block(q0, i * d_k(), L_b, d_k()), d_k_head,
-                d_v_head);
-        });
-
-    // In the forward pass this was: the extra rows of add_bias_kv (bias_k, bias_v) and
-    // add_zero_attn (constants) appended to each sequence's projected keys and values.
-    if (batch.extra_keys > 0) {
-      Matrix d_k_rows, d_v_rows;
-      auto d_bias_k = config_.add_bias_kv ? std::optional(gradients.bias_k()) : std::nullopt;
-      auto d_bias_v = config_.add_bias_kv ? std::optional(gradients.bias_v()) : std::nullopt;
-      detail::remove_extra_rows(d_keys, batch, d_k_rows, d_bias_k ? &*d_bias_k : nullptr);
-      detail::remove_extra_rows(d_values, batch, d_v_rows, d_bias_v ? &*d_bias_v : nullptr);
-      d_keys = std::move(d_k_rows);    // ΣS × h_kv·d_k
-      d_values = std::move(d_v_rows);  // ΣS × h_kv·d_v
-    }
-
-    // In the forward pass this was: the rows of Q W^Q + b^Q and K W^K + b^K turned by their
-    // positions. A rotation's inverse is its transpose: the gradients turn back by the same angles.
-    if (config_.rotary) {
-      const RotaryEmbedding rotary(config_);
-      const auto query_positions = detail::query_positions(batch, f.options.alignment);
-      const auto key_positions = detail::key_positions(batch);
-      jobs.rotate_back(d_q, {&rotary, query_positions.data()});
-      jobs.rotate_back(d_keys, {&rotary, key_positions.data()});
-      jobs.run();
-    }
-
-    // In the forward pass this was: Q W^Q + b^Q, K W^K + b^K, V W^V + b^V.
-    InputGradients<Scalar> d_inputs;
-    d_inputs.query.resize(f.query.rows(), d_model());
-    d_inputs.key.resize(key.rows(), kdim());
-    d_inputs.value.resize(value.rows(), vdim());
-    jobs.product(d_q, w_q_.transpose(), d_inputs.query);
-    jobs.product(d_keys, w_k_.transpose(), d_inputs.key);
-    jobs.product(d_values, w_v_.transpose(), d_inputs.value);
-    jobs.product(f.query.transpose(), d_q, gradients.w_q(), true);
-    jobs.product(key.transpose(), d_keys, gradients.w_k(), true);
-    jobs.product(value.transpose(), d_values, gradients.w_v(), true);
-    jobs.run();
-    if (config_.bias) {
-      gradients.b_q() += d_q.colwise().sum();
-      gradients.b_k() += d_keys.colwise().sum();
-      gradients.b_v() += d_values.colwise().sum();
-    }
-    return d_inputs;
+    return run_backward(tape, d_output, gradients);
   }
 
  private:
+  /// The ABI of the passes compiled by mha::precompiled: the Eigen alignment they were compiled
+  /// with is part of their signature, so that a program compiled with another fails to link.
+  using Abi = detail::EigenAlignment<EIGEN_MAX_ALIGN_BYTES>;
+
+  /// The backward pass of backward().
+  InputGradients<Scalar> run_backward(const Tape<Scalar>& tape, const detail::Input<Scalar>& dy, Gradients& gradients,
+                                      Abi = {}) const;
+
   /// Where a forward pass puts what it returns beside the output.
   struct Record {
     std::vector<Matrix>* weights = nullptr;  ///< each head's attention weights (a batch of one only)
@@ -354,113 +284,14 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
 
   /// The forward pass over a batch of sequences (one, for forward()), recording into `record`
   /// what it asks for.
-  template <typename DerivedQ, typename DerivedK, typename DerivedV>
-  Matrix run_forward(const Eigen::MatrixBase<DerivedQ>& query, const Eigen::MatrixBase<DerivedK>& key,
-                     const Eigen::MatrixBase<DerivedV>& value, const std::vector<Index>& query_lengths,
+  Matrix run_forward(const detail::Input<Scalar>& query, const detail::Input<Scalar>& key,
+                     const detail::Input<Scalar>& value, const std::vector<Index>& query_lengths,
                      const std::vector<Index>& key_lengths, const AttentionOptions& options, Record record,
-                     const char* caller) const {
-    static_assert(std::is_same<Scalar, typename DerivedQ::Scalar>::value &&
-                      std::is_same<Scalar, typename DerivedK::Scalar>::value &&
-                      std::is_same<Scalar, typename DerivedV::Scalar>::value,
-                  "mha::MultiHeadAttention: inputs must have the module's scalar type");
-    check_forward(query, key, value, query_lengths, key_lengths, options, caller);
-    const Index h = num_heads(), group = h / num_kv_heads();
-    const detail::Batch batch(query_lengths, key_lengths, extra_keys());
-    const auto scale = detail::resolve_scale<Scalar>(options, d_k());
-    const auto& query_rows = detail::evaluated(query);  // ΣL × d_model
-    const auto& key_rows = detail::evaluated(key);      // ΣS × kdim
-    const auto& value_rows = detail::evaluated(value);  // ΣS × vdim
-
-    // 1. Project: Q W^Q, K W^K, V W^V for all heads at once (rotated by their positions with
-    //    rotary embeddings), and add_bias_kv's and add_zero_attn's rows after each sequence's keys.
-    Matrix q, keys, values;  // ΣL × h·d_k, ΣS × h_kv·d_k, ΣS × h_kv·d_v
-    project_inputs(query_rows, key_rows, value_rows, detail::query_positions(batch, options.alignment),
-                   detail::key_positions(batch), q, keys, values);
-    if (batch.extra_keys > 0) {
-      Matrix k_extended, v_extended;  // (ΣS + B·extra) × h_kv·d_k, … × h_kv·d_v
-      detail::append_extra_rows(keys, batch, config_.add_bias_kv ? &bias_k_ : nullptr, config_.add_zero_attn,
-                                k_extended);
-      detail::append_extra_rows(values, batch, config_.add_bias_kv ? &bias_v_ : nullptr, config_.add_zero_attn,
-                                v_extended);
-      keys = std::move(k_extended);
-      values = std::move(v_extended);
-    }
-
-    // 2. Attend: head i of sequence b, block by block of query rows, over key/value head
-    //    j = i / group, writing its output straight into its column block of the concatenation.
-    const std::vector<detail::QueryBlock> tasks = detail::query_block_tasks(batch, h);
-    if (record.weights) record.weights->assign(h, Matrix::Zero(q.rows(), keys.rows()));
-    Matrix log_sum_exp(record.tape ? q.rows() : 0, h);  // ΣL × h
-    Matrix concat(q.rows(), h * d_v());                 // ΣL × h·d_v: [head_1 … head_h]
-    const detail::AdditiveMasks<Scalar> masks(options);
-    detail::parallel_tasks(
-        static_cast<Index>(tasks.size()), batch.attention_flops(h, d_k(), d_v()),
-        [&] {
-          return detail::AttentionScratch<Scalar>::for_problem(batch.max_L, batch.max_S + batch.extra_keys, d_k());
-        },
-        [&](Index t, detail::AttentionScratch<Scalar>& scratch) {
-          const auto [b, i, block] = tasks[static_cast<std::size_t>(t)];
-          const Index L_b = batch.query_lengths[b], S_b = batch.key_lengths[b] + batch.extra_keys;
-          const Index q0 = batch.q_offset[b], k0 = batch.k_offset[b], j = i / group;
-          detail::attention_query_block<Scalar>(
-              q.block(q0, i * d_k(), L_b, d_k()), keys.block(k0, j * d_k(), S_b, d_k()),
-              values.block(k0, j * d_v(), S_b, d_v()), scale, visibility(options, masks, batch, b, i), block, scratch,
-              concat.block(q0, i * d_v(), L_b, d_v()),
-              record.weights ? &(*record.weights)[static_cast<std::size_t>(i)] : nullptr,
-              record.tape ? log_sum_exp.col(i).data() + q0 : nullptr);
-        });
-
-    // 3. Concatenate (done: each head wrote its own columns) and project with W^O.
-    Matrix output = project_output(concat);  // ΣL × d_model
-    if (record.tape) {
-      detail::TapedForward<Scalar> taped{identity_,         config_,
-                                         options,           record.self_attention,
-                                         query_lengths,     key_lengths,
-                                         query_rows,        Matrix(),
-                                         Matrix(),          std::move(q),
-                                         std::move(keys),   std::move(values),
-                                         std::move(concat), std::move(log_sum_exp)};
-      // The tape's own copy of the masks: its backward may come after the caller's matrices are gone.
-      taped.options.mask = options.mask.owning();
-      taped.options.key_padding_mask = options.key_padding_mask.owning();
-      if (!record.self_attention) {
-        taped.key = key_rows;
-        taped.value = value_rows;
-      }
-      record.tape->record(std::move(taped));
-    }
-    return output;
-  }
+                     const char* caller, Abi = {}) const;
 
   /// The decode step of decode() and decode_batch().
-  template <typename Derived>
-  Matrix run_decode(const Eigen::MatrixBase<Derived>& x, const std::vector<Index>& new_lengths, KVCache<Scalar>& cache,
-                    const AttentionOptions& options, const char* caller) const {
-    static_assert(std::is_same<Scalar, typename Derived::Scalar>::value,
-                  "mha::MultiHeadAttention: inputs must have the module's scalar type");
-    const typename KVCache<Scalar>::Owner owner = check_decode(x, new_lengths, cache, options, caller);
-    // New token i of sequence b, which held n tokens, is at position n + i: the bottom-right
-    // alignment of the new tokens over all the sequence's tokens.
-    std::vector<Index> lengths_after(new_lengths.size());
-    for (std::size_t b = 0; b < new_lengths.size(); ++b)
-      lengths_after[b] = cache.length(static_cast<Index>(b)) + new_lengths[b];
-    const detail::Batch batch(new_lengths, lengths_after);
-    const auto positions = detail::query_positions(batch, CausalAlignment::bottom_right);
-
-    // 1. Project the new tokens, and append their keys and values to the cache. If anything
-    //    throws from here on (std::bad_alloc, say), the cache is rolled back to the tokens it held.
-    const auto& rows = detail::evaluated(x);  // ΣL_new × d_model
-    Matrix q, k, v;                           // ΣL_new × h·d_k, × h_kv·d_k, × h_kv·d_v
-    project_inputs(rows, rows, rows, positions, positions, q, k, v);
-    cache.append(owner, new_lengths, k, v);
-    try {
-      // 2. Attend over the cache, 3. concatenate and project with W^O.
-      return project_output(attend_to_cache(q, batch, cache, static_cast<Scalar>(owner.scale), options.window));
-    } catch (...) {
-      for (Index b = 0; b < batch.size(); ++b) cache.truncate(b, lengths_after[b] - new_lengths[b]);
-      throw;
-    }
-  }
+  Matrix run_decode(const detail::Input<Scalar>& x, const std::vector<Index>& new_lengths, KVCache<Scalar>& cache,
+                    const AttentionOptions& options, const char* caller, Abi = {}) const;
 
   /// The attention of a decode step: the new tokens' queries q (ΣL_new × h·d_k) over their
   /// sequences' cached keys and values (batch: the new lengths, and the cache's lengths after the
@@ -474,72 +305,7 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   /// runs the query heads that share its key/value head one after the other, while the part's keys
   /// and values are still in cache: they are read from memory once per group, not once per head.
   Matrix attend_to_cache(const Matrix& q, const detail::Batch& batch, const KVCache<Scalar>& cache, Scalar scale,
-                         Index window) const {
-    const Index h = num_heads(), h_kv = num_kv_heads(), group = h / h_kv;
-    const std::vector<detail::QueryBlock> blocks = detail::query_block_tasks(batch, h, 2);
-    struct Part {
-      Index sequence, kv_head, part;
-    };
-    AttentionOptions bottom_right;
-    bottom_right.causal = true;
-    bottom_right.alignment = CausalAlignment::bottom_right;
-    bottom_right.window = window;
-    const detail::AdditiveMasks<Scalar> no_masks(bottom_right);
-    std::vector<Part> parts;
-    std::vector<Index> first_key(static_cast<std::size_t>(batch.size()), 0), part_count(first_key.size(), 0);
-    std::vector<Matrix> part_outs(first_key.size()), part_lses(first_key.size());
-    for (Index b = 0; b < batch.size(); ++b) {
-      if (batch.query_lengths[b] != 1) continue;
-      // The keys the one token sees (all, without a window): no key in them needs a mask.
-      const Index S = batch.key_lengths[b];
-      const detail::KeyRanges visible =
-          detail::key_ranges(detail::key_visibility(bottom_right, no_masks, 1, S), 0, 0, S);
-      first_key[b] = visible.masked_begin;
-      const Index n = (visible.masked_end - first_key[b] + detail::kKeyBlock - 1) / detail::kKeyBlock;
-      part_count[b] = n;
-      part_outs[b].resize(1, n * h * d_v());  // query head i's part c in column block i·n + c
-      part_lses[b].resize(1, n * h);
-      for (Index j = 0; j < h_kv; ++j)
-        for (Index c = 0; c < n; ++c) parts.push_back({b, j, c});
-    }
-    Matrix concat(q.rows(), h * d_v());  // ΣL_new × h·d_v: [head_1 … head_h]
-    const Index tasks = static_cast<Index>(blocks.size() + parts.size());
-    detail::parallel_tasks(
-        tasks, batch.attention_flops(h, d_k(), d_v()),
-        [&] { return detail::AttentionScratch<Scalar>::for_problem(batch.max_L, batch.max_S, d_k()); },
-        [&](Index t, detail::AttentionScratch<Scalar>& scratch) {
-          if (t < static_cast<Index>(blocks.size())) {
-            const auto [b, i, block] = blocks[static_cast<std::size_t>(t)];
-            const Index L = batch.query_lengths[b], S = batch.key_lengths[b], j = i / group;
-            detail::attention_query_block<Scalar, Eigen::RowMajor>(
-                q.block(batch.q_offset[b], i * d_k(), L, d_k()), cache.keys(b).block(0, j * d_k(), S, d_k()),
-                cache.values(b).block(0, j * d_v(), S, d_v()), scale,
-                detail::key_visibility(bottom_right, no_masks, L, S), block, scratch,
-                concat.block(batch.q_offset[b], i * d_v(), L, d_v()));
-            return;
-          }
-          // Key/value head j's part c: keys first … first + keys − 1, for each of its query heads.
-          const auto [b, j, c] = parts[static_cast<std::size_t>(t) - blocks.size()];
-          const Index n = part_count[b], first = first_key[b] + c * detail::kKeyBlock;
-          const Index keys = std::min(detail::kKeyBlock, batch.key_lengths[b] - first);
-          const auto visibility = detail::key_visibility(AttentionOptions{}, no_masks, 1, keys);
-          for (Index i = j * group; i < (j + 1) * group; ++i)
-            detail::attention_query_block<Scalar, Eigen::RowMajor>(
-                q.block(batch.q_offset[b], i * d_k(), 1, d_k()), cache.keys(b).block(first, j * d_k(), keys, d_k()),
-                cache.values(b).block(first, j * d_v(), keys, d_v()), scale, visibility, 0, scratch,
-                part_outs[b].middleCols((i * n + c) * d_v(), d_v()), nullptr, part_lses[b].col(i * n + c).data());
-        });
-    detail::parallel_tasks(
-        batch.size() * h, 0, [] { return 0; },
-        [&](Index t, int) {
-          const Index b = t / h, i = t % h, n = part_count[b];
-          if (batch.query_lengths[b] != 1) return;
-          detail::merge_key_parts<Scalar>(part_outs[b].middleCols(i * n * d_v(), n * d_v()),
-                                          part_lses[b].middleCols(i * n, n),
-                                          concat.block(batch.q_offset[b], i * d_v(), 1, d_v()));
-        });
-    return concat;
-  }
+                         Index window) const;
 
   // ---- The steps the passes share ----
 
@@ -556,38 +322,23 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   /// q = query · W^Q + b^Q, k = key · W^K + b^K, v = value · W^V + b^V: each one product for all
   /// heads, cut into row blocks that run in parallel; with rotary embeddings the rows of q and k
   /// are then turned by their positions.
-  template <typename Query, typename Key, typename Value>
-  void project_inputs(const Query& query, const Key& key, const Value& value, const std::vector<Index>& query_positions,
-                      const std::vector<Index>& key_positions, Matrix& q, Matrix& k, Matrix& v) const {
-    q.resize(query.rows(), w_q_.cols());
-    k.resize(key.rows(), w_k_.cols());
-    v.resize(value.rows(), w_v_.cols());
-    const std::optional<RotaryEmbedding> rotary =
-        config_.rotary ? std::optional<RotaryEmbedding>(config_) : std::nullopt;
-    const auto rotation = [&](const std::vector<Index>& positions) {
-      return detail::RowRotation{rotary ? &*rotary : nullptr, positions.data()};
-    };
-    detail::RowBlockJobs<Scalar> jobs;
-    jobs.product(query, w_q_, q, false, &b_q_, rotation(query_positions));
-    jobs.product(key, w_k_, k, false, &b_k_, rotation(key_positions));
-    jobs.product(value, w_v_, v, false, &b_v_);
-    jobs.run();
-  }
+  void project_inputs(const detail::ConstMatrixRef<Scalar>& query, const detail::ConstMatrixRef<Scalar>& key,
+                      const detail::ConstMatrixRef<Scalar>& value, const std::vector<Index>& query_positions,
+                      const std::vector<Index>& key_positions, Matrix& q, Matrix& k, Matrix& v) const;
 
   /// \returns concat · W^O + b^O, in row blocks in parallel.
   Matrix project_output(const Matrix& concat) const {
     Matrix output(concat.rows(), d_model());
     detail::RowBlockJobs<Scalar> jobs;
-    jobs.product(concat, w_o_, output, false, &b_o_);
+    jobs.product(detail::operand(concat), detail::operand(w_o_), output, false, &b_o_);
     jobs.run();
     return output;
   }
 
   // ---- Checks: every argument before any work, so that a throw leaves everything unchanged ----
 
-  template <typename DerivedQ, typename DerivedK, typename DerivedV>
-  void check_forward(const Eigen::MatrixBase<DerivedQ>& query, const Eigen::MatrixBase<DerivedK>& key,
-                     const Eigen::MatrixBase<DerivedV>& value, const std::vector<Index>& query_lengths,
+  void check_forward(const detail::Input<Scalar>& query, const detail::Input<Scalar>& key,
+                     const detail::Input<Scalar>& value, const std::vector<Index>& query_lengths,
                      const std::vector<Index>& key_lengths, const AttentionOptions& options, const char* caller) const {
     detail::check_width(query, "query", d_model(), "d_model", caller);
     detail::check_width(key, "key", kdim(), kdim() == d_model() ? "d_model" : "kdim", caller);
@@ -633,10 +384,9 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   }
 
   /// Checks a decode step's arguments; \returns the owner its tokens will have in the cache.
-  template <typename Derived>
-  typename KVCache<Scalar>::Owner check_decode(const Eigen::MatrixBase<Derived>& x,
-                                               const std::vector<Index>& new_lengths, const KVCache<Scalar>& cache,
-                                               const AttentionOptions& options, const char* caller) const {
+  typename KVCache<Scalar>::Owner check_decode(const detail::Input<Scalar>& x, const std::vector<Index>& new_lengths,
+                                               const KVCache<Scalar>& cache, const AttentionOptions& options,
+                                               const char* caller) const {
     detail::check_width(x, "x", d_model(), "d_model", caller);
     if (kdim() != d_model() || vdim() != d_model())
       detail::fail(caller, ": decoding is self-attention, so kdim and vdim must equal d_model = ", d_model(),
@@ -662,8 +412,7 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     return owner;
   }
 
-  template <typename Derived>
-  void check_backward(const Tape<Scalar>& tape, const Eigen::MatrixBase<Derived>& d_output,
+  void check_backward(const Tape<Scalar>& tape, const detail::Input<Scalar>& d_output,
                       const Gradients& gradients) const {
     const char* caller = "MultiHeadAttention::backward";
     if (tape.empty()) detail::fail(caller, ": the tape is empty; record a forward(…, tape) first");
@@ -714,4 +463,311 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   std::uint64_t identity_ = detail::new_module_identity();  ///< what its tapes and caches record of it
 };
 
+// ---- The passes, defined outside the class so that mha::precompiled's explicit instantiations
+// ---- are the only copy a program using it compiles (see the end of this file).
+
+/// The backward pass: the forward's steps in reverse, each step's gradients beside the step it undoes.
+template <typename Scalar_>
+auto MultiHeadAttention<Scalar_>::run_backward(const Tape<Scalar>& tape, const detail::Input<Scalar>& dy,
+                                               Gradients& gradients, Abi) const -> InputGradients<Scalar> {
+  check_backward(tape, dy, gradients);
+  const detail::TapedForward<Scalar>& f = tape.recorded();
+  const Index h = num_heads(), h_kv = num_kv_heads(), group = h / h_kv;
+  const detail::Batch batch(f.query_lengths, f.key_lengths, extra_keys());
+  const Matrix& key = f.self_attention ? f.query : f.key;
+  const Matrix& value = f.self_attention ? f.query : f.value;
+  detail::RowBlockJobs<Scalar> jobs;
+
+  // In the forward pass this was: output = concat · W^O + b^O.
+  Matrix d_concat(f.concat.rows(), h * d_v());  // ΣL × h·d_v
+  jobs.product(detail::operand(dy), detail::operand(w_o_).t(), d_concat);
+  jobs.product(detail::operand(f.concat).t(), detail::operand(dy), gradients.w_o(), true);
+  jobs.run();
+  if (config_.bias) gradients.b_o() += dy.colwise().sum();
+
+  // In the forward pass this was: head_i = attention(Q W_i^Q, K W_j^K, V W_j^V), j = i / group.
+  // One task per sequence and key/value head, owning its rows of ∂loss/∂(K W^K) and
+  // ∂loss/∂(V W^V), to which the heads of its group add in turn, and their ∂loss/∂(Q W^Q).
+  Matrix d_q(f.q.rows(), h * d_k());               // ΣL × h·d_k
+  Matrix d_keys(f.keys.rows(), h_kv * d_k());      // (ΣS + B·extra) × h_kv·d_k
+  Matrix d_values(f.values.rows(), h_kv * d_v());  // (ΣS + B·extra) × h_kv·d_v
+  const detail::AdditiveMasks<Scalar> masks(f.options);
+  const auto scale = detail::resolve_scale<Scalar>(f.options, d_k());
+  detail::parallel_tasks(
+      batch.size() * h_kv, 2.5 * batch.attention_flops(h, d_k(), d_v()),
+      [&] {
+        return detail::AttentionBackwardScratch<Scalar>::for_problem(batch.max_L, batch.max_S + batch.extra_keys,
+                                                                     d_k());
+      },
+      [&](Index t, detail::AttentionBackwardScratch<Scalar>& scratch) {
+        const Index b = t / h_kv, j = t % h_kv;
+        const Index L_b = batch.query_lengths[b], S_b = batch.key_lengths[b] + batch.extra_keys;
+        const Index q0 = batch.q_offset[b], k0 = batch.k_offset[b];
+        auto d_k_head = d_keys.block(k0, j * d_k(), S_b, d_k());
+        auto d_v_head = d_values.block(k0, j * d_v(), S_b, d_v());
+        d_k_head.setZero();
+        d_v_head.setZero();
+        for (Index i = j * group; i < (j + 1) * group; ++i)
+          detail::attention_backward<Scalar>(
+              f.q.block(q0, i * d_k(), L_b, d_k()), f.keys.block(k0, j * d_k(), S_b, d_k()),
+              f.values.block(k0, j * d_v(), S_b, d_v()), f.concat.block(q0, i * d_v(), L_b, d_v()),
+              f.log_sum_exp.col(i).data() + q0, d_concat.block(q0, i * d_v(), L_b, d_v()), scale,
+              visibility(f.options, masks, batch, b, i), scratch, d_q.block(q0, i * d_k(), L_b, d_k()), d_k_head,
+              d_v_head);
+      });
+
+  // In the forward pass this was: the extra rows of add_bias_kv (bias_k, bias_v) and
+  // add_zero_attn (constants) appended to each sequence's projected keys and values.
+  if (batch.extra_keys > 0) {
+    Matrix d_k_rows, d_v_rows;
+    auto d_bias_k = config_.add_bias_kv ? std::optional(gradients.bias_k()) : std::nullopt;
+    auto d_bias_v = config_.add_bias_kv ? std::optional(gradients.bias_v()) : std::nullopt;
+    detail::remove_extra_rows(d_keys, batch, d_k_rows, d_bias_k ? &*d_bias_k : nullptr);
+    detail::remove_extra_rows(d_values, batch, d_v_rows, d_bias_v ? &*d_bias_v : nullptr);
+    d_keys = std::move(d_k_rows);    // ΣS × h_kv·d_k
+    d_values = std::move(d_v_rows);  // ΣS × h_kv·d_v
+  }
+
+  // In the forward pass this was: the rows of Q W^Q + b^Q and K W^K + b^K turned by their
+  // positions. A rotation's inverse is its transpose: the gradients turn back by the same angles.
+  if (config_.rotary) {
+    const RotaryEmbedding rotary(config_);
+    const auto query_positions = detail::query_positions(batch, f.options.alignment);
+    const auto key_positions = detail::key_positions(batch);
+    jobs.rotate_back(d_q, {&rotary, query_positions.data()});
+    jobs.rotate_back(d_keys, {&rotary, key_positions.data()});
+    jobs.run();
+  }
+
+  // In the forward pass this was: Q W^Q + b^Q, K W^K + b^K, V W^V + b^V.
+  InputGradients<Scalar> d_inputs;
+  d_inputs.query.resize(f.query.rows(), d_model());
+  d_inputs.key.resize(key.rows(), kdim());
+  d_inputs.value.resize(value.rows(), vdim());
+  jobs.product(detail::operand(d_q), detail::operand(w_q_).t(), d_inputs.query);
+  jobs.product(detail::operand(d_keys), detail::operand(w_k_).t(), d_inputs.key);
+  jobs.product(detail::operand(d_values), detail::operand(w_v_).t(), d_inputs.value);
+  jobs.product(detail::operand(f.query).t(), detail::operand(d_q), gradients.w_q(), true);
+  jobs.product(detail::operand(key).t(), detail::operand(d_keys), gradients.w_k(), true);
+  jobs.product(detail::operand(value).t(), detail::operand(d_values), gradients.w_v(), true);
+  jobs.run();
+  if (config_.bias) {
+    gradients.b_q() += d_q.colwise().sum();
+    gradients.b_k() += d_keys.colwise().sum();
+    gradients.b_v() += d_values.colwise().sum();
+  }
+  return d_inputs;
+}
+
+/// The forward pass over a batch of sequences (one, for forward()), in the lecture's steps.
+template <typename Scalar_>
+auto MultiHeadAttention<Scalar_>::run_forward(const detail::Input<Scalar>& query, const detail::Input<Scalar>& key,
+                                              const detail::Input<Scalar>& value,
+                                              const std::vector<Index>& query_lengths,
+                                              const std::vector<Index>& key_lengths, const AttentionOptions& options,
+                                              Record record, const char* caller, Abi) const -> Matrix {
+  check_forward(query, key, value, query_lengths, key_lengths, options, caller);
+  const Index h = num_heads(), group = h / num_kv_heads();
+  const detail::Batch batch(query_lengths, key_lengths, extra_keys());
+  const auto scale = detail::resolve_scale<Scalar>(options, d_k());
+
+  // 1. Project: Q W^Q, K W^K, V W^V for all heads at once (rotated by their positions with
+  //    rotary embeddings), and add_bias_kv's and add_zero_attn's rows after each sequence's keys.
+  Matrix q, keys, values;  // ΣL × h·d_k, ΣS × h_kv·d_k, ΣS × h_kv·d_v
+  project_inputs(query, key, value, detail::query_positions(batch, options.alignment), detail::key_positions(batch), q,
+                 keys, values);
+  if (batch.extra_keys > 0) {
+    Matrix k_extended, v_extended;  // (ΣS + B·extra) × h_kv·d_k, … × h_kv·d_v
+    detail::append_extra_rows(keys, batch, config_.add_bias_kv ? &bias_k_ : nullptr, config_.add_zero_attn, k_extended);
+    detail::append_extra_rows(values, batch, config_.add_bias_kv ? &bias_v_ : nullptr, config_.add_zero_attn,
+                              v_extended);
+    keys = std::move(k_extended);
+    values = std::move(v_extended);
+  }
+
+  // 2. Attend: head i of sequence b, block by block of query rows, over key/value head
+  //    j = i / group, writing its output straight into its column block of the concatenation.
+  const std::vector<detail::QueryBlock> tasks = detail::query_block_tasks(batch, h);
+  if (record.weights) record.weights->assign(h, Matrix::Zero(q.rows(), keys.rows()));
+  Matrix log_sum_exp(record.tape ? q.rows() : 0, h);  // ΣL × h
+  Matrix concat(q.rows(), h * d_v());                 // ΣL × h·d_v: [head_1 … head_h]
+  const detail::AdditiveMasks<Scalar> masks(options);
+  detail::parallel_tasks(
+      static_cast<Index>(tasks.size()), batch.attention_flops(h, d_k(), d_v()),
+      [&] { return detail::AttentionScratch<Scalar>::for_problem(batch.max_L, batch.max_S + batch.extra_keys, d_k()); },
+      [&](Index t, detail::AttentionScratch<Scalar>& scratch) {
+        const auto [b, i, block] = tasks[static_cast<std::size_t>(t)];
+        const Index L_b = batch.query_lengths[b], S_b = batch.key_lengths[b] + batch.extra_keys;
+        const Index q0 = batch.q_offset[b], k0 = batch.k_offset[b], j = i / group;
+        detail::attention_query_block<Scalar>(
+            q.block(q0, i * d_k(), L_b, d_k()), detail::operand(keys.block(k0, j * d_k(), S_b, d_k())),
+            detail::operand(values.block(k0, j * d_v(), S_b, d_v())), scale, visibility(options, masks, batch, b, i),
+            block, scratch, concat.block(q0, i * d_v(), L_b, d_v()),
+            record.weights ? &(*record.weights)[static_cast<std::size_t>(i)] : nullptr,
+            record.tape ? log_sum_exp.col(i).data() + q0 : nullptr);
+      });
+
+  // 3. Concatenate (done: each head wrote its own columns) and project with W^O.
+  Matrix output = project_output(concat);  // ΣL × d_model
+  if (record.tape) {
+    detail::TapedForward<Scalar> taped{identity_,
+                                       config_,
+                                       options,
+                                       record.self_attention,
+                                       query_lengths,
+                                       key_lengths,
+                                       query,
+                                       Matrix(),
+                                       Matrix(),
+                                       std::move(q),
+                                       std::move(keys),
+                                       std::move(values),
+                                       std::move(concat),
+                                       std::move(log_sum_exp)};
+    // The tape's own copy of the masks: its backward may come after the caller's matrices are gone.
+    taped.options.mask = options.mask.owning();
+    taped.options.key_padding_mask = options.key_padding_mask.owning();
+    if (!record.self_attention) {
+      taped.key = key;
+      taped.value = value;
+    }
+    record.tape->record(std::move(taped));
+  }
+  return output;
+}
+
+/// A decode step: the new tokens' keys and values appended to the cache, their queries attending to it.
+template <typename Scalar_>
+auto MultiHeadAttention<Scalar_>::run_decode(const detail::Input<Scalar>& x, const std::vector<Index>& new_lengths,
+                                             KVCache<Scalar>& cache, const AttentionOptions& options,
+                                             const char* caller, Abi) const -> Matrix {
+  const typename KVCache<Scalar>::Owner owner = check_decode(x, new_lengths, cache, options, caller);
+  // New token i of sequence b, which held n tokens, is at position n + i: the bottom-right
+  // alignment of the new tokens over all the sequence's tokens.
+  std::vector<Index> lengths_after(new_lengths.size());
+  for (std::size_t b = 0; b < new_lengths.size(); ++b)
+    lengths_after[b] = cache.length(static_cast<Index>(b)) + new_lengths[b];
+  const detail::Batch batch(new_lengths, lengths_after);
+  const auto positions = detail::query_positions(batch, CausalAlignment::bottom_right);
+
+  // 1. Project the new tokens, and append their keys and values to the cache. If anything
+  //    throws from here on (std::bad_alloc, say), the cache is rolled back to the tokens it held.
+  Matrix q, k, v;  // ΣL_new × h·d_k, × h_kv·d_k, × h_kv·d_v
+  project_inputs(x, x, x, positions, positions, q, k, v);
+  cache.append(owner, new_lengths, k, v);
+  try {
+    // 2. Attend over the cache, 3. concatenate and project with W^O.
+    return project_output(attend_to_cache(q, batch, cache, static_cast<Scalar>(owner.scale), options.window));
+  } catch (...) {
+    for (Index b = 0; b < batch.size(); ++b) cache.truncate(b, lengths_after[b] - new_lengths[b]);
+    throw;
+  }
+}
+
+template <typename Scalar_>
+auto MultiHeadAttention<Scalar_>::attend_to_cache(const Matrix& q, const detail::Batch& batch,
+                                                  const KVCache<Scalar>& cache, Scalar scale, Index window) const
+    -> Matrix {
+  const Index h = num_heads(), h_kv = num_kv_heads(), group = h / h_kv;
+  const std::vector<detail::QueryBlock> blocks = detail::query_block_tasks(batch, h, 2);
+  struct Part {
+    Index sequence, kv_head, part;
+  };
+  AttentionOptions bottom_right;
+  bottom_right.causal = true;
+  bottom_right.alignment = CausalAlignment::bottom_right;
+  bottom_right.window = window;
+  const detail::AdditiveMasks<Scalar> no_masks(bottom_right);
+  std::vector<Part> parts;
+  std::vector<Index> first_key(static_cast<std::size_t>(batch.size()), 0), part_count(first_key.size(), 0);
+  std::vector<Matrix> part_outs(first_key.size()), part_lses(first_key.size());
+  for (Index b = 0; b < batch.size(); ++b) {
+    if (batch.query_lengths[b] != 1) continue;
+    // The keys the one token sees (all, without a window): no key in them needs a mask.
+    const Index S = batch.key_lengths[b];
+    const detail::KeyRanges visible = detail::key_ranges(detail::key_visibility(bottom_right, no_masks, 1, S), 0, 0, S);
+    first_key[b] = visible.masked_begin;
+    const Index n = (visible.masked_end - first_key[b] + detail::kKeyBlock - 1) / detail::kKeyBlock;
+    part_count[b] = n;
+    part_outs[b].resize(1, n * h * d_v());  // query head i's part c in column block i·n + c
+    part_lses[b].resize(1, n * h);
+    for (Index j = 0; j < h_kv; ++j)
+      for (Index c = 0; c < n; ++c) parts.push_back({b, j, c});
+  }
+  Matrix concat(q.rows(), h * d_v());  // ΣL_new × h·d_v: [head_1 … head_h]
+  const Index tasks = static_cast<Index>(blocks.size() + parts.size());
+  detail::parallel_tasks(
+      tasks, batch.attention_flops(h, d_k(), d_v()),
+      [&] { return detail::AttentionScratch<Scalar>::for_problem(batch.max_L, batch.max_S, d_k()); },
+      [&](Index t, detail::AttentionScratch<Scalar>& scratch) {
+        if (t < static_cast<Index>(blocks.size())) {
+          const auto [b, i, block] = blocks[static_cast<std::size_t>(t)];
+          const Index L = batch.query_lengths[b], S = batch.key_lengths[b], j = i / group;
+          detail::attention_query_block<Scalar>(q.block(batch.q_offset[b], i * d_k(), L, d_k()),
+                                                detail::operand(cache.keys(b).block(0, j * d_k(), S, d_k())),
+                                                detail::operand(cache.values(b).block(0, j * d_v(), S, d_v())), scale,
+                                                detail::key_visibility(bottom_right, no_masks, L, S), block, scratch,
+                                                concat.block(batch.q_offset[b], i * d_v(), L, d_v()));
+          return;
+        }
+        // Key/value head j's part c: keys first … first + keys − 1, for each of its query heads.
+        const auto [b, j, c] = parts[static_cast<std::size_t>(t) - blocks.size()];
+        const Index n = part_count[b], first = first_key[b] + c * detail::kKeyBlock;
+        const Index keys = std::min(detail::kKeyBlock, batch.key_lengths[b] - first);
+        const auto visibility = detail::key_visibility(AttentionOptions{}, no_masks, 1, keys);
+        for (Index i = j * group; i < (j + 1) * group; ++i)
+          detail::attention_query_block<Scalar>(
+              q.block(batch.q_offset[b], i * d_k(), 1, d_k()),
+              detail::operand(cache.keys(b).block(first, j * d_k(), keys, d_k())),
+              detail::operand(cache.values(b).block(first, j * d_v(), keys, d_v())), scale, visibility, 0, scratch,
+              part_outs[b].middleCols((i * n + c) * d_v(), d_v()), nullptr, part_lses[b].col(i * n + c).data());
+      });
+  detail::parallel_tasks(
+      batch.size() * h, 0, [] { return 0; },
+      [&](Index t, int) {
+        const Index b = t / h, i = t % h, n = part_count[b];
+        if (batch.query_lengths[b] != 1) return;
+        detail::merge_key_parts<Scalar>(part_outs[b].middleCols(i * n * d_v(), n * d_v()),
+                                        part_lses[b].middleCols(i * n, n),
+                                        concat.block(batch.q_offset[b], i * d_v(), 1, d_v()));
+      });
+  return concat;
+}
+
+template <typename Scalar_>
+void MultiHeadAttention<Scalar_>::project_inputs(const detail::ConstMatrixRef<Scalar>& query,
+                                                 const detail::ConstMatrixRef<Scalar>& key,
+                                                 const detail::ConstMatrixRef<Scalar>& value,
+                                                 const std::vector<Index>& query_positions,
+                                                 const std::vector<Index>& key_positions, Matrix& q, Matrix& k,
+                                                 Matrix& v) const {
+  q.resize(query.rows(), w_q_.cols());
+  k.resize(key.rows(), w_k_.cols());
+  v.resize(value.rows(), w_v_.cols());
+  const std::optional<RotaryEmbedding> rotary = config_.rotary ? std::optional<RotaryEmbedding>(config_) : std::nullopt;
+  const auto rotation = [&](const std::vector<Index>& positions) {
+    return detail::RowRotation{rotary ? &*rotary : nullptr, positions.data()};
+  };
+  detail::RowBlockJobs<Scalar> jobs;
+  jobs.product(detail::operand(query), detail::operand(w_q_), q, false, &b_q_, rotation(query_positions));
+  jobs.product(detail::operand(key), detail::operand(w_k_), k, false, &b_k_, rotation(key_positions));
+  jobs.product(detail::operand(value), detail::operand(w_v_), v, false, &b_v_);
+  jobs.run();
+}
+
 }  // namespace mha
+
+// mha::precompiled: the passes for float and double are compiled once, in that library, and a
+// program linking it compiles only the thin public functions (CMake sets MHA_PRECOMPILED).
+#ifdef MHA_PRECOMPILED
+namespace mha {
+extern template class MultiHeadAttention<float>;
+extern template class MultiHeadAttention<double>;
+namespace detail {
+extern template Matrix<float> scaled_dot_product_attention(const Input<float>&, const Input<float>&,
+                                                           const Input<float>&, const AttentionOptions&);
+extern template Matrix<double> scaled_dot_product_attention(const Input<double>&, const Input<double>&,
+                                                            const Input<double>&, const AttentionOptions&);
+}  // namespace detail
+}  // namespace mha
+#endif

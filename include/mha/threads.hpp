@@ -24,24 +24,40 @@ inline std::atomic<int>& thread_setting() {
 
 }  // namespace detail
 
-/// Sets how many threads mha's own loops use: the heads × query blocks of attention, the heads of
-/// its backward pass, the heads × key parts of a decode step and the row blocks of the projections. 0 restores the
-/// default, OpenMP's (OMP_NUM_THREADS, else one per core). Without OpenMP (the code compiled without -fopenmp) mha
-/// always runs on the calling thread. Results are bit-identical for every thread count.
-inline void set_num_threads(int threads) {
-  if (threads < 0) detail::fail("set_num_threads: threads must be >= 0 (0 = OpenMP's default), got ", threads);
-  detail::thread_setting().store(threads, std::memory_order_relaxed);
+namespace detail {
+
+inline void store_thread_setting(int threads) {
+  if (threads < 0) fail("set_num_threads: threads must be >= 0 (0 = OpenMP's default), got ", threads);
+  thread_setting().store(threads, std::memory_order_relaxed);
 }
 
-/// \returns the number of threads mha's loops use (1 without OpenMP).
-inline int num_threads() {
+inline int thread_count() {
 #ifdef _OPENMP
-  const int setting = detail::thread_setting().load(std::memory_order_relaxed);
+  const int setting = thread_setting().load(std::memory_order_relaxed);
   return setting > 0 ? setting : omp_get_max_threads();
 #else
   return 1;
 #endif
 }
+
+}  // namespace detail
+
+#ifdef MHA_PRECOMPILED
+// With mha::precompiled, mha's loops run inside that library, compiled with OpenMP whether or not
+// the program's own code is: these two are defined there, so that the program and the library agree.
+void set_num_threads(int threads);
+int num_threads();
+#else
+/// Sets how many threads mha's own loops use: the heads × query blocks of attention, the heads of
+/// its backward pass, the heads × key parts of a decode step and the row blocks of the projections.
+/// 0 restores the default, OpenMP's (OMP_NUM_THREADS, else one per core). Without OpenMP (the code
+/// compiled without -fopenmp, and not linking mha::precompiled) mha always runs on the calling
+/// thread. Results are bit-identical for every thread count.
+inline void set_num_threads(int threads) { detail::store_thread_setting(threads); }
+
+/// \returns the number of threads mha's loops use (1 without OpenMP).
+inline int num_threads() { return detail::thread_count(); }
+#endif
 
 namespace detail {
 

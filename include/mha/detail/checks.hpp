@@ -9,14 +9,17 @@
 #include <limits>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace mha {
 namespace detail {
 
-/// Throws mha::invalid_argument with "mha: " followed by the streamed parts.
+/// Throws mha::invalid_argument with "mha: " followed by the streamed parts. They are taken by value,
+/// so that string literals decay to pointers and messages of the same kinds of parts share one copy
+/// of this function whatever their lengths.
 template <typename... Parts>
-[[noreturn]] void fail(const Parts&... parts) {
+[[noreturn]] void fail(Parts... parts) {
   std::ostringstream message;
   message << "mha: ";
   (message << ... << parts);
@@ -37,15 +40,23 @@ bool multiply(T a, T b, T& product) {
   return true;
 }
 
-/// \returns `x` itself when its coefficients can be read in place (a matrix, map or block, of either
-/// storage order), else `x` evaluated once into a matrix, so that taking blocks of it is cheap.
-template <typename Derived>
-decltype(auto) evaluated(const Eigen::MatrixBase<Derived>& x) {
-  if constexpr (bool(Derived::Flags & Eigen::DirectAccessBit))
-    return x.derived();
-  else
-    return typename Derived::PlainObject(x);
-}
+/// An input matrix at the boundary of the public API, of the module's scalar type: a view of the
+/// caller's matrix when it is stored column by column (a matrix, a block or map of one), else that
+/// matrix (an expression, a row-major one) evaluated once. Every input type becomes this one, so the
+/// passes behind the API are compiled once per scalar type, not once per caller's expression type.
+/// It is only ever a function parameter: it may own the evaluated copy, so it is never copied.
+template <typename Scalar>
+struct Input : Eigen::Ref<const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>> {
+  using Base = Eigen::Ref<const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>>;
+  template <typename Derived>
+  Input(const Eigen::MatrixBase<Derived>& x) : Base(x.derived()) {  // NOLINT: converts implicitly
+    static_assert(
+        std::is_same<Scalar, typename Derived::Scalar>::value,
+        "mha: the inputs must have the scalar type of the module (of the query, for scaled_dot_product_attention)");
+  }
+  Input(const Input&) = delete;
+  Input& operator=(const Input&) = delete;
+};
 
 /// Throws unless `input` has `width` columns.
 template <typename Derived>

@@ -2,6 +2,7 @@
 // rows by their positions, cut into blocks of rows that run in parallel.
 #pragma once
 
+#include <mha/detail/gemm.hpp>
 #include <mha/rotary.hpp>
 #include <mha/threads.hpp>
 
@@ -9,7 +10,6 @@
 
 #include <algorithm>
 #include <functional>
-#include <type_traits>
 #include <vector>
 
 namespace mha {
@@ -24,7 +24,7 @@ struct RowRotation {
 /// Independent products and rotations, collected and then run together on mha's threads. Each is
 /// cut into blocks of kRows rows of its output, a fixed count, so that every row is computed the
 /// same way whatever the thread count (bit-identical results). The operands of a job must outlive
-/// run(): matrices are kept by reference, expressions over them (a transpose) by value.
+/// run(): they are kept as views (Operand).
 template <typename Scalar>
 class RowBlockJobs {
  public:
@@ -35,24 +35,16 @@ class RowBlockJobs {
 
   /// out = lhs · rhs (+ bias, a row added to every row), then each row r turned by `rotation`;
   /// with `accumulate`, out += lhs · rhs instead. `out` has its final size already.
-  template <typename Lhs, typename Rhs>
-  void product(const Lhs& lhs, const Rhs& rhs, Eigen::Ref<Matrix> out, bool accumulate = false,
+  void product(const Operand<Scalar>& lhs, const Operand<Scalar>& rhs, Eigen::Ref<Matrix> out, bool accumulate = false,
                const RowVector* bias = nullptr, RowRotation rotation = {}) {
-    struct Operands {
-      Operand<Lhs> lhs;
-      Operand<Rhs> rhs;
-    };
     if (bias && bias->size() == 0) bias = nullptr;
-    flops_ += 2.0 * static_cast<double>(out.rows()) * static_cast<double>(out.cols()) * static_cast<double>(lhs.cols());
+    flops_ +=
+        2.0 * static_cast<double>(out.rows()) * static_cast<double>(out.cols()) * static_cast<double>(lhs.op_cols());
     for (Eigen::Index first = 0; first < out.rows(); first += kRows)
-      jobs_.push_back([operands = Operands{lhs, rhs}, out, first, accumulate, bias, rotation]() mutable {
+      jobs_.push_back([lhs, rhs, out, first, accumulate, bias, rotation]() mutable {
         const Eigen::Index rows = std::min(kRows, out.rows() - first);
         auto out_rows = out.middleRows(first, rows);
-        const auto product = operands.lhs.middleRows(first, rows) * operands.rhs;
-        if (accumulate)
-          out_rows.noalias() += product;
-        else
-          out_rows.noalias() = product;
+        gemm(lhs.middle_rows(first, rows), rhs, out_rows, accumulate);
         if (bias) out_rows.rowwise() += *bias;
         if (rotation.rotary) rotation.rotary->rotate(out_rows, rotation.positions + first);
       });
@@ -77,11 +69,6 @@ class RowBlockJobs {
   }
 
  private:
-  /// A matrix by reference, an expression (a transpose, which views a matrix) by value: what a job
-  /// keeps of an operand, so that it neither copies a matrix nor outlives a temporary expression.
-  template <typename T>
-  using Operand = std::conditional_t<std::is_base_of<Eigen::PlainObjectBase<T>, T>::value, const T&, T>;
-
   std::vector<std::function<void()>> jobs_;
   double flops_ = 0;
 };

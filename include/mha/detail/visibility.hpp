@@ -4,6 +4,7 @@
 #pragma once
 
 #include <mha/config.hpp>
+#include <mha/detail/gemm.hpp>
 #include <mha/softmax.hpp>
 
 #include <Eigen/Core>
@@ -24,17 +25,10 @@ template <typename Scalar>
 using ConstMatrixRef = Eigen::Ref<const Matrix<Scalar>>;
 template <typename Scalar>
 using MatrixRef = Eigen::Ref<Matrix<Scalar>>;
-/// A read-only view of keys or values, one per row: column-major (a block of a sequence's
-/// projections) or row-major (a key/value cache, which grows a row at a time).
-template <typename Scalar, int Layout>
-using KeysRef = Eigen::Ref<const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Layout>>;
-template <typename T>
-struct Identity {
-  using type = T;
-};
-/// T, in a parameter that must not decide a template argument (the layout defaults instead).
-template <typename T>
-using NoDeduce = typename Identity<T>::type;
+/// Keys or values, one per row (an operand read as S × d): a block of a sequence's projections
+/// (column-major), or of a key/value cache (row-major, which grows a row at a time).
+template <typename Scalar>
+using Rows = Operand<Scalar>;
 
 // Tile sizes, chosen by measurement (f32, d_model 512, one thread; README "Performance"): at
 // N = 2048 and h = 8 the attention ran at 89 useful GFLOP/s with 64 × 256 tiles, 105 with
@@ -171,10 +165,10 @@ enum class TileScores { hidden, finite, masked };
 
 /// The scaled, masked scores of one tile into `s` (B_r × B_c), unless the masks hide every key of
 /// the tile from every row (TileScores::hidden, `s` left unspecified).
-template <typename Scalar, int Layout, typename Tile>
-TileScores tile_scores(const KeysRef<Scalar, Layout>& k, const KeyVisibility<Scalar>& visibility,
-                       Eigen::Index first_row, Eigen::Index first_key, bool masked,
-                       const Eigen::Ref<const Matrix<Scalar>>& scaled_q, Tile& s) {
+template <typename Scalar>
+TileScores tile_scores(const Rows<Scalar>& k, const KeyVisibility<Scalar>& visibility, Eigen::Index first_row,
+                       Eigen::Index first_key, bool masked, const Eigen::Ref<const Matrix<Scalar>>& scaled_q,
+                       Eigen::Map<Matrix<Scalar>>& s) {
   const Eigen::Index rows = s.rows(), keys = s.cols();
   constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
   // A tile is skipped when its largest mask value is −∞ (a vectorised reduction).
@@ -184,7 +178,7 @@ TileScores tile_scores(const KeysRef<Scalar, Layout>& k, const KeyVisibility<Sca
   if (masked && visibility.mask &&
       visibility.mask->block(visibility.mask_row + first_row, first_key, rows, keys).maxCoeff() == minus_infinity)
     return TileScores::hidden;
-  s.noalias() = scaled_q * k.middleRows(first_key, keys).transpose();
+  gemm(operand(scaled_q), k.middle_rows(first_key, keys).t(), s);
   const Eigen::Index offset = visibility.position_offset;
   const bool crosses_diagonal = visibility.causal && first_key + keys - 1 > first_row + offset;
   // The last row's window starts latest: a key before it is hidden from some row.
@@ -201,17 +195,16 @@ TileScores tile_scores(const KeysRef<Scalar, Layout>& k, const KeyVisibility<Sca
 }
 
 /// Visits the tiles that query rows [first_row, first_row + rows) attend to, calling
-/// step(s, first_key, exp) with each tile's scaled, masked scores s (B_r × B_c, in `scores`) and the
-/// exponential to take of them: Eigen's own where all are finite, exp_flushed where a mask may have
-/// put −∞ (Eigen's exp(−∞) is a denormal, not 0; flushing costs about 5% at h = 8). Tiles the masks
-/// hide entirely are skipped. The forward and the backward walk the same tiles through this.
-template <typename Scalar, int Layout, typename Step>
-void for_each_tile(const KeysRef<Scalar, Layout>& k, const KeyVisibility<Scalar>& visibility, Eigen::Index first_row,
+/// step(s, first_key, flushed) with each tile's scaled, masked scores s (B_r × B_c, in `scores`) and
+/// which exponential to take of them (exp_minus): Eigen's own where all are finite, flushed where a
+/// mask may have put −∞ (Eigen's exp(−∞) is a denormal, not 0; flushing costs about 5% at h = 8).
+/// Tiles the masks hide entirely are skipped. The forward and the backward walk the same tiles
+/// through this.
+template <typename Scalar, typename Step>
+void for_each_tile(const Rows<Scalar>& k, const KeyVisibility<Scalar>& visibility, Eigen::Index first_row,
                    const Eigen::Ref<const Matrix<Scalar>>& scaled_q, Matrix<Scalar>& scores, const Step& step) {
   const Eigen::Index rows = scaled_q.rows();
-  const KeyRanges ranges = key_ranges(visibility, first_row, first_row + rows - 1, k.rows());
-  const auto plain_exp = [](const auto& x) { return x.exp(); };
-  const auto flushed_exp = [](const auto& x) { return exp_flushed(x); };
+  const KeyRanges ranges = key_ranges(visibility, first_row, first_row + rows - 1, k.op_rows());
   for (const bool masked : {true, false}) {
     const Eigen::Index begin = masked ? ranges.masked_begin : ranges.extra_begin;
     const Eigen::Index end = masked ? ranges.masked_end : ranges.extra_end;
@@ -219,9 +212,8 @@ void for_each_tile(const KeysRef<Scalar, Layout>& k, const KeyVisibility<Scalar>
       // B_r × B_c, contiguous in the scratch whatever the block's row count: a one-row tile is one
       // contiguous row.
       Eigen::Map<Matrix<Scalar>> s(scores.data(), rows, std::min(kKeyBlock, end - first_key));
-      const TileScores kind = tile_scores<Scalar, Layout>(k, visibility, first_row, first_key, masked, scaled_q, s);
-      if (kind == TileScores::finite) step(s, first_key, plain_exp);
-      if (kind == TileScores::masked) step(s, first_key, flushed_exp);
+      const TileScores kind = tile_scores<Scalar>(k, visibility, first_row, first_key, masked, scaled_q, s);
+      if (kind != TileScores::hidden) step(s, first_key, kind == TileScores::masked);
     }
   }
 }
