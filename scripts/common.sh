@@ -50,8 +50,9 @@ variant_build() {
 }
 
 # consumer COMPILER STANDARD HOW: builds and runs tests/consumer with mha::mha found as an installed
-# package (HOW = installed, from build/install), added with add_subdirectory (subdirectory), or
-# with include/ copied alone into the consumer and compiled by hand (copied-include).
+# package (HOW = installed, from build/install), mha::precompiled from the same (precompiled), mha::mha
+# added with add_subdirectory (subdirectory), or with include/ copied alone into the consumer and
+# compiled by hand (copied-include).
 consumer() {
   local compiler=$1 standard=$2 how=$3 dir="build/consumer-${1%++}-$2-$3"
   rm -rf "$dir"
@@ -59,6 +60,10 @@ consumer() {
     installed)
       cmake -S tests/consumer -B "$dir" -DCMAKE_CXX_COMPILER="$compiler" -DCMAKE_CXX_STANDARD="$standard" \
         -DCMAKE_PREFIX_PATH="$PWD/build/install" >/dev/null
+      cmake --build "$dir" >/dev/null ;;
+    precompiled)
+      cmake -S tests/consumer -B "$dir" -DCMAKE_CXX_COMPILER="$compiler" -DCMAKE_CXX_STANDARD="$standard" \
+        -DCMAKE_PREFIX_PATH="$PWD/build/install" -DMHA_CONSUMER_TARGET=mha::precompiled >/dev/null
       cmake --build "$dir" >/dev/null ;;
     subdirectory)
       cmake -S tests/consumer -B "$dir" -DCMAKE_CXX_COMPILER="$compiler" -DCMAKE_CXX_STANDARD="$standard" \
