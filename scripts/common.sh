@@ -45,7 +45,7 @@ variant_build() {
     args+=("$1"); shift
   done
   cmake -S . -B "build/$name" -DCMAKE_CXX_COMPILER="$compiler" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-    -DMHA_WERROR=ON -DMHA_BUILD_BENCHMARKS=OFF "${args[@]}" >/dev/null
+    -DMHA_WERROR=ON -DMHA_BUILD_BENCHMARKS=OFF -DMHA_PRECOMPILED=ON "${args[@]}" >/dev/null
   cmake --build "build/$name" --parallel "$(jobs_count)" ${targets[@]:+--target "${targets[@]}"}
 }
 
