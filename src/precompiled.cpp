@@ -1,6 +1,10 @@
 // mha::precompiled: the module's passes and scaled_dot_product_attention, compiled once for float
 // and double, with mha's threads (OpenMP) when the compiler has it. A program linking this library
 // compiles only the thin public functions of the headers (MHA_PRECOMPILED makes them extern).
+#ifndef MHA_PRECOMPILED
+#define MHA_PRECOMPILED  // what CMake defines for this target and its users (compiled by hand too)
+#endif
+
 #include <mha/mha.hpp>
 
 namespace mha {

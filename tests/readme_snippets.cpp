@@ -80,7 +80,8 @@ int main(int argc, char** argv) {
   std::ofstream(argv[2]) << "// Generated from README.md: its complete example.\n" << with_line(program, pages.front());
   std::ofstream out(argv[3]);
   out << "// Generated from README.md and the documentation pages: their C++ blocks, page by page.\n"
-         "#include <mha/io/pytorch.hpp>\n#include <mha/io/safetensors.hpp>\n#include <mha/mha.hpp>\n\n"
+         "#include <mha/io/huggingface.hpp>\n#include <mha/io/pytorch.hpp>\n#include <mha/io/safetensors.hpp>\n"
+         "#include <mha/mha.hpp>\n\n"
          "#include <fstream>\n#include <iostream>\n#include <stdexcept>\n#include <vector>\n\n"
          "int main() {\n"
       << body.str() << "}\n";
