@@ -136,17 +136,24 @@ void attention_query_block(const ConstMatrixRef<Scalar>& q, const Rows<Scalar>& 
 /// not depend on which thread computed which part. A row that no part let see a key gets zeros.
 template <typename Scalar>
 void merge_key_parts(const ConstMatrixRef<Scalar>& outs, const ConstMatrixRef<Scalar>& lses, MatrixRef<Scalar> out) {
+  // Plain loops: a merge touches parts × d_v numbers per row, and Eigen's array expressions here
+  // cost half a second of every user's compile.
   const Eigen::Index parts = lses.cols(), d_v = out.cols();
-  const Column<Scalar> shift = stable_shift(Column<Scalar>(lses.rowwise().maxCoeff()));
-  Column<Scalar> total = Column<Scalar>::Zero(lses.rows()), weight(lses.rows());
-  out.setZero();
-  for (Eigen::Index c = 0; c < parts; ++c) {
-    weight = lses.col(c).array();
-    exp_minus(weight.data(), weight.size(), shift.data(), true);
-    total += weight;
-    out.array() += outs.middleCols(c * d_v, d_v).array().colwise() * weight;
+  Column<Scalar> weight(parts);
+  for (Eigen::Index r = 0; r < lses.rows(); ++r) {
+    Scalar shift = -std::numeric_limits<Scalar>::infinity();
+    for (Eigen::Index c = 0; c < parts; ++c) shift = std::max(shift, weight(c) = lses(r, c));
+    if (shift == -std::numeric_limits<Scalar>::infinity()) shift = 0;  // as stable_shift
+    exp_minus(weight.data(), parts, shift, true);
+    Scalar total = 0;
+    for (Eigen::Index c = 0; c < parts; ++c) total += weight(c);
+    const Scalar inverse = total == Scalar(0) ? Scalar(1) : Scalar(1) / total;
+    for (Eigen::Index j = 0; j < d_v; ++j) {
+      Scalar sum = 0;
+      for (Eigen::Index c = 0; c < parts; ++c) sum += outs(r, c * d_v + j) * weight(c);
+      out(r, j) = sum * inverse;
+    }
   }
-  out.array().colwise() *= (total == Scalar(0)).select(Scalar(1), total).inverse();
 }
 
 /// The per-thread working memory of attention_backward: tiles of weights, of their gradient and
