@@ -483,7 +483,7 @@ auto MultiHeadAttention<Scalar_>::run_backward(const Tape<Scalar>& tape, const d
   jobs.product(detail::operand(dy), detail::operand(w_o_).t(), d_concat);
   jobs.product(detail::operand(f.concat).t(), detail::operand(dy), gradients.w_o(), true);
   jobs.run();
-  if (config_.bias) gradients.b_o() += dy.colwise().sum();
+  if (config_.bias) detail::add_column_sums(detail::operand(dy), gradients.b_o().data());
 
   // In the forward pass this was: head_i = attention(Q W_i^Q, K W_j^K, V W_j^V), j = i / group.
   // One task per sequence and key/value head, owning its rows of ∂loss/∂(K W^K) and
@@ -552,9 +552,9 @@ auto MultiHeadAttention<Scalar_>::run_backward(const Tape<Scalar>& tape, const d
   jobs.product(detail::operand(value).t(), detail::operand(d_values), gradients.w_v(), true);
   jobs.run();
   if (config_.bias) {
-    gradients.b_q() += d_q.colwise().sum();
-    gradients.b_k() += d_keys.colwise().sum();
-    gradients.b_v() += d_values.colwise().sum();
+    detail::add_column_sums(detail::operand(d_q), gradients.b_q().data());
+    detail::add_column_sums(detail::operand(d_keys), gradients.b_k().data());
+    detail::add_column_sums(detail::operand(d_values), gradients.b_v().data());
   }
   return d_inputs;
 }

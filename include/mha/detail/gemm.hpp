@@ -79,5 +79,14 @@ void gemm(const Operand<Scalar>& a, const Operand<Scalar>& b, typename Operand<S
     gemm(operand(Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>(A.transpose())), b, c, true);
 }
 
+/// sums += the sums of x's columns (x: rows × n, sums: n contiguous numbers), as onesᵀ · x: one
+/// more of the products above instead of a reduction compiled for each type of x.
+template <typename Scalar>
+void add_column_sums(const Operand<Scalar>& x, Scalar* sums) {
+  const Eigen::Matrix<Scalar, Eigen::Dynamic, 1> ones = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>::Ones(x.op_rows());
+  Eigen::Map<Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>> result(sums, 1, x.op_cols());
+  gemm(operand(ones).t(), x, result, true);
+}
+
 }  // namespace detail
 }  // namespace mha
