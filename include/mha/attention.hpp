@@ -108,10 +108,14 @@ void attention_query_block(const ConstMatrixRef<Scalar>& q, const Rows<Scalar>& 
     m = m_new;
   };
   for_each_tile<Scalar>(k, visibility, first_row, qs, scratch.scores, online_softmax_step);
-  const auto inverse_sum = (l == Scalar(0)).select(Scalar(1), l).inverse().eval();
+  // 1/ℓ, and log Σ exp(score) = m + log ℓ, per row (loops: once per block, cheap to compile); a row
+  // with nothing visible has m = −∞ and ℓ = 0: its output stays zero and its log-sum-exp −∞.
+  auto inverse_sum = scratch.rescale.head(rows);
+  for (Eigen::Index r = 0; r < rows; ++r) {
+    inverse_sum(r) = l(r) == Scalar(0) ? Scalar(1) : Scalar(1) / l(r);
+    if (log_sum_exp) log_sum_exp[first_row + r] = l(r) == Scalar(0) ? m(r) : m(r) + std::log(l(r));
+  }
   acc.array().colwise() *= inverse_sum;
-  // log Σ exp(score) = m + log ℓ; a row with nothing visible has m = −∞ and ℓ = 0, and keeps −∞.
-  if (log_sum_exp) Eigen::Map<Column<Scalar>>(log_sum_exp + first_row, rows) = (l == Scalar(0)).select(m, m + l.log());
 
   if (weights) {
     // A second pass recomputes each tile's scores against the final maximum and sum.
