@@ -4,12 +4,8 @@
 // LlamaAttention's forward literally in torch and saves the weights, an input and the outputs
 // (float32 and float64). Shapes and head counts are checked before anything is allocated.
 
-// Eigen's assertions throw in this program, in every build type, so that a heap allocation while
-// Eigen::internal::set_is_malloc_allowed(false) holds fails the test (as in test_pytorch_io).
-#include <stdexcept>
-#define eigen_assert(condition) \
-  ((condition) ? static_cast<void>(0) : throw std::runtime_error("Eigen assertion failed: " #condition))
-#define EIGEN_RUNTIME_NO_MALLOC
+// Before any Eigen header: Eigen's assertions throw, and allocations can be forbidden.
+#include "eigen_checked.hpp"  // NOLINT(build/include_order)
 
 #include <mha/io/huggingface.hpp>
 #include <mha/io/safetensors.hpp>

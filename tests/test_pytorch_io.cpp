@@ -3,12 +3,8 @@
 // made by examples/export_pytorch_mha.py and carry an input and PyTorch's output for it. Shapes are
 // checked before anything is allocated: Eigen may be forbidden to allocate while an import fails.
 
-// Eigen's assertions throw in this program, in every build type, so that a heap allocation while
-// Eigen::internal::set_is_malloc_allowed(false) holds (or a size mismatch) fails the test.
-#include <stdexcept>
-#define eigen_assert(condition) \
-  ((condition) ? static_cast<void>(0) : throw std::runtime_error("Eigen assertion failed: " #condition))
-#define EIGEN_RUNTIME_NO_MALLOC
+// Before any Eigen header: Eigen's assertions throw, and allocations can be forbidden.
+#include "eigen_checked.hpp"  // NOLINT(build/include_order)
 
 #include <mha/io/pytorch.hpp>
 #include <mha/io/safetensors.hpp>
