@@ -77,26 +77,24 @@ void attention_query_block(const ConstMatrixRef<Scalar>& q, const Rows<Scalar>& 
   // One step of the online softmax: the tile's scores s (B_r × B_c) raise the running maximum,
   // rescale what was summed so far, and add their weighted values.
   const auto online_softmax_step = [&](Eigen::Map<Matrix<Scalar>>& s, Eigen::Index first_key, bool flushed) {
+    // One query (a decode step): the tile is one contiguous row, and the softmax runs along it,
+    // vectorised over the keys (a column at a time it would be one scalar exp per key). Otherwise
+    // it runs down the tile one key (column) at a time, vectorised over the rows: Eigen's row-wise
+    // reductions of a column-major tile were 2× slower (docs/performance.md).
+    Eigen::Map<Eigen::Array<Scalar, 1, Eigen::Dynamic>> one_row(s.data(), rows == 1 ? s.cols() : 0);
     m_new = m;
-    if (rows == 1) {
-      // One query (a decode step): the tile is one contiguous row, and the softmax runs along
-      // it, vectorised over the keys (a column at a time it would be one scalar exp per key).
-      Eigen::Map<Eigen::Array<Scalar, 1, Eigen::Dynamic>> p(s.data(), s.cols());
-      m_new(0) = std::max(m(0), p.maxCoeff());
-      shift = stable_shift(m_new);
-      alpha = m;
-      exp_minus(alpha.data(), 1, shift.data(), true);
-      l *= alpha;
-      exp_minus(p.data(), p.size(), shift(0), flushed);
-      l(0) += p.sum();
-    } else {
-      // The softmax runs down the tile one key (column) at a time, vectorised over the rows:
-      // Eigen's row-wise reductions of a column-major tile were 2× slower (README "Performance").
+    if (rows == 1)
+      m_new(0) = std::max(m(0), one_row.maxCoeff());
+    else
       for (Eigen::Index j = 0; j < s.cols(); ++j) m_new = m_new.max(s.col(j).array());
-      shift = stable_shift(m_new);
-      alpha = m;
-      exp_minus(alpha.data(), rows, shift.data(), true);  // e^(m − m′): 0 on the first tile, where m = −∞
-      l *= alpha;
+    shift = stable_shift(m_new);
+    alpha = m;
+    exp_minus(alpha.data(), rows, shift.data(), true);  // e^(m − m′): 0 on the first tile, where m = −∞
+    l *= alpha;
+    if (rows == 1) {
+      exp_minus(one_row.data(), one_row.size(), shift(0), flushed);
+      l(0) += one_row.sum();
+    } else {
       for (Eigen::Index j = 0; j < s.cols(); ++j) {
         exp_minus(s.col(j).data(), rows, shift.data(), flushed);
         l += s.col(j).array();
@@ -253,10 +251,6 @@ void attention_backward(const ConstMatrixRef<Scalar>& q, const ConstMatrixRef<Sc
     grad_q.middleRows(first_row, rows) = scale * grad_q_rows;
   }
 }
-
-}  // namespace detail
-
-namespace detail {
 
 /// scaled_dot_product_attention, once its inputs are views (or evaluated copies) of one type.
 template <typename Scalar>

@@ -28,25 +28,27 @@ auto exp_flushed(const Eigen::ArrayBase<Derived>& x) {
   return (x.derived().exp() - std::numeric_limits<Scalar>::min()).max(Scalar(0));
 }
 
+/// x = exp(x − shift) for an array x, `flushed` as exp_flushed (where a mask may have put −∞).
+template <typename Values, typename Shift>
+void exp_minus_into(Values& x, const Shift& shift, bool flushed) {
+  if (flushed)
+    x = exp_flushed(x - shift);
+  else
+    x = (x - shift).exp();
+}
+
 /// x_i = exp(x_i − shift_i) for the n entries at x (shift: n entries, or one for all), flushed as
 /// exp_flushed where a mask may have put −∞ among them: the exponentials of a tile's column (or of
 /// a one-row tile), compiled once per scalar type for every pass that takes them.
 template <typename Scalar>
 void exp_minus(Scalar* x, Eigen::Index n, const Scalar* shift, bool flushed) {
-  Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>> v(x, n);
-  const Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>> s(shift, n);
-  if (flushed)
-    v = exp_flushed(v - s);
-  else
-    v = (v - s).exp();
+  Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>> values(x, n);
+  exp_minus_into(values, Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>>(shift, n), flushed);
 }
 template <typename Scalar>
 void exp_minus(Scalar* x, Eigen::Index n, Scalar shift, bool flushed) {
-  Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>> v(x, n);
-  if (flushed)
-    v = exp_flushed(v - shift);
-  else
-    v = (v - shift).exp();
+  Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>> values(x, n);
+  exp_minus_into(values, shift, flushed);
 }
 
 }  // namespace detail
