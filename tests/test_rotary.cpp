@@ -13,6 +13,7 @@
 #include <cstddef>
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace {
 
@@ -62,6 +63,44 @@ TYPED_TEST(Rotary, HandCheckableRotation) {
     expected << 0, 1,  //
         static_cast<TypeParam>(1 - to_b), static_cast<TypeParam>(to_b);
     EXPECT_TRUE(near<TypeParam>(result.output, expected, "rotary by hand"));
+  }
+}
+
+TYPED_TEST(Rotary, TurnsAnyStorageOrderAndBlockAlikeAndBack) {
+  // RotaryEmbedding::rotate on a column-major matrix, a row-major one and a block of a larger
+  // matrix: the same numbers, each pair turned as the definition says, and rotate_back undoes it.
+  using RowMajor = Eigen::Matrix<TypeParam, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  for (const auto pairs : {mha::RotaryPairs::interleaved, mha::RotaryPairs::halves}) {
+    const mha::RotaryEmbedding rotation(6, 100.0, pairs);
+    const Matrix<TypeParam> x = random_matrix<TypeParam>(5, 12, 3);  // two heads of width 6
+    const std::vector<Index> positions = {0, 3, 1, 7, 2};
+    Matrix<TypeParam> expected = x;
+    for (Index r = 0; r < 5; ++r)
+      for (Index head = 0; head < 2; ++head)
+        for (Index i = 0; i < 3; ++i) {
+          const Index a = head * 6 + (pairs == mha::RotaryPairs::interleaved ? 2 * i : i);
+          const Index b = head * 6 + (pairs == mha::RotaryPairs::interleaved ? 2 * i + 1 : i + 3);
+          const double angle =
+              static_cast<double>(positions[static_cast<std::size_t>(r)]) * std::pow(100.0, -2.0 * i / 6);
+          const double xa = x(r, a), xb = x(r, b);
+          expected(r, a) = static_cast<TypeParam>(xa * std::cos(angle) - xb * std::sin(angle));
+          expected(r, b) = static_cast<TypeParam>(xa * std::sin(angle) + xb * std::cos(angle));
+        }
+    Matrix<TypeParam> columns = x;
+    rotation.rotate(columns, positions.data());
+    RowMajor rows = x;
+    rotation.rotate(rows, positions.data());
+    Matrix<TypeParam> larger = random_matrix<TypeParam>(9, 15, 4);
+    const Matrix<TypeParam> larger_before = larger;
+    larger.block(2, 1, 5, 12) = x;
+    rotation.rotate(larger.block(2, 1, 5, 12), positions.data());
+    EXPECT_TRUE(near<TypeParam>(columns, expected, "column-major"));
+    EXPECT_EQ(Matrix<TypeParam>(rows), columns);
+    EXPECT_EQ(Matrix<TypeParam>(larger.block(2, 1, 5, 12)), columns);
+    EXPECT_EQ(larger.topRows(2), larger_before.topRows(2));  // nothing outside the block moves
+    EXPECT_EQ(larger.col(0), larger_before.col(0));
+    rotation.rotate_back(rows, positions.data());
+    EXPECT_TRUE(near<TypeParam>(Matrix<TypeParam>(rows), x, "rotated back"));
   }
 }
 

@@ -63,11 +63,13 @@ void attention_query_block(const ConstMatrixRef<Scalar>& q, const Rows<Scalar>& 
   const Eigen::Index first_row = block * kQueryBlock;
   const Eigen::Index rows = std::min(kQueryBlock, q.rows() - first_row);
   auto acc = out.middleRows(first_row, rows);  // B_r × d_v, unnormalised until the end
-  auto m = scratch.row_max.head(rows);
-  auto l = scratch.row_sum.head(rows);
-  auto m_new = scratch.new_max.head(rows);
-  auto shift = scratch.shift.head(rows);
-  auto alpha = scratch.rescale.head(rows);
+  ColumnMap<Scalar> m(scratch.row_max.data(), rows), l(scratch.row_sum.data(), rows),
+      m_new(scratch.new_max.data(), rows), shift(scratch.shift.data(), rows), alpha(scratch.rescale.data(), rows);
+  // Column j of a tile, and of the output: contiguous, B_r numbers.
+  const auto column = [rows](Scalar* data, Eigen::Index stride, Eigen::Index j) {
+    return ColumnMap<Scalar>(data + j * stride, rows);
+  };
+  const auto scale_rows = [&](const ColumnMap<Scalar>& factors) { acc.array().colwise() *= factors; };
   m.setConstant(-std::numeric_limits<Scalar>::infinity());
   l.setZero();
   acc.setZero();
@@ -81,12 +83,12 @@ void attention_query_block(const ConstMatrixRef<Scalar>& q, const Rows<Scalar>& 
     // vectorised over the keys (a column at a time it would be one scalar exp per key). Otherwise
     // it runs down the tile one key (column) at a time, vectorised over the rows: Eigen's row-wise
     // reductions of a column-major tile were 2× slower (docs/performance.md).
-    Eigen::Map<Eigen::Array<Scalar, 1, Eigen::Dynamic>> one_row(s.data(), rows == 1 ? s.cols() : 0);
+    ColumnMap<Scalar> one_row(s.data(), rows == 1 ? s.cols() : 0);
     m_new = m;
     if (rows == 1)
       m_new(0) = std::max(m(0), one_row.maxCoeff());
     else
-      for (Eigen::Index j = 0; j < s.cols(); ++j) m_new = m_new.max(s.col(j).array());
+      for (Eigen::Index j = 0; j < s.cols(); ++j) m_new = m_new.max(column(s.data(), rows, j));
     shift = stable_shift(m_new);
     alpha = m;
     exp_minus(alpha.data(), rows, shift.data(), true);  // e^(m − m′): 0 on the first tile, where m = −∞
@@ -97,23 +99,23 @@ void attention_query_block(const ConstMatrixRef<Scalar>& q, const Rows<Scalar>& 
     } else {
       for (Eigen::Index j = 0; j < s.cols(); ++j) {
         exp_minus(s.col(j).data(), rows, shift.data(), flushed);
-        l += s.col(j).array();
+        l += column(s.data(), rows, j);
       }
     }
     if (visibility.dropout > 0) drop_out(s, visibility, first_row, first_key);
-    acc.array().colwise() *= alpha;
+    scale_rows(alpha);
     gemm(operand(s), v.middle_rows(first_key, s.cols()), acc, true);
     m = m_new;
   };
   for_each_tile<Scalar>(k, visibility, first_row, qs, scratch.scores, online_softmax_step);
   // 1/ℓ, and log Σ exp(score) = m + log ℓ, per row (loops: once per block, cheap to compile); a row
   // with nothing visible has m = −∞ and ℓ = 0: its output stays zero and its log-sum-exp −∞.
-  auto inverse_sum = scratch.rescale.head(rows);
+  ColumnMap<Scalar> inverse_sum(scratch.rescale.data(), rows);
   for (Eigen::Index r = 0; r < rows; ++r) {
     inverse_sum(r) = l(r) == Scalar(0) ? Scalar(1) : Scalar(1) / l(r);
     if (log_sum_exp) log_sum_exp[first_row + r] = l(r) == Scalar(0) ? m(r) : m(r) + std::log(l(r));
   }
-  acc.array().colwise() *= inverse_sum;
+  scale_rows(inverse_sum);
 
   if (weights) {
     // A second pass recomputes each tile's scores against the final maximum and sum.
@@ -121,7 +123,7 @@ void attention_query_block(const ConstMatrixRef<Scalar>& q, const Rows<Scalar>& 
     const auto write_weights = [&](Eigen::Map<Matrix<Scalar>>& s, Eigen::Index first_key, bool flushed) {
       for (Eigen::Index j = 0; j < s.cols(); ++j) {
         exp_minus(s.col(j).data(), rows, shift.data(), flushed);
-        s.col(j).array() *= inverse_sum;
+        column(s.data(), rows, j) *= inverse_sum;
       }
       if (visibility.dropout > 0) drop_out(s, visibility, first_row, first_key);
       weights->block(first_row, first_key, rows, s.cols()) = s;
@@ -212,9 +214,9 @@ void attention_backward(const ConstMatrixRef<Scalar>& q, const ConstMatrixRef<Sc
     auto grad_q_rows = scratch.grad_q.topRows(rows);
     grad_q_rows.setZero();
     const auto d_out_rows = d_out.middleRows(first_row, rows);  // B_r × d_v
-    auto shift = scratch.shift.head(rows);
-    shift = stable_shift(Eigen::Map<const Column<Scalar>>(log_sum_exp + first_row, rows));
-    auto D = scratch.d_dot_out.head(rows);
+    ColumnMap<Scalar> shift(scratch.shift.data(), rows), D(scratch.d_dot_out.data(), rows);
+    std::copy_n(log_sum_exp + first_row, rows, shift.data());
+    shift = stable_shift(shift);
     // D = rowsum(d_out ∘ out), in loops down the columns: as a row-wise reduction it cost 20 MB of
     // every compile.
     D.setZero();
@@ -242,7 +244,8 @@ void attention_backward(const ConstMatrixRef<Scalar>& q, const ConstMatrixRef<Sc
         gemm(operand(s).t(), operand(d_out_rows), grad_v.middleRows(first_key, keys), true);
       }
       // The softmax's backward: ∂loss/∂s = P ∘ (∂loss/∂P − D).
-      for (Eigen::Index j = 0; j < keys; ++j) s.col(j).array() *= dp.col(j).array() - D;
+      for (Eigen::Index j = 0; j < keys; ++j)
+        ColumnMap<Scalar>(s.col(j).data(), rows) *= ColumnMap<Scalar>(dp.col(j).data(), rows) - D;
       // In the forward pass this was: s = (scale · q) kᵀ.
       gemm(operand(s), operand(k).middle_rows(first_key, keys), grad_q_rows, true);
       gemm(operand(s).t(), operand(qs), grad_k.middleRows(first_key, keys), true);

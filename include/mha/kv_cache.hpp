@@ -36,8 +36,12 @@ class KVCache {
     if (sequences < 1) detail::fail("KVCache: sequences must be >= 1, got ", sequences);
     if (max_length < 0) detail::fail("KVCache: max_length must be >= 0 (0 = no limit), got ", max_length);
     const auto count = static_cast<std::size_t>(sequences);
-    keys_.assign(count, Matrix(max_length, key_width()));
-    values_.assign(count, Matrix(max_length, value_width()));
+    keys_.resize(count);
+    values_.resize(count);
+    for (std::size_t b = 0; b < count; ++b) {
+      keys_[b].resize(max_length, key_width());
+      values_[b].resize(max_length, value_width());
+    }
     lengths_.assign(count, 0);
   }
 
@@ -145,13 +149,20 @@ class KVCache {
     for (std::size_t b = 0; b < lengths.size(); ++b)
       for (Matrix* storage : {&keys_[b], &values_[b]}) {
         const Index needed = lengths_[b] + lengths[b];
-        if (needed > storage->rows())
-          storage->conservativeResize(std::max<Index>({needed, 2 * storage->rows(), 16}), Eigen::NoChange);
+        if (needed <= storage->rows()) continue;
+        // Row-major: the tokens held are the first length × width numbers.
+        Matrix grown(std::max<Index>({needed, 2 * storage->rows(), 16}), storage->cols());
+        std::copy_n(storage->data(), lengths_[b] * storage->cols(), grown.data());
+        storage->swap(grown);
       }
+    const auto write = [](const auto& from, Index first, Index count, Matrix& to, Index at) {
+      for (Index r = 0; r < count; ++r)
+        for (Index c = 0; c < to.cols(); ++c) to(at + r, c) = from(first + r, c);
+    };
     Index row = 0;
     for (std::size_t b = 0; b < lengths.size(); ++b) {
-      keys_[b].middleRows(lengths_[b], lengths[b]) = keys.middleRows(row, lengths[b]);
-      values_[b].middleRows(lengths_[b], lengths[b]) = values.middleRows(row, lengths[b]);
+      write(keys, row, lengths[b], keys_[b], lengths_[b]);
+      write(values, row, lengths[b], values_[b], lengths_[b]);
       lengths_[b] += lengths[b];
       row += lengths[b];
     }

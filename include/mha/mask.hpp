@@ -3,6 +3,7 @@
 
 #include <Eigen/Core>
 
+#include <cstddef>
 #include <cstdint>
 #include <limits>
 #include <memory>
@@ -55,13 +56,13 @@ class AttentionMask {
     AttentionMask m = *this;
     switch (element_) {
       case Element::boolean:
-        m.own<bool>(view<bool>());
+        m.copy_entries<bool>();
         break;
       case Element::f32:
-        m.own<float>(view<float>());
+        m.copy_entries<float>();
         break;
       case Element::f64:
-        m.own<double>(view<double>());
+        m.copy_entries<double>();
         break;
     }
     return m;
@@ -140,12 +141,17 @@ class AttentionMask {
     return m;
   }
 
-  /// The entries this mask reads, as a strided map of element type T.
+  /// Makes the mask read its own column-major copy of the entries it views (of element type T).
   template <typename T>
-  Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>, 0, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>>
-  view() const {
-    return {static_cast<const T*>(data_), rows_, cols_,
-            Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>(col_stride_, row_stride_)};
+  void copy_entries() {
+    std::shared_ptr<T[]> copy(new T[static_cast<std::size_t>(rows_ * cols_)]);
+    const T* from = static_cast<const T*>(data_);
+    for (Eigen::Index c = 0; c < cols_; ++c)
+      for (Eigen::Index r = 0; r < rows_; ++r) copy[r + c * rows_] = from[r * row_stride_ + c * col_stride_];
+    data_ = copy.get();
+    row_stride_ = 1;
+    col_stride_ = rows_;
+    owned_ = std::move(copy);
   }
 
   /// Makes the mask read its own column-major copy of `entries`.

@@ -33,7 +33,7 @@ class RotaryEmbedding {
       : RotaryEmbedding(config.resolved().d_k, config.rotary_base, config.rotary_pairs) {}
 
   /// Turns every head (column block of width d) of the rows of `x` by their positions: row r is at
-  /// position positions[r].
+  /// position positions[r]. `x` is a writable matrix, map or block of either storage order.
   template <typename Rows>
   void rotate(Rows&& x, const Eigen::Index* positions) const {
     turn(x, positions, 1.0);
@@ -49,27 +49,39 @@ class RotaryEmbedding {
   Eigen::Index first(Eigen::Index i) const { return pairs_ == RotaryPairs::interleaved ? 2 * i : i; }
   Eigen::Index second(Eigen::Index i) const { return pairs_ == RotaryPairs::interleaved ? 2 * i + 1 : i + d_ / 2; }
 
+  /// x's numbers as a pointer and the steps between rows and between columns, so that the rotation
+  /// below is compiled once per scalar type, not once per type of x.
   template <typename Rows>
   void turn(Rows& x, const Eigen::Index* positions, double direction) const {
-    using Scalar = typename std::decay_t<Rows>::Scalar;
-    using Column = Eigen::Array<Scalar, Eigen::Dynamic, 1>;
-    const Eigen::Index rows = x.rows(), heads = x.cols() / d_;
-    Column cos(rows), sin(rows);
+    using X = std::decay_t<Rows>;
+    static_assert(bool(X::Flags & Eigen::DirectAccessBit) && bool(X::Flags & Eigen::LvalueBit),
+                  "mha::RotaryEmbedding: the rows to turn must be a writable matrix, map or block");
+    const bool row_major = bool(X::Flags & Eigen::RowMajorBit);
+    turn(x.data(), x.rows(), x.cols(), row_major ? x.outerStride() : x.innerStride(),
+         row_major ? x.innerStride() : x.outerStride(), positions, direction);
+  }
+
+  template <typename Scalar>
+  void turn(Scalar* x, Eigen::Index rows, Eigen::Index cols, Eigen::Index row_step, Eigen::Index col_step,
+            const Eigen::Index* positions, double direction) const {
+    if (rows == 0 || cols == 0) return;
+    const Eigen::Index heads = cols / d_;
     for (Eigen::Index i = 0; i < d_ / 2; ++i) {
       // The angles in double, with std::cos and std::sin: a position gets the same rotation
       // wherever it is computed (a full forward pass, a decode step, a backward pass).
       const double theta = std::pow(base_, -2.0 * static_cast<double>(i) / static_cast<double>(d_));
       for (Eigen::Index r = 0; r < rows; ++r) {
         const double angle = static_cast<double>(positions[r]) * theta;
-        cos(r) = static_cast<Scalar>(std::cos(angle));
-        sin(r) = static_cast<Scalar>(direction * std::sin(angle));
-      }
-      for (Eigen::Index head = 0; head < heads; ++head) {
-        auto a = x.col(head * d_ + first(i)).array();
-        auto b = x.col(head * d_ + second(i)).array();
-        const Column a0 = a;
-        a = a0 * cos - b * sin;
-        b = a0 * sin + b * cos;
+        const auto cos = static_cast<Scalar>(std::cos(angle));
+        const auto sin = static_cast<Scalar>(direction * std::sin(angle));
+        Scalar* row = x + r * row_step;
+        for (Eigen::Index head = 0; head < heads; ++head) {
+          Scalar& a = row[(head * d_ + first(i)) * col_step];
+          Scalar& b = row[(head * d_ + second(i)) * col_step];
+          const Scalar a0 = a;
+          a = a0 * cos - b * sin;
+          b = a0 * sin + b * cos;
+        }
       }
     }
   }

@@ -3,6 +3,7 @@
 
 #include <Eigen/Core>
 
+#include <algorithm>
 #include <limits>
 
 namespace mha {
@@ -45,10 +46,15 @@ void exp_minus(Scalar* x, Eigen::Index n, const Scalar* shift, bool flushed) {
   Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>> values(x, n);
   exp_minus_into(values, Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>>(shift, n), flushed);
 }
+/// The same with one shift for all n: through the form above, a chunk of shifts at a time, so that
+/// the vectorised exponential is compiled once.
 template <typename Scalar>
 void exp_minus(Scalar* x, Eigen::Index n, Scalar shift, bool flushed) {
-  Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>> values(x, n);
-  exp_minus_into(values, shift, flushed);
+  constexpr Eigen::Index kChunk = 256;
+  Scalar shifts[kChunk];
+  std::fill_n(shifts, std::min(kChunk, n), shift);
+  for (Eigen::Index first = 0; first < n; first += kChunk)
+    exp_minus(x + first, std::min(kChunk, n - first), static_cast<const Scalar*>(shifts), flushed);
 }
 
 }  // namespace detail

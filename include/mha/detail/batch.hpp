@@ -84,18 +84,21 @@ inline std::vector<QueryBlock> query_block_tasks(const Batch& batch, Eigen::Inde
 }
 
 /// Each sequence's projected keys (or values) with the extra rows appended: add_bias_kv's row
-/// `bias_row` (when given), then add_zero_attn's zero row (when `zero_row`).
+/// `bias_row` (when given), then add_zero_attn's zero row (when `zero_row`). Column by column, as
+/// copies of contiguous runs: a sequence's rows of one column are next to each other.
 template <typename Matrix, typename RowVector>
 void append_extra_rows(const Matrix& projected, const Batch& batch, const RowVector* bias_row, bool zero_row,
                        Matrix& out) {
   out.resize(projected.rows() + batch.size() * batch.extra_keys, projected.cols());
-  Eigen::Index from = 0, to = 0;
-  for (const Eigen::Index length : batch.key_lengths) {
-    out.middleRows(to, length) = projected.middleRows(from, length);
-    from += length;
-    to += length;
-    if (bias_row) out.row(to++) = *bias_row;
-    if (zero_row) out.row(to++).setZero();
+  for (Eigen::Index c = 0; c < out.cols(); ++c) {
+    const auto* from = projected.data() + c * projected.rows();
+    auto* to = out.data() + c * out.rows();
+    for (const Eigen::Index length : batch.key_lengths) {
+      to = std::copy_n(from, length, to);
+      from += length;
+      if (bias_row) *to++ = (*bias_row)(c);
+      if (zero_row) *to++ = 0;
+    }
   }
 }
 
@@ -104,13 +107,15 @@ void append_extra_rows(const Matrix& projected, const Batch& batch, const RowVec
 template <typename Matrix, typename BiasRow>
 void remove_extra_rows(const Matrix& extended, const Batch& batch, Matrix& out, BiasRow* bias_row) {
   out.resize(extended.rows() - batch.size() * batch.extra_keys, extended.cols());
-  Eigen::Index from = 0, to = 0;
-  for (const Eigen::Index length : batch.key_lengths) {
-    out.middleRows(to, length) = extended.middleRows(from, length);
-    to += length;
-    from += length;
-    if (bias_row) *bias_row += extended.row(from);
-    from += batch.extra_keys;
+  for (Eigen::Index c = 0; c < out.cols(); ++c) {
+    const auto* from = extended.data() + c * extended.rows();
+    auto* to = out.data() + c * out.rows();
+    for (const Eigen::Index length : batch.key_lengths) {
+      to = std::copy_n(from, length, to);
+      from += length;
+      if (bias_row) (*bias_row)(c) += *from;
+      from += batch.extra_keys;
+    }
   }
 }
 

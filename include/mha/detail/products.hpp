@@ -45,7 +45,11 @@ class RowBlockJobs {
         const Eigen::Index rows = std::min(kRows, out.rows() - first);
         auto out_rows = out.middleRows(first, rows);
         gemm(lhs.middle_rows(first, rows), rhs, out_rows, accumulate);
-        if (bias) out_rows.rowwise() += *bias;
+        if (bias)  // a loop per column: the bias is O(rows · cols), beside a product's O(rows · cols · depth)
+          for (Eigen::Index c = 0; c < out_rows.cols(); ++c) {
+            Scalar* column = out_rows.data() + c * out_rows.outerStride();
+            for (Eigen::Index r = 0; r < rows; ++r) column[r] += (*bias)(c);
+          }
         if (rotation.rotary) rotation.rotary->rotate(out_rows, rotation.positions + first);
       });
   }

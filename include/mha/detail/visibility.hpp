@@ -20,6 +20,10 @@ template <typename Scalar>
 using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
 template <typename Scalar>
 using Column = Eigen::Array<Scalar, Eigen::Dynamic, 1>;
+/// n contiguous numbers as a column: the one view the kernel's column arithmetic is written on, so
+/// that each of its expressions is compiled once per scalar type.
+template <typename Scalar>
+using ColumnMap = Eigen::Map<Column<Scalar>>;
 /// A read-only view of contiguous columns: a matrix, a block of whole columns, a column-major map.
 template <typename Scalar>
 using ConstMatrixRef = Eigen::Ref<const Matrix<Scalar>>;
@@ -57,7 +61,7 @@ void mask_future_keys(Tile& scores, Eigen::Index first_row, Eigen::Index offset,
   for (Eigen::Index c = 0; c < scores.cols(); ++c) {
     // Key j = first_key + c is hidden from the rows r < j − offset − first_row.
     const Eigen::Index hidden = std::clamp<Eigen::Index>(first_key + c - offset - first_row, 0, scores.rows());
-    scores.col(c).head(hidden).setConstant(-std::numeric_limits<Scalar>::infinity());
+    std::fill_n(scores.data() + c * scores.outerStride(), hidden, -std::numeric_limits<Scalar>::infinity());
   }
 }
 
@@ -71,7 +75,8 @@ void mask_past_keys(Tile& scores, Eigen::Index first_row, Eigen::Index offset, E
     // Key j = first_key + c is hidden from the rows r ≥ j − offset + window − first_row.
     const Eigen::Index visible =
         std::clamp<Eigen::Index>(first_key + c - offset + window - first_row, 0, scores.rows());
-    scores.col(c).tail(scores.rows() - visible).setConstant(-std::numeric_limits<Scalar>::infinity());
+    std::fill_n(scores.data() + c * scores.outerStride() + visible, scores.rows() - visible,
+                -std::numeric_limits<Scalar>::infinity());
   }
 }
 

@@ -1,0 +1,94 @@
+// mha::detail::gemm, the one matrix product of the library: c (+)= op(a) · op(b) against the
+// definition (a triple loop in long double), for each of the four transpositions, operands and
+// results that are blocks of larger matrices (an outer stride), and the shapes that take each of
+// its paths: one row or one column (the two GEMVs, with contiguous and strided vectors), one
+// inner dimension, sizes across the kernel's register and cache blocks.
+#include <mha/detail/gemm.hpp>
+
+#include "test_util.hpp"
+
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using mha_test::Matrix;
+using mha_test::random_matrix;
+using mha_test::tolerance;
+using Index = Eigen::Index;
+
+template <typename Scalar>
+class Gemm : public ::testing::Test {};
+TYPED_TEST_SUITE(Gemm, mha_test::Scalars, mha_test::ScalarNames);
+
+/// op(a) · op(b) by the definition, accumulated in long double.
+template <typename Scalar>
+Matrix<Scalar> definition(const Matrix<Scalar>& a, bool ta, const Matrix<Scalar>& b, bool tb) {
+  const Index m = ta ? a.cols() : a.rows(), k = ta ? a.rows() : a.cols(), n = tb ? b.rows() : b.cols();
+  Matrix<Scalar> c(m, n);
+  for (Index i = 0; i < m; ++i)
+    for (Index j = 0; j < n; ++j) {
+      long double sum = 0;
+      for (Index p = 0; p < k; ++p)
+        sum += static_cast<long double>(ta ? a(p, i) : a(i, p)) * static_cast<long double>(tb ? b(j, p) : b(p, j));
+      c(i, j) = static_cast<Scalar>(sum);
+    }
+  return c;
+}
+
+TYPED_TEST(Gemm, EqualsTheDefinitionForEveryTranspositionShapeAndStride) {
+  using Scalar = TypeParam;
+  // (m, n, k): scalars, one row, one column, one inner dimension, odd sizes, and sizes past the
+  // register blocks (8–24 rows × 4 columns) and a cache block of the inner dimension (≥ 256).
+  const std::vector<std::tuple<Index, Index, Index>> shapes = {{1, 1, 1},    {1, 1, 9},    {1, 7, 5},   {7, 1, 5},
+                                                               {1, 300, 70}, {300, 1, 70}, {13, 9, 1},  {5, 3, 2},
+                                                               {33, 17, 29}, {65, 70, 3},  {2, 2, 600}, {97, 61, 300}};
+  std::uint64_t seed = 1;
+  for (const auto& [m, n, k] : shapes)
+    for (const bool ta : {false, true})
+      for (const bool tb : {false, true})
+        for (const bool strided : {false, true})
+          for (const bool accumulate : {false, true}) {
+            // Each operand is stored inside a larger matrix, 3 rows down, when `strided`.
+            const Index pad = strided ? 3 : 0;
+            const Matrix<Scalar> a_store = random_matrix<Scalar>((ta ? k : m) + pad, ta ? m : k, ++seed);
+            const Matrix<Scalar> b_store = random_matrix<Scalar>((tb ? n : k) + pad, tb ? k : n, ++seed);
+            Matrix<Scalar> c_store = random_matrix<Scalar>(m + pad, n, ++seed);
+            const Matrix<Scalar> a = a_store.bottomRows(a_store.rows() - pad);
+            const Matrix<Scalar> b = b_store.bottomRows(b_store.rows() - pad);
+            const Matrix<Scalar> c0 = c_store.bottomRows(m);
+            auto c = c_store.bottomRows(m);
+            auto op_a = mha::detail::operand(a_store.bottomRows(a.rows()));
+            auto op_b = mha::detail::operand(b_store.bottomRows(b.rows()));
+            mha::detail::gemm(ta ? op_a.t() : op_a, tb ? op_b.t() : op_b, c, accumulate);
+            Matrix<Scalar> expected = definition(a, ta, b, tb);
+            if (accumulate) expected += c0;
+            EXPECT_TRUE(mha_test::close(c_store.bottomRows(m), expected, 10 * tolerance<Scalar>()))
+                << "m = " << m << ", n = " << n << ", k = " << k << ", op(a) " << (ta ? "aᵀ" : "a") << ", op(b) "
+                << (tb ? "bᵀ" : "b") << (strided ? ", strided" : "") << (accumulate ? ", +=" : ", =");
+            // The rows above the result are not written.
+            EXPECT_EQ(c_store.topRows(pad), random_matrix<Scalar>(m + pad, n, seed).topRows(pad));
+          }
+}
+
+TYPED_TEST(Gemm, ReadsARowMajorOperandAsTheTransposeOfItsStorage) {
+  using Scalar = TypeParam;
+  using RowMajor = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  const Matrix<Scalar> a = random_matrix<Scalar>(11, 6, 1), b = random_matrix<Scalar>(6, 9, 2);
+  const RowMajor a_rows = a, b_rows = b;
+  Matrix<Scalar> c(11, 9);
+  mha::detail::gemm(mha::detail::operand(a_rows), mha::detail::operand(b_rows), c);
+  EXPECT_TRUE(mha_test::close(c, definition(a, false, b, false), 10 * tolerance<Scalar>()));
+}
+
+TYPED_TEST(Gemm, EmptyProductsWriteZerosOrNothing) {
+  using Scalar = TypeParam;
+  const Matrix<Scalar> a(4, 0), b(0, 3);
+  Matrix<Scalar> c = Matrix<Scalar>::Constant(4, 3, 2);
+  mha::detail::gemm(mha::detail::operand(a), mha::detail::operand(b), c, true);
+  EXPECT_EQ(c, Matrix<Scalar>::Constant(4, 3, 2));
+  mha::detail::gemm(mha::detail::operand(a), mha::detail::operand(b), c);
+  EXPECT_EQ(c, Matrix<Scalar>::Zero(4, 3));
+}
+
+}  // namespace
