@@ -161,11 +161,10 @@ int main() {
   }
   std::printf("\n\"%s\" + \"%s\"  (random weights: it means nothing)\n", prompt.c_str(),
               text_of({tokens.begin() + prompt_length, tokens.end()}).c_str());
-  std::printf("cache: keys %ld x %ld, values %ld x %ld (h_kv·d_k = %ld columns, not h·d_k = %ld), %zu bytes\n\n",
-              static_cast<long>(cache.keys().rows()), static_cast<long>(cache.keys().cols()),
-              static_cast<long>(cache.values().rows()), static_cast<long>(cache.values().cols()),
-              static_cast<long>(cache.keys().cols()),
-              static_cast<long>(model.attention.num_heads() * model.attention.d_k()),
+  std::printf("cache: %ld key/value heads (not h = %ld), each keys %ld x %ld and values %ld x %ld, %zu bytes\n\n",
+              static_cast<long>(cache.kv_heads()), static_cast<long>(model.attention.num_heads()),
+              static_cast<long>(cache.keys(0, 0).rows()), static_cast<long>(cache.keys(0, 0).cols()),
+              static_cast<long>(cache.values(0, 0).rows()), static_cast<long>(cache.values(0, 0).cols()),
               static_cast<std::size_t>(cache.bytes()));
 
   // ---- Without the cache: every step recomputes the causal forward pass over all tokens so far. ----

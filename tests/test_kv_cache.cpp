@@ -33,6 +33,28 @@ using mha_test::total;
 using mha_test::use_threads;
 using Index = Eigen::Index;
 
+/// Sequence b's cached keys (or values) of every key/value head side by side, length × h_kv·d:
+/// what a decode step appended, for comparing whole caches.
+template <typename Scalar, typename View>
+Matrix<Scalar> side_by_side(const mha::KVCache<Scalar>& cache, Index b, const View& view) {
+  Matrix<Scalar> all(cache.length(b), 0);
+  for (Index j = 0; j < cache.kv_heads(); ++j) {
+    const Matrix<Scalar> head = view(cache, b, j);
+    Matrix<Scalar> wider(all.rows(), all.cols() + head.cols());
+    wider << all, head;
+    all = wider;
+  }
+  return all;
+}
+template <typename Scalar>
+Matrix<Scalar> all_keys(const mha::KVCache<Scalar>& cache, Index b = 0) {
+  return side_by_side(cache, b, [](const auto& c, Index s, Index j) { return c.keys(s, j); });
+}
+template <typename Scalar>
+Matrix<Scalar> all_values(const mha::KVCache<Scalar>& cache, Index b = 0) {
+  return side_by_side(cache, b, [](const auto& c, Index s, Index j) { return c.values(s, j); });
+}
+
 template <typename Scalar>
 class KVCache : public ::testing::Test {
  protected:
@@ -107,13 +129,13 @@ TYPED_TEST(KVCache, EmptyStepChangesNothing) {
   auto cache = attn.make_cache(1, 0);
   const Matrix<TypeParam> x = random_matrix<TypeParam>(5, 16, 1);
   attn.decode(x, cache);
-  const Matrix<TypeParam> keys = cache.keys(), values = cache.values();
+  const Matrix<TypeParam> keys = all_keys(cache), values = all_values(cache);
   const Matrix<TypeParam> y = attn.decode(Matrix<TypeParam>(0, 16), cache);
   EXPECT_EQ(y.rows(), 0);
   EXPECT_EQ(y.cols(), 16);
   EXPECT_EQ(cache.length(), 5);
-  EXPECT_EQ(Matrix<TypeParam>(cache.keys()), keys);
-  EXPECT_EQ(Matrix<TypeParam>(cache.values()), values);
+  EXPECT_EQ(all_keys(cache), keys);
+  EXPECT_EQ(all_values(cache), values);
 }
 
 TYPED_TEST(KVCache, BatchedDecodeWithRaggedNewLengthsEqualsEachSequenceAlone) {
@@ -167,13 +189,13 @@ TYPED_TEST(KVCache, FixedCapacityIsAnErrorWhenFullAndLeavesTheCacheUnchanged) {
   auto cache = attn.make_cache(1, 10);
   EXPECT_EQ(cache.max_length(), 10);
   attn.decode(x.topRows(8), cache);
-  const Matrix<TypeParam> keys = cache.keys(), values = cache.values();
+  const Matrix<TypeParam> keys = all_keys(cache), values = all_values(cache);
   EXPECT_EQ(error_of([&] { attn.decode(random_matrix<TypeParam>(3, 16, 2), cache); }),
             "mha: KVCache: sequence 0 holds 8 of at most 10 tokens; 3 more do not fit (make the cache with a larger "
             "max_length, or truncate it)");
   EXPECT_EQ(cache.length(), 8);
-  EXPECT_EQ(Matrix<TypeParam>(cache.keys()), keys);
-  EXPECT_EQ(Matrix<TypeParam>(cache.values()), values);
+  EXPECT_EQ(all_keys(cache), keys);
+  EXPECT_EQ(all_values(cache), values);
   // It still decodes what fits, as if the failed step had never been tried.
   EXPECT_TRUE(near<TypeParam>(attn.decode(x.bottomRows(2), cache), full.bottomRows(2), "decode against forward"));
   EXPECT_EQ(cache.length(), 10);
@@ -183,7 +205,7 @@ TYPED_TEST(KVCache, FixedCapacityIsAnErrorWhenFullAndLeavesTheCacheUnchanged) {
   // In a batch, one sequence that would overflow rejects the whole step: no sequence changes.
   auto batch = attn.make_cache(2, 10);
   attn.decode_batch(random_matrix<TypeParam>(8, 16, 3), Lengths{4, 4}, batch);
-  const Matrix<TypeParam> keys0 = batch.keys(0), keys1 = batch.keys(1);
+  const Matrix<TypeParam> keys0 = all_keys(batch, 0), keys1 = all_keys(batch, 1);
   EXPECT_EQ(error_of([&] {
               attn.decode_batch(random_matrix<TypeParam>(9, 16, 4), Lengths{2, 7}, batch);
             }),
@@ -191,8 +213,8 @@ TYPED_TEST(KVCache, FixedCapacityIsAnErrorWhenFullAndLeavesTheCacheUnchanged) {
             "max_length, or truncate it)");
   EXPECT_EQ(batch.length(0), 4);
   EXPECT_EQ(batch.length(1), 4);
-  EXPECT_EQ(Matrix<TypeParam>(batch.keys(0)), keys0);
-  EXPECT_EQ(Matrix<TypeParam>(batch.keys(1)), keys1);
+  EXPECT_EQ(all_keys(batch, 0), keys0);
+  EXPECT_EQ(all_keys(batch, 1), keys1);
   attn.decode_batch(random_matrix<TypeParam>(12, 16, 5), Lengths{6, 6}, batch);
   EXPECT_EQ(batch.length(0), 10);
   EXPECT_EQ(batch.length(1), 10);
@@ -213,8 +235,8 @@ TYPED_TEST(KVCache, TruncateRollsBackForSpeculativeDecoding) {
   EXPECT_EQ(speculative.length(), 12);
   auto straight = attn.make_cache(1, 0);
   attn.decode(draft.topRows(12), straight, o);
-  EXPECT_TRUE(near<TypeParam>(speculative.keys(), straight.keys(), "truncate"));
-  EXPECT_TRUE(near<TypeParam>(speculative.values(), straight.values(), "truncate"));
+  EXPECT_TRUE(near<TypeParam>(all_keys(speculative), all_keys(straight), "truncate"));
+  EXPECT_TRUE(near<TypeParam>(all_values(speculative), all_values(straight), "truncate"));
   const Matrix<TypeParam> after_rollback = attn.decode(next, speculative, o);
   EXPECT_TRUE(near<TypeParam>(attn.decode(next, straight, o), after_rollback, "truncate"));
   mha::AttentionOptions forward_options = causal_if(true);
@@ -256,7 +278,7 @@ TYPED_TEST(KVCache, ResetEmptiesEverySequence) {
   EXPECT_EQ(cache.sequences(), 2);
   EXPECT_EQ(cache.length(0), 0);
   EXPECT_EQ(cache.length(1), 0);
-  EXPECT_EQ(cache.keys(1).rows(), 0);
+  EXPECT_EQ(cache.keys(1, 0).rows(), 0);
   EXPECT_TRUE(near<TypeParam>(attn.decode_batch(x, Lengths{3, 4}, cache), first, "reset"));
 }
 
@@ -271,12 +293,18 @@ TYPED_TEST(KVCache, ViewsHaveTheDocumentedShapesAndHoldTheProjectedKeysAndValues
     const Matrix<TypeParam> x = random_matrix<TypeParam>(8, 32, 1);
     attn.decode_batch(x.topRows(5), Lengths{2, 3}, cache);
     attn.decode_batch(x.bottomRows(3), Lengths{3, 0}, cache);  // sequence 0: rows 0, 1, 5, 6, 7
-    ASSERT_EQ(cache.keys(0).rows(), 5);
-    ASSERT_EQ(cache.keys(0).cols(), 2 * 4);
-    ASSERT_EQ(cache.values(0).rows(), 5);
-    ASSERT_EQ(cache.values(0).cols(), 2 * 6);
-    ASSERT_EQ(cache.keys(1).rows(), 3);
-    ASSERT_EQ(cache.values(1).cols(), 2 * 6);
+    ASSERT_EQ(cache.kv_heads(), 2);
+    for (Index j = 0; j < 2; ++j) {
+      ASSERT_EQ(cache.keys(0, j).rows(), 5);
+      ASSERT_EQ(cache.keys(0, j).cols(), 4);
+      ASSERT_EQ(cache.values(0, j).rows(), 5);
+      ASSERT_EQ(cache.values(0, j).cols(), 6);
+      ASSERT_EQ(cache.keys(1, j).rows(), 3);
+      ASSERT_EQ(cache.values(1, j).cols(), 6);
+      // Head-major: each head's tokens are one contiguous block.
+      EXPECT_EQ(cache.keys(0, j).outerStride(), 4);
+      EXPECT_EQ(cache.values(1, j).outerStride(), 6);
+    }
     Matrix<TypeParam> tokens0(5, 32);
     tokens0 << x.topRows(2), x.bottomRows(3);
     const std::pair<Matrix<TypeParam>, Index> sequences[] = {{tokens0, 0}, {x.middleRows(2, 3), 1}};
@@ -286,9 +314,9 @@ TYPED_TEST(KVCache, ViewsHaveTheDocumentedShapesAndHoldTheProjectedKeysAndValues
         k_j.rowwise() += attn.b_k().segment(j * 4, 4);
         v_j.rowwise() += attn.b_v().segment(j * 6, 6);
         if (with_rotary) k_j = mha_reference::rotate<TypeParam>(k_j, 0, c.rotary_base, c.rotary_pairs);
-        EXPECT_TRUE(near<TypeParam>(cache.keys(b).middleCols(j * 4, 4), k_j, "cached keys and values"))
+        EXPECT_TRUE(near<TypeParam>(cache.keys(b, j), k_j, "cached keys and values"))
             << "sequence " << b << ", kv head " << j;
-        EXPECT_TRUE(near<TypeParam>(cache.values(b).middleCols(j * 6, 6), v_j, "cached keys and values"))
+        EXPECT_TRUE(near<TypeParam>(cache.values(b, j), v_j, "cached keys and values"))
             << "sequence " << b << ", kv head " << j;
       }
   }
@@ -444,10 +472,15 @@ TYPED_TEST(KVCache, BadCacheArgumentsAreRejected) {
             "mha: KVCache::truncate: sequence 0 holds 1 tokens; cannot truncate it to -1");
   EXPECT_EQ(error_of([&] { cache.truncate(2, 0); }),
             "mha: KVCache::truncate: sequence 2 out of range; the cache holds 2 sequences");
-  EXPECT_EQ(error_of([&] { cache.keys(2); }),
+  EXPECT_EQ(error_of([&] { cache.keys(2, 0); }),
             "mha: KVCache::keys: sequence 2 out of range; the cache holds 2 sequences");
-  EXPECT_EQ(error_of([&] { cache.values(-1); }),
+  EXPECT_EQ(error_of([&] { cache.values(-1, 0); }),
             "mha: KVCache::values: sequence -1 out of range; the cache holds 2 sequences");
+  EXPECT_EQ(error_of([&] { cache.keys(0, cache.kv_heads()); }),
+            "mha: KVCache::keys: kv_head " + std::to_string(cache.kv_heads()) + " out of range; the cache holds " +
+                std::to_string(cache.kv_heads()) + " key/value heads");
+  EXPECT_EQ(error_of([&] { cache.values(1, -1); }), "mha: KVCache::values: kv_head -1 out of range; the cache holds " +
+                                                        std::to_string(cache.kv_heads()) + " key/value heads");
   EXPECT_EQ(error_of([&] { cache.length(5); }),
             "mha: KVCache::length: sequence 5 out of range; the cache holds 2 sequences");
   EXPECT_EQ(cache.length(0), 1);

@@ -14,18 +14,20 @@
 namespace mha {
 
 /// The keys K W^K (+ b^K, turned by their positions with rotary embeddings) and values V W^V (+ b^V)
-/// of every token a decoder has seen, per sequence of a batch: length(b) × (h_kv·d_k) and
-/// length(b) × (h_kv·d_v), key/value head j in column block j. With grouped-query attention
+/// of every token a decoder has seen, per sequence of a batch and per key/value head: keys(b, j) is
+/// length(b) × d_k and values(b, j) length(b) × d_v, each head's tokens contiguous (head-major), so
+/// that a decode step reads each head's keys and values as one stream. With grouped-query attention
 /// (num_kv_heads < num_heads) the cache is num_heads / num_kv_heads times smaller.
 /// MultiHeadAttention::decode appends to it; reset() and truncate() roll it back. Storage grows by
-/// doubling (amortised O(1) per token) unless max_length fixes the capacity, which is then
-/// allocated at once, and a decode step that would exceed it throws, leaving the cache unchanged.
+/// doubling (amortised O(1) per token; the tokens held are copied once per doubling) unless
+/// max_length fixes the capacity, which is then allocated at once, and a decode step that would
+/// exceed it throws, leaving the cache unchanged.
 /// The tokens it holds belong to one module (one layer of a model) and were attended with one
 /// window and scale: its owner(), which a decode step by anyone else is refused for.
 template <typename Scalar>
 class KVCache {
  public:
-  /// Row-major: a decode step appends whole rows, each one contiguous write.
+  /// Row-major: a head's token rows, each d_k (or d_v) contiguous numbers, one after another.
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   using Index = Eigen::Index;
 
@@ -35,14 +37,14 @@ class KVCache {
       : config_(config.resolved()), max_length_(max_length) {
     if (sequences < 1) detail::fail("KVCache: sequences must be >= 1, got ", sequences);
     if (max_length < 0) detail::fail("KVCache: max_length must be >= 0 (0 = no limit), got ", max_length);
-    const auto count = static_cast<std::size_t>(sequences);
+    const auto count = static_cast<std::size_t>(sequences * config_.num_kv_heads);
     keys_.resize(count);
     values_.resize(count);
-    for (std::size_t b = 0; b < count; ++b) {
-      keys_[b].resize(max_length, key_width());
-      values_[b].resize(max_length, value_width());
+    for (std::size_t slot = 0; slot < count; ++slot) {
+      keys_[slot].resize(max_length, config_.d_k);
+      values_[slot].resize(max_length, config_.d_v);
     }
-    lengths_.assign(count, 0);
+    lengths_.assign(static_cast<std::size_t>(sequences), 0);
   }
 
   /// \returns the configuration of the module the cache was made for, resolved.
@@ -57,25 +59,29 @@ class KVCache {
   Index length(Index sequence = 0) const { return lengths_[checked(sequence, "length")]; }
   /// \returns the most tokens a sequence may hold, 0 for no limit.
   Index max_length() const { return max_length_; }
-  /// \returns h_kv·d_k, the width of a cached key row.
+  /// \returns h_kv·d_k, the width of the keys a decode step appends (every head's, side by side).
   Index key_width() const { return config_.num_kv_heads * config_.d_k; }
-  /// \returns h_kv·d_v, the width of a cached value row.
+  /// \returns h_kv·d_v, the width of the values a decode step appends.
   Index value_width() const { return config_.num_kv_heads * config_.d_v; }
 
-  /// \returns the cached keys of `sequence`, length × (h_kv·d_k), key/value head j in column block j.
-  auto keys(Index sequence = 0) const {
-    return keys_[checked(sequence, "keys")].topRows(lengths_[static_cast<std::size_t>(sequence)]);
+  /// \returns the number of key/value heads, h_kv.
+  Index kv_heads() const { return config_.num_kv_heads; }
+
+  /// \returns the cached keys of `sequence` for key/value head `kv_head`: length × d_k, one
+  /// contiguous row-major block.
+  auto keys(Index sequence, Index kv_head) const {
+    return keys_[slot(sequence, kv_head, "keys")].topRows(lengths_[static_cast<std::size_t>(sequence)]);
   }
-  /// \returns the cached values of `sequence`, length × (h_kv·d_v).
-  auto values(Index sequence = 0) const {
-    return values_[checked(sequence, "values")].topRows(lengths_[static_cast<std::size_t>(sequence)]);
+  /// \returns the cached values of `sequence` for key/value head `kv_head`: length × d_v.
+  auto values(Index sequence, Index kv_head) const {
+    return values_[slot(sequence, kv_head, "values")].topRows(lengths_[static_cast<std::size_t>(sequence)]);
   }
 
   /// \returns the bytes the cache has allocated (its capacity, not only its length).
   std::size_t bytes() const {
     std::size_t n = 0;
-    for (std::size_t b = 0; b < keys_.size(); ++b)
-      n += static_cast<std::size_t>(keys_[b].size() + values_[b].size()) * sizeof(Scalar);
+    for (std::size_t s = 0; s < keys_.size(); ++s)
+      n += static_cast<std::size_t>(keys_[s].size() + values_[s].size()) * sizeof(Scalar);
     return n;
   }
 
@@ -144,25 +150,32 @@ class KVCache {
     if (keys.rows() != values.rows() || keys.cols() != key_width() || values.cols() != value_width())
       detail::fail("KVCache::append: keys are ", detail::shape(keys), " and values ", detail::shape(values),
                    " but the cache holds rows of ", key_width(), " and ", value_width());
-    // Grow first (the keys and the values each on its own, so that a growth that threw leaves
-    // both usable), then write: nothing changes the lengths before every allocation is done.
+    // Grow first (each head's keys and values on their own, so that a growth that threw leaves
+    // every head usable), then write: nothing changes the lengths before every allocation is done.
+    const Index h_kv = kv_heads();
     for (std::size_t b = 0; b < lengths.size(); ++b)
-      for (Matrix* storage : {&keys_[b], &values_[b]}) {
-        const Index needed = lengths_[b] + lengths[b];
-        if (needed <= storage->rows()) continue;
-        // Row-major: the tokens held are the first length × width numbers.
-        Matrix grown(std::max<Index>({needed, 2 * storage->rows(), 16}), storage->cols());
-        std::copy_n(storage->data(), lengths_[b] * storage->cols(), grown.data());
-        storage->swap(grown);
-      }
-    const auto write = [](const auto& from, Index first, Index count, Matrix& to, Index at) {
+      for (std::size_t s = b * static_cast<std::size_t>(h_kv); s < (b + 1) * static_cast<std::size_t>(h_kv); ++s)
+        for (Matrix* storage : {&keys_[s], &values_[s]}) {
+          const Index needed = lengths_[b] + lengths[b];
+          if (needed <= storage->rows()) continue;
+          // Row-major: the tokens held are the first length × width numbers.
+          Matrix grown(std::max<Index>({needed, 2 * storage->rows(), 16}), storage->cols());
+          std::copy_n(storage->data(), lengths_[b] * storage->cols(), grown.data());
+          storage->swap(grown);
+        }
+    // Rows first … first + count − 1 of head j's columns of `from` after the `at` rows of `to`.
+    const auto write = [](const auto& from, Index first, Index count, Index j, Matrix& to, Index at) {
+      const Index width = to.cols();
       for (Index r = 0; r < count; ++r)
-        for (Index c = 0; c < to.cols(); ++c) to(at + r, c) = from(first + r, c);
+        for (Index c = 0; c < width; ++c) to(at + r, c) = from(first + r, j * width + c);
     };
     Index row = 0;
     for (std::size_t b = 0; b < lengths.size(); ++b) {
-      write(keys, row, lengths[b], keys_[b], lengths_[b]);
-      write(values, row, lengths[b], values_[b], lengths_[b]);
+      for (Index j = 0; j < h_kv; ++j) {
+        const std::size_t s = b * static_cast<std::size_t>(h_kv) + static_cast<std::size_t>(j);
+        write(keys, row, lengths[b], j, keys_[s], lengths_[b]);
+        write(values, row, lengths[b], j, values_[s], lengths_[b]);
+      }
       lengths_[b] += lengths[b];
       row += lengths[b];
     }
@@ -176,11 +189,21 @@ class KVCache {
                    " sequences");
     return static_cast<std::size_t>(sequence);
   }
+  /// Where head `kv_head` of `sequence` is kept in keys_ and values_.
+  std::size_t slot(Index sequence, Index kv_head, const char* accessor) const {
+    const std::size_t b = checked(sequence, accessor);
+    if (kv_head < 0 || kv_head >= kv_heads())
+      detail::fail("KVCache::", accessor, ": kv_head ", kv_head, " out of range; the cache holds ", kv_heads(),
+                   " key/value heads");
+    return b * static_cast<std::size_t>(kv_heads()) + static_cast<std::size_t>(kv_head);
+  }
 
   MultiHeadAttentionConfig config_;  ///< of the module it was made for
   Owner owner_;
   Index max_length_;
-  std::vector<Matrix> keys_, values_;  ///< per sequence: capacity × width, the first length rows used
+  /// Per sequence b and key/value head j, at b·h_kv + j: capacity × d_k (d_v), the first length(b)
+  /// rows used.
+  std::vector<Matrix> keys_, values_;
   std::vector<Index> lengths_;
 };
 

@@ -704,8 +704,8 @@ auto MultiHeadAttention<Scalar_>::attend_to_cache(const Matrix& q, const detail:
           const auto [b, i, block] = blocks[static_cast<std::size_t>(t)];
           const Index L = batch.query_lengths[b], S = batch.key_lengths[b], j = i / group;
           detail::attention_query_block<Scalar>(q.block(batch.q_offset[b], i * d_k(), L, d_k()),
-                                                detail::operand(cache.keys(b).block(0, j * d_k(), S, d_k())),
-                                                detail::operand(cache.values(b).block(0, j * d_v(), S, d_v())), scale,
+                                                detail::operand(cache.keys(b, j).topRows(S)),
+                                                detail::operand(cache.values(b, j).topRows(S)), scale,
                                                 detail::key_visibility(bottom_right, no_masks, L, S), block, scratch,
                                                 concat.block(batch.q_offset[b], i * d_v(), L, d_v()));
           return;
@@ -718,8 +718,8 @@ auto MultiHeadAttention<Scalar_>::attend_to_cache(const Matrix& q, const detail:
         for (Index i = j * group; i < (j + 1) * group; ++i)
           detail::attention_query_block<Scalar>(
               q.block(batch.q_offset[b], i * d_k(), 1, d_k()),
-              detail::operand(cache.keys(b).block(first, j * d_k(), keys, d_k())),
-              detail::operand(cache.values(b).block(first, j * d_v(), keys, d_v())), scale, visibility, 0, scratch,
+              detail::operand(cache.keys(b, j).middleRows(first, keys)),
+              detail::operand(cache.values(b, j).middleRows(first, keys)), scale, visibility, 0, scratch,
               part_outs[b].middleCols((i * n + c) * d_v(), d_v()), nullptr, part_lses[b].col(i * n + c).data());
       });
   detail::parallel_tasks(
