@@ -537,3 +537,84 @@ TYPED_TEST(KVCache, BatchedDecodeIsBitIdenticalForAnyThreadCount) {
 }
 
 }  // namespace
+
+namespace {
+
+// ---- The cross-attention memory (make_cross_cache, decode_cross) ----
+
+TYPED_TEST(KVCache, CrossAttentionStepsEqualTheForwardOverTheMemory) {
+  // Decoder tokens decoded in steps of 1, 3, 1 and 4 against memories of 1 key, 7, and 600 (past
+  // the 512 keys of a part, so that one token's keys are split and merged): the stacked outputs
+  // are forward(all tokens, memory, memory)'s rows, and the memory never changes.
+  auto grouped = decoder_config(32, 8, 2, 4, 6, 5);
+  grouped.bias = true;
+  auto widths = decoder_config(16, 4, 4, 0, 0, 6);  // keys and values of other widths than d_model
+  widths.kdim = 12;
+  widths.vdim = 10;
+  for (const auto& c : {grouped, widths})
+    for (const Index S : {1, 7, 600}) {
+      const auto attn = make_module<TypeParam>(c);
+      SCOPED_TRACE(describe(c) + ", memory of " + std::to_string(S));
+      const Matrix<TypeParam> memory_key = random_matrix<TypeParam>(S, attn.kdim(), 1);
+      const Matrix<TypeParam> memory_value =
+          attn.kdim() == attn.vdim() ? memory_key : random_matrix<TypeParam>(S, attn.vdim(), 2);
+      const Matrix<TypeParam> x = random_matrix<TypeParam>(9, c.d_model, 3);
+      const auto memory = attn.make_cross_cache(memory_key, memory_value);
+      ASSERT_EQ(memory.length(), S);
+      Matrix<TypeParam> steps(0, c.d_model);
+      Index row = 0;
+      for (const Index n : {1, 3, 1, 4}) {
+        steps = stack<TypeParam>(steps, attn.decode_cross(x.middleRows(row, n), memory));
+        row += n;
+      }
+      EXPECT_EQ(memory.length(), S);
+      EXPECT_TRUE(near<TypeParam>(steps, attn.forward(x, memory_key, memory_value), "cross-attention decode"));
+    }
+}
+
+TYPED_TEST(KVCache, CrossAttentionBatchEqualsEachSequenceAlone) {
+  const auto attn = make_module<TypeParam>(decoder_config(16, 4, 2));
+  const Matrix<TypeParam> memory = random_matrix<TypeParam>(5 + 513, 16, 1), x = random_matrix<TypeParam>(3, 16, 2);
+  const auto batch = attn.make_cross_cache(memory, memory, Lengths{5, 513});
+  const Matrix<TypeParam> both = attn.decode_cross_batch(x, Lengths{1, 2}, batch);
+  const auto first = attn.make_cross_cache(Matrix<TypeParam>(memory.topRows(5)));
+  const auto second = attn.make_cross_cache(Matrix<TypeParam>(memory.bottomRows(513)));
+  EXPECT_TRUE(near<TypeParam>(
+      both, stack<TypeParam>(attn.decode_cross(x.topRows(1), first), attn.decode_cross(x.bottomRows(2), second)),
+      "cross-attention batch"));
+}
+
+TYPED_TEST(KVCache, CrossAttentionMemoryRefusesWhatItCannotDo) {
+  const auto attn = make_module<TypeParam>(decoder_config(16, 4, 2));
+  const Matrix<TypeParam> memory = random_matrix<TypeParam>(6, 16, 1), x = random_matrix<TypeParam>(1, 16, 2);
+  auto cross = attn.make_cross_cache(memory);
+  EXPECT_EQ(error_of([&] { attn.decode(x, cross); }),
+            "mha: MultiHeadAttention::decode: the cache holds a cross-attention memory (make_cross_cache), which "
+            "decode_cross reads and nothing appends to; decode appends to a cache made with make_cache()");
+  EXPECT_EQ(cross.length(), 6);
+  auto self = attn.make_cache();
+  attn.decode(x, self);
+  const std::string not_a_memory =
+      "mha: MultiHeadAttention::decode_cross: the cache is not a cross-attention memory of this module; make it with "
+      "this module's make_cross_cache()";
+  EXPECT_EQ(error_of([&] { attn.decode_cross(x, self); }), not_a_memory);
+  const auto other = make_module<TypeParam>(decoder_config(16, 4, 2));
+  EXPECT_EQ(error_of([&] { other.decode_cross(x, cross); }), not_a_memory);
+  EXPECT_EQ(error_of([&] { attn.decode_cross(x, cross, causal_if(true)); }),
+            "mha: MultiHeadAttention::decode_cross: cross-attention decoding sees the whole memory: options.mask, "
+            "options.key_padding_mask, options.window and options.causal must be left unset");
+  EXPECT_EQ(error_of([&] { attn.make_cross_cache(Matrix<TypeParam>(6, 15)); }),
+            "mha: MultiHeadAttention::make_cross_cache: memory_key is 6 x 15 but kdim is 16; memory_key needs 16 "
+            "columns");
+  EXPECT_EQ(error_of([&] {
+              attn.make_cross_cache(memory, memory, Lengths{6, 0});
+            }),
+            "mha: MultiHeadAttention::make_cross_cache: sequence 1 has an empty memory; every query needs a key to "
+            "attend to");
+  const auto turning = make_module<TypeParam>(rotary(decoder_config(16, 4, 2), mha::RotaryPairs::halves));
+  EXPECT_EQ(error_of([&] { turning.make_cross_cache(memory); }),
+            "mha: MultiHeadAttention::make_cross_cache: this module turns queries and keys by their positions "
+            "(rotary), which a cross-attention memory does not share with the decoder's tokens");
+}
+
+}  // namespace

@@ -103,11 +103,13 @@ class KVCache {
   }
 
   /// Who decoded the tokens a cache holds: a module's identity and the window and scale its
-  /// queries attended with.
+  /// queries attended with; or, with `cross`, the module that projected a cross-attention memory
+  /// into it (MultiHeadAttention::make_cross_cache), which decode_cross reads and nothing appends to.
   struct Owner {
     std::uint64_t module = 0;
     Index window = 0;
     double scale = 0;
+    bool cross = false;
   };
 
   /// \returns who decoded the tokens the cache holds (meaningful while it holds any).
@@ -124,6 +126,10 @@ class KVCache {
         detail::fail("KVCache: sequence ", b, " holds ", lengths_[b], " of at most ", max_length_, " tokens; ",
                      lengths[b], " more do not fit (make the cache with a larger max_length, or truncate it)");
     if (empty()) return;
+    if (owner_.cross || owner.cross)
+      detail::fail(caller,
+                   ": the cache holds a cross-attention memory (make_cross_cache), which decode_cross reads and "
+                   "nothing appends to; decode appends to a cache made with make_cache()");
     // Tokens of another module, or earlier tokens that saw other keys, would give rows that no
     // forward pass gives.
     if (owner_.module != owner.module)

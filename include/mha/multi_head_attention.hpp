@@ -252,6 +252,48 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     return run_decode(x, new_lengths, cache, options, "MultiHeadAttention::decode_batch");
   }
 
+  /// A cross-attention memory for decoding, as encoder-decoder generation uses it: the keys
+  /// memory_key W^K (+ b^K) and values memory_value W^V (+ b^V) of the encoder's output, projected
+  /// once, for every decode_cross step to attend to. memory_key is S × kdim and memory_value S × vdim
+  /// (the same matrix, the encoder's output, for the usual kdim = vdim = d_model); with
+  /// `memory_lengths`, they stack the memories of a batch of sequences (Σ S_b rows, each S_b ≥ 1).
+  /// Not for a module with rotary embeddings (a memory has no positions shared with the decoder's
+  /// tokens), add_bias_kv or add_zero_attn.
+  template <typename DerivedK, typename DerivedV>
+  KVCache<Scalar> make_cross_cache(const Eigen::MatrixBase<DerivedK>& memory_key,
+                                   const Eigen::MatrixBase<DerivedV>& memory_value,
+                                   std::vector<Index> memory_lengths = {}) const {
+    return run_make_cross_cache(memory_key, memory_value, std::move(memory_lengths));
+  }
+  /// The cross-attention memory of one sequence whose keys and values both come from `memory`.
+  template <typename Derived>
+  KVCache<Scalar> make_cross_cache(const Eigen::MatrixBase<Derived>& memory) const {
+    const detail::Input<Scalar> rows(memory);
+    return run_make_cross_cache(rows, rows, {});
+  }
+
+  /// A decode step of cross-attention: the new tokens x (L_new × d_model) of the memory's one
+  /// sequence attend to every key of the memory (no causal rule: the memory is the encoder's). Its
+  /// rows equal forward(x, memory, memory)'s, so the steps of a generation together give the rows
+  /// of forward(all the decoder's tokens, memory, memory). The memory is read, never changed.
+  /// Options: scale; masks, windows and training are refused.
+  /// \returns the new tokens' outputs, L_new × d_model.
+  template <typename Derived>
+  Matrix decode_cross(const Eigen::MatrixBase<Derived>& x, const KVCache<Scalar>& memory,
+                      const AttentionOptions& options = {}) const {
+    if (memory.sequences() != 1)
+      detail::fail("MultiHeadAttention::decode_cross: the memory holds ", memory.sequences(),
+                   " sequences; decode_cross_batch takes the new tokens of each");
+    return run_decode_cross(x, {x.rows()}, memory, options, "MultiHeadAttention::decode_cross");
+  }
+  /// decode_cross for every sequence of a batch memory: sequence b's new tokens are the next
+  /// new_lengths[b] rows of x. \returns their outputs, stacked the same way.
+  template <typename Derived>
+  Matrix decode_cross_batch(const Eigen::MatrixBase<Derived>& x, const std::vector<Index>& new_lengths,
+                            const KVCache<Scalar>& memory, const AttentionOptions& options = {}) const {
+    return run_decode_cross(x, new_lengths, memory, options, "MultiHeadAttention::decode_cross_batch");
+  }
+
   /// The backward pass of the forward pass recorded in `tape`: given d_output = ∂loss/∂output
   /// (ΣL × d_model), ADDS ∂loss/∂(every parameter) into `gradients` (as PyTorch accumulates .grad;
   /// call gradients.set_zero() between steps) and returns ∂loss/∂query, ∂loss/∂key, ∂loss/∂value.
@@ -305,7 +347,15 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   /// runs the query heads that share its key/value head one after the other, while the part's keys
   /// and values are still in cache: they are read from memory once per group, not once per head.
   Matrix attend_to_cache(const Matrix& q, const detail::Batch& batch, const KVCache<Scalar>& cache, Scalar scale,
-                         Index window) const;
+                         Index window, bool causal = true) const;
+
+  /// make_cross_cache and decode_cross, once their inputs are views.
+  KVCache<Scalar> run_make_cross_cache(const detail::Input<Scalar>& memory_key,
+                                       const detail::Input<Scalar>& memory_value, std::vector<Index> memory_lengths,
+                                       Abi = {}) const;
+  Matrix run_decode_cross(const detail::Input<Scalar>& x, const std::vector<Index>& new_lengths,
+                          const KVCache<Scalar>& memory, const AttentionOptions& options, const char* caller,
+                          Abi = {}) const;
 
   // ---- The steps the passes share ----
 
@@ -664,17 +714,87 @@ auto MultiHeadAttention<Scalar_>::run_decode(const detail::Input<Scalar>& x, con
   }
 }
 
+/// The cross-attention memory: keys and values projected once, appended as the cache's only tokens.
+template <typename Scalar_>
+auto MultiHeadAttention<Scalar_>::run_make_cross_cache(const detail::Input<Scalar>& memory_key,
+                                                       const detail::Input<Scalar>& memory_value,
+                                                       std::vector<Index> memory_lengths, Abi) const
+    -> KVCache<Scalar> {
+  const char* caller = "MultiHeadAttention::make_cross_cache";
+  detail::check_width(memory_key, "memory_key", kdim(), "kdim", caller);
+  detail::check_width(memory_value, "memory_value", vdim(), "vdim", caller);
+  if (memory_key.rows() != memory_value.rows())
+    detail::fail(caller, ": memory_key is ", detail::shape(memory_key), " and memory_value ",
+                 detail::shape(memory_value), "; they need the same rows (one per memory token)");
+  if (memory_lengths.empty()) memory_lengths = {memory_key.rows()};
+  detail::check_lengths_add_up(memory_lengths, memory_key.rows(), "memory_lengths", "memory_key", caller);
+  for (std::size_t b = 0; b < memory_lengths.size(); ++b)
+    if (memory_lengths[b] < 1)
+      detail::fail(caller, ": sequence ", b, " has an empty memory; every query needs a key to attend to");
+  if (config_.rotary)
+    detail::fail(caller,
+                 ": this module turns queries and keys by their positions (rotary), which a cross-attention "
+                 "memory does not share with the decoder's tokens");
+  if (extra_keys() > 0) detail::fail(caller, ": a module with add_bias_kv or add_zero_attn cannot decode with a cache");
+  Matrix q, k, v;
+  const Matrix no_query(0, d_model());
+  project_inputs(no_query, memory_key, memory_value, {}, {}, q, k, v);
+  KVCache<Scalar> memory(config_, static_cast<Index>(memory_lengths.size()));
+  typename KVCache<Scalar>::Owner owner;
+  owner.module = identity_;
+  owner.cross = true;
+  memory.append(owner, memory_lengths, k, v);
+  return memory;
+}
+
+/// A cross-attention decode step: the new tokens' queries over the whole memory, no causal rule.
+template <typename Scalar_>
+auto MultiHeadAttention<Scalar_>::run_decode_cross(const detail::Input<Scalar>& x,
+                                                   const std::vector<Index>& new_lengths, const KVCache<Scalar>& memory,
+                                                   const AttentionOptions& options, const char* caller, Abi) const
+    -> Matrix {
+  detail::check_width(x, "x", d_model(), "d_model", caller);
+  if (!detail::same_shape(memory.config(), config_))
+    detail::fail(caller, ": the memory was made for a module of another shape (", detail::describe(memory.config()),
+                 ") than this one (", detail::describe(config_), ")");
+  if (memory.empty() || !memory.owner().cross || memory.owner().module != identity_)
+    detail::fail(caller,
+                 ": the cache is not a cross-attention memory of this module; make it with this module's "
+                 "make_cross_cache()");
+  if (static_cast<Index>(new_lengths.size()) != memory.sequences())
+    detail::fail(caller, ": new_lengths has ", new_lengths.size(), " sequences but the memory holds ",
+                 memory.sequences());
+  detail::check_lengths_add_up(new_lengths, x.rows(), "new_lengths", "x", caller);
+  if (!options.mask.empty() || !options.key_padding_mask.empty() || options.window != 0 || options.causal)
+    detail::fail(caller,
+                 ": cross-attention decoding sees the whole memory: options.mask, options.key_padding_mask, "
+                 "options.window and options.causal must be left unset");
+  if (options.training) detail::fail(caller, ": decoding is inference; options.training must be false");
+  std::vector<Index> memory_lengths(new_lengths.size());
+  for (std::size_t b = 0; b < new_lengths.size(); ++b) {
+    memory_lengths[b] = memory.length(static_cast<Index>(b));
+    if (memory_lengths[b] < 1)
+      detail::fail(caller, ": sequence ", b, " of the memory holds no token (it was truncated or reset)");
+  }
+  const detail::Batch batch(new_lengths, memory_lengths);
+  Matrix q, k, v;
+  const Matrix no_key(0, kdim()), no_value(0, vdim());
+  project_inputs(x, no_key, no_value, {}, {}, q, k, v);
+  const auto scale = detail::resolve_scale<Scalar>(options, d_k());
+  return project_output(attend_to_cache(q, batch, memory, scale, 0, false));
+}
+
 template <typename Scalar_>
 auto MultiHeadAttention<Scalar_>::attend_to_cache(const Matrix& q, const detail::Batch& batch,
-                                                  const KVCache<Scalar>& cache, Scalar scale, Index window) const
-    -> Matrix {
+                                                  const KVCache<Scalar>& cache, Scalar scale, Index window,
+                                                  bool causal) const -> Matrix {
   const Index h = num_heads(), h_kv = num_kv_heads(), group = h / h_kv;
   const std::vector<detail::QueryBlock> blocks = detail::query_block_tasks(batch, h, 2);
   struct Part {
     Index sequence, kv_head, part;
   };
   AttentionOptions bottom_right;
-  bottom_right.causal = true;
+  bottom_right.causal = causal;
   bottom_right.alignment = CausalAlignment::bottom_right;
   bottom_right.window = window;
   const detail::AdditiveMasks<Scalar> no_masks(bottom_right);
