@@ -358,6 +358,46 @@ void decoding(Bytes& in) {
     } catch (const mha::invalid_argument&) {
       if (keep <= cache.length(b)) violated("a valid truncate was rejected");
     }
+    // A cross-attention memory of the same module, made once and read by decode_cross steps; the
+    // self-attention decode must refuse it.
+    std::vector<Eigen::Index> memory_lengths, new_lengths;
+    Eigen::Index memory_rows = 0, query_rows = 0;
+    for (int s = 0; s < sequences; ++s) {
+      memory_lengths.push_back(in.in(0, 12));
+      memory_rows += memory_lengths.back();
+      new_lengths.push_back(in.in(0, 4));
+      query_rows += new_lengths.back();
+    }
+    bool cross_moderate = !o.scale || std::abs(*o.scale) < 1e30;
+    const auto memory = matrix<Scalar>(in, memory_rows, attn.d_model(), cross_moderate);
+    const bool memory_valid = !config.rotary && std::all_of(memory_lengths.begin(), memory_lengths.end(),
+                                                            [](Eigen::Index n) { return n >= 1; });
+    try {
+      auto cross = attn.make_cross_cache(memory, memory, memory_lengths);
+      if (!memory_valid) violated("an invalid cross-attention memory was accepted");
+      const auto queries = matrix<Scalar>(in, query_rows, attn.d_model(), cross_moderate);
+      mha::AttentionOptions cross_options;
+      cross_options.scale = o.scale;
+      try {
+        const Matrix<Scalar> out = attn.decode_cross_batch(queries, new_lengths, cross, cross_options);
+        if (!scale_valid) violated("an invalid scale was accepted by decode_cross");
+        if (out.rows() != query_rows || out.cols() != attn.d_model()) violated("decode_cross gave the wrong shape");
+        if (cross_moderate && !out.allFinite()) violated("finite moderate input gave a non-finite decode_cross output");
+      } catch (const mha::invalid_argument&) {
+        if (scale_valid) violated("valid input was rejected by decode_cross");
+      }
+      try {
+        if (sequences == 1) {
+          attn.decode(queries, cross);
+          violated("decode appended to a cross-attention memory");
+        }
+      } catch (const mha::invalid_argument&) {
+      }
+      for (int s = 0; s < sequences; ++s)
+        if (cross.length(s) != memory_lengths[static_cast<std::size_t>(s)]) violated("the memory changed");
+    } catch (const mha::invalid_argument&) {
+      if (memory_valid) violated("a valid cross-attention memory was rejected");
+    }
   } catch (const mha::invalid_argument&) {
     if (config_valid) violated("a valid configuration was rejected");
   }
