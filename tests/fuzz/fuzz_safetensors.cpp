@@ -481,7 +481,8 @@ void check_matrices(const mha::io::SafeTensors& st) {
       violated("a matrix has the tensor's size", name);
     if (zero_one) {  // BOOL: each byte, row by row, as 0 or 1 and as false or true
       if (mask.rows() != m.rows() || mask.cols() != m.cols()) violated("a matrix<bool> has the tensor's size", name);
-      for (Eigen::Index r = 0; r < m.rows(); ++r)
+      // Not row by row when empty: a shape of (2^62, 0) has no element, and 2^62 empty rows.
+      for (Eigen::Index r = 0; r < (m.size() > 0 ? m.rows() : 0); ++r)
         for (Eigen::Index c = 0; c < m.cols(); ++c) {
           const unsigned char b = t.bytes[static_cast<std::size_t>(r * m.cols() + c)];
           if (m(r, c) != static_cast<Scalar>(b) || mask(r, c) != (b == 1))
