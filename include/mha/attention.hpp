@@ -138,8 +138,11 @@ void attention_query_block(const ConstMatrixRef<Scalar>& q, const Rows<Scalar>& 
 /// lses: L × parts). The whole is O = Σ_c e^(lse_c − lse) O_c with e^lse = Σ_c e^(lse_c): the same
 /// rescaling as the online softmax, summed in the fixed order c = 0, 1, … so that the result does
 /// not depend on which thread computed which part. A row that no part let see a key gets zeros.
+/// When `log_sum_exp` is given (L entries), each row's lse of the whole is written into it (−∞ for a
+/// row that sees no key), so that the merged output can be merged again (ring attention does).
 template <typename Scalar>
-void merge_key_parts(const ConstMatrixRef<Scalar>& outs, const ConstMatrixRef<Scalar>& lses, MatrixRef<Scalar> out) {
+void merge_key_parts(const ConstMatrixRef<Scalar>& outs, const ConstMatrixRef<Scalar>& lses, MatrixRef<Scalar> out,
+                     Scalar* log_sum_exp = nullptr) {
   // Plain loops: a merge touches parts × d_v numbers per row, and Eigen's array expressions here
   // cost half a second of every user's compile.
   const Eigen::Index parts = lses.cols(), d_v = out.cols();
@@ -152,6 +155,8 @@ void merge_key_parts(const ConstMatrixRef<Scalar>& outs, const ConstMatrixRef<Sc
     Scalar total = 0;
     for (Eigen::Index c = 0; c < parts; ++c) total += weight(c);
     const Scalar inverse = total == Scalar(0) ? Scalar(1) : Scalar(1) / total;
+    if (log_sum_exp)
+      log_sum_exp[r] = total == Scalar(0) ? -std::numeric_limits<Scalar>::infinity() : shift + std::log(total);
     for (Eigen::Index j = 0; j < d_v; ++j) {
       Scalar sum = 0;
       for (Eigen::Index c = 0; c < parts; ++c) sum += outs(r, c * d_v + j) * weight(c);

@@ -1,0 +1,588 @@
+// mha — ring attention (Liu, Zaharia & Abbeel 2023): multi-head attention over a sequence whose rows
+// are spread over the ranks of an MPI communicator. Each rank projects its own rows; the key/value
+// blocks travel around the ring, each rank attending with its queries to the block it holds while
+// the next one is in flight; the partial outputs merge by log-sum-exp; W^O is applied locally. The
+// backward sends the blocks around again, their gradients travelling with them back to their owners.
+#pragma once
+
+#include <mha/attention.hpp>
+#include <mha/config.hpp>
+#include <mha/detail/checks.hpp>
+#include <mha/detail/products.hpp>
+#include <mha/detail/visibility.hpp>
+#include <mha/distributed/communicator.hpp>
+#include <mha/distributed/layout.hpp>
+#include <mha/multi_head_attention.hpp>
+#include <mha/rotary.hpp>
+#include <mha/tape.hpp>
+#include <mha/threads.hpp>
+
+#include <mpi.h>
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <utility>
+#include <vector>
+
+namespace mha {
+namespace distributed {
+
+/// One step of the ring, as a rank saw it.
+struct RingStep {
+  double compute_seconds = 0;  ///< attending to the block held (and, in the backward, its gradients)
+  double wait_seconds = 0;     ///< waiting, after the compute, for the step's messages to complete
+  std::size_t bytes_sent = 0;  ///< sent to the next rank (and, backward, to the blocks' owners) this step
+};
+
+/// What a rank's last forward or backward call did, step by step: where the time went.
+struct RingStatistics {
+  std::vector<RingStep> steps;
+  double total_seconds = 0;  ///< the whole call, projections and checks included
+  /// \returns the time spent waiting on communication over all steps.
+  double wait_seconds() const {
+    double t = 0;
+    for (const RingStep& s : steps) t += s.wait_seconds;
+    return t;
+  }
+  /// \returns the time spent attending over all steps.
+  double compute_seconds() const {
+    double t = 0;
+    for (const RingStep& s : steps) t += s.compute_seconds;
+    return t;
+  }
+};
+
+template <typename Scalar>
+class RingAttention;
+
+namespace detail {
+
+/// What a ring forward pass recorded for its backward, on one rank: its own rows only.
+template <typename Scalar>
+struct RingRecord {
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
+  const void* module = nullptr;  ///< the module that recorded it
+  MultiHeadAttentionConfig config;
+  AttentionOptions options;  ///< with a key padding mask of its own
+  bool self_attention = false;
+  SequenceLayout query_layout, key_layout;
+  Matrix query, key, value;  ///< this rank's inputs (key and value empty for self-attention)
+  Matrix q, kv;              ///< this rank's Q W^Q (n_q × h·d_k) and [K W^K | V W^V] (n_k × h_kv·(d_k + d_v))
+  Matrix concat;             ///< n_q × h·d_v: the merged heads
+  Matrix log_sum_exp;        ///< n_q × h: each row's log-sum-exp over every key of the sequence
+};
+
+}  // namespace detail
+
+/// What RingAttention::forward(…, tape) keeps on each rank for RingAttention::backward: the rank's
+/// inputs, projections, merged heads and their log-sum-exp, O((n_q + n_k) · width), never N × N.
+template <typename Scalar>
+class RingTape {
+ public:
+  /// \returns whether no forward pass has been recorded.
+  bool empty() const { return !recorded_; }
+  /// Frees the memory and forgets the recorded forward pass.
+  void clear() { recorded_.reset(); }
+
+ private:
+  friend class RingAttention<Scalar>;
+  std::optional<detail::RingRecord<Scalar>> recorded_;
+};
+
+/// Multi-head attention over a sequence spread over the ranks of an MPI communicator (context
+/// parallelism): the same outputs as MultiHeadAttention::forward of the whole sequence, each rank
+/// computing the rows it holds. Every call is collective: all ranks of the communicator make it, with
+/// the same module weights, layouts and options and their own rows; arguments are checked on all
+/// ranks together before any message of the ring is sent, and bad ones throw the same
+/// mha::invalid_argument on every rank.
+///
+/// The ring: rank r projects its rows into Q_r and [K_r | V_r]; at step s = 0 … P − 1 it holds the
+/// key/value block of rank r − s, attends to it with all its queries, and meanwhile sends that block to
+/// rank r + 1 and receives the next from rank r − 1 (MPI_Isend and MPI_Irecv, tested between tiles
+/// so that they progress during the compute). Each step's partial output and log-sum-exp per row
+/// and head merge into the running ones exactly as the split-KV merge of decoding does. A block no
+/// later rank on its way needs (causal attention, windows) travels no further; a pair of query and
+/// key ranges that the causal rule or the window hides entirely is never computed.
+///
+/// Options: causal in both alignments, window, scale, key_padding_mask (1 × S, the whole
+/// sequence's, on every rank); grouped-query attention, biases and rotary embeddings (at the rows'
+/// global positions) from the module. Not supported: options.mask (an L × S matrix on every rank
+/// would defeat the point), add_bias_kv, add_zero_attn, and dropout in training.
+///
+/// MPI must be initialised; with OpenMP threads, at least MPI_THREAD_FUNNELED (only the calling
+/// thread calls MPI). The module is held by reference and must outlive this object.
+template <typename Scalar>
+class RingAttention {
+ public:
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
+  using RowVector = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
+  using Index = Eigen::Index;
+  using Gradients = typename MultiHeadAttention<Scalar>::Gradients;
+
+  /// Ring attention with `module`'s weights over the ranks of `comm` (collective: duplicates it).
+  RingAttention(const MultiHeadAttention<Scalar>& module, MPI_Comm comm) : module_(module), comm_(comm) {}
+
+  /// \returns this process's rank in the ring, and the number of ranks.
+  int rank() const { return comm_.rank(); }
+  int ranks() const { return comm_.size(); }
+
+  /// Self-attention of the sequence whose rows `layout` spreads over the ranks: x_local is this
+  /// rank's rows (layout.rows(rank()) × d_model, in the layout's local order).
+  /// \returns this rank's rows of the output, layout.rows(rank()) × d_model.
+  template <typename Derived>
+  Matrix forward(const Eigen::MatrixBase<Derived>& x_local, const SequenceLayout& layout,
+                 const AttentionOptions& options = {}) {
+    const mha::detail::Input<Scalar> x(x_local);
+    return run_forward(x, x, x, layout, layout, options, nullptr, true);
+  }
+
+  /// Attention of L queries over S keys and values, each spread over the ranks: query_local is this
+  /// rank's query_layout rows (× d_model), key_local and value_local its key_layout rows (× kdim,
+  /// × vdim). \returns this rank's rows of the output, query_layout.rows(rank()) × d_model.
+  template <typename DerivedQ, typename DerivedK, typename DerivedV>
+  Matrix forward(const Eigen::MatrixBase<DerivedQ>& query_local, const Eigen::MatrixBase<DerivedK>& key_local,
+                 const Eigen::MatrixBase<DerivedV>& value_local, const SequenceLayout& query_layout,
+                 const SequenceLayout& key_layout, const AttentionOptions& options = {}) {
+    return run_forward(query_local, key_local, value_local, query_layout, key_layout, options, nullptr, false);
+  }
+
+  /// forward(x_local, layout, options), recording into `tape` what backward() needs.
+  template <typename Derived>
+  Matrix forward(const Eigen::MatrixBase<Derived>& x_local, const SequenceLayout& layout,
+                 const AttentionOptions& options, RingTape<Scalar>& tape) {
+    const mha::detail::Input<Scalar> x(x_local);
+    return run_forward(x, x, x, layout, layout, options, &tape, true);
+  }
+
+  /// forward(query_local, key_local, value_local, …), recording into `tape` what backward() needs.
+  template <typename DerivedQ, typename DerivedK, typename DerivedV>
+  Matrix forward(const Eigen::MatrixBase<DerivedQ>& query_local, const Eigen::MatrixBase<DerivedK>& key_local,
+                 const Eigen::MatrixBase<DerivedV>& value_local, const SequenceLayout& query_layout,
+                 const SequenceLayout& key_layout, const AttentionOptions& options, RingTape<Scalar>& tape) {
+    return run_forward(query_local, key_local, value_local, query_layout, key_layout, options, &tape, false);
+  }
+
+  /// The backward pass of the forward recorded in `tape` (collective): d_output_local is this
+  /// rank's rows of ∂loss/∂output. ADDS into `gradients` the gradients of the whole sequence's
+  /// loss with respect to every parameter, reduced over the ranks in one MPI_Allreduce, so that every
+  /// rank holds the same and can take the same optimiser step; \returns this rank's rows of
+  /// ∂loss/∂query, ∂loss/∂key and ∂loss/∂value (for self-attention, their sum is ∂loss/∂x).
+  template <typename Derived>
+  InputGradients<Scalar> backward(const RingTape<Scalar>& tape, const Eigen::MatrixBase<Derived>& d_output_local,
+                                  Gradients& gradients) {
+    return run_backward(tape, d_output_local, gradients);
+  }
+
+  /// \returns what this rank's last forward or backward call did, step by step.
+  const RingStatistics& statistics() const { return statistics_; }
+
+ private:
+  using Input = mha::detail::Input<Scalar>;
+  using ConstRef = mha::detail::ConstMatrixRef<Scalar>;
+
+  /// The MPI tags of the ring's messages.
+  enum Tag : int { kBlock = 1, kBlockGradient = 2, kReturnedGradient = 3 };
+
+  /// Where a call's queries and keys are, and which of them see each other: every rank builds the
+  /// same plan from the same (checked) arguments, so that senders and receivers agree on every
+  /// message without exchanging any.
+  struct Plan {
+    const SequenceLayout* queries;
+    const SequenceLayout* keys;
+    AttentionOptions options;  ///< causal, alignment, window (the key padding is in `padding`)
+    Index L = 0, S = 0, offset = 0, window = 0;
+    int P = 1;
+    /// The additive key padding of each rank's key ranges (1 × range size each), if any.
+    std::vector<std::vector<Matrix>> padding;
+
+    /// How the query rows from global row `q_begin` (`q_rows` of them) see the keys of `keys`:
+    /// the one visibility builder, the positions shifted from the whole sequence's to the ranges'.
+    mha::detail::KeyVisibility<Scalar> visibility(Index q_begin, const RowRange& keys,
+                                                  const Matrix* key_padding) const {
+      const mha::detail::AdditiveMasks<Scalar> no_masks(AttentionOptions{});
+      mha::detail::KeyVisibility<Scalar> v = mha::detail::key_visibility(options, no_masks, L, S);
+      v.masked_keys = keys.size;
+      v.position_offset = offset + q_begin - keys.begin;
+      v.window = window;
+      if (key_padding) {
+        v.key_padding = key_padding;
+        v.key_padding_row = 0;
+      }
+      return v;
+    }
+    /// Whether any query of `queries` sees any key of `keys` under the causal rule and the window.
+    bool sees(const RowRange& q, const RowRange& k) const {
+      if (q.size == 0 || k.size == 0) return false;
+      const mha::detail::KeyRanges r = mha::detail::key_ranges(visibility(q.begin, k, nullptr), 0, q.size - 1, k.size);
+      return r.masked_begin < r.masked_end;
+    }
+    /// Whether rank q_rank's queries see any of rank k_rank's keys.
+    bool needs(int q_rank, int k_rank) const {
+      for (const RowRange& q : queries->ranges(q_rank))
+        for (const RowRange& k : keys->ranges(k_rank))
+          if (sees(q, k)) return true;
+      return false;
+    }
+    /// The block of rank `origin` that rank `holder` holds at step s (holder = origin + s): whether
+    /// it travels on to holder + 1, because a rank further on its way needs it.
+    bool travels_on(int holder, int step) const {
+      const int origin = (holder - step % P + P) % P;
+      for (int t = 1; t < P - step; ++t)
+        if (needs((holder + t) % P, origin)) return true;
+      return false;
+    }
+    /// \returns the last step at which rank `origin`'s block is held by some rank.
+    int last_step(int origin) const {
+      int step = 0;
+      while (step + 1 < P && travels_on((origin + step) % P, step)) ++step;
+      return step;
+    }
+  };
+
+  /// The per-thread memory of the forward's tasks: the kernel's tiles, and a partial output and
+  /// log-sum-exp beside the running ones, for the merge.
+  struct ForwardScratch {
+    ForwardScratch(Index d_k, Index d_v)
+        : attention(mha::detail::kQueryBlock, mha::detail::kKeyBlock, d_k),
+          outs(mha::detail::kQueryBlock, 2 * d_v),
+          lses(mha::detail::kQueryBlock, 2) {}
+    mha::detail::AttentionScratch<Scalar> attention;
+    Matrix outs;  ///< B_r × 2·d_v: [running output | this block's]
+    Matrix lses;  ///< B_r × 2: their log-sum-exps
+  };
+
+  /// A block of at most kQueryBlock query rows of one query range: a task of the attention.
+  struct QueryPiece {
+    Index local_row, rows, global_row;
+  };
+
+  Matrix run_forward(const Input& query, const Input& key, const Input& value, const SequenceLayout& query_layout,
+                     const SequenceLayout& key_layout, const AttentionOptions& options, RingTape<Scalar>* tape,
+                     bool self_attention);
+  InputGradients<Scalar> run_backward(const RingTape<Scalar>& tape, const Input& d_output, Gradients& gradients);
+
+  /// Checks a forward's arguments on all ranks together (see CollectiveCheck).
+  void check_forward(const Input& query, const Input& key, const Input& value, const SequenceLayout& query_layout,
+                     const SequenceLayout& key_layout, const AttentionOptions& options, bool self_attention,
+                     const char* caller) const;
+  /// The values every rank must share: the module's shape, the layouts, the options.
+  void agree_on(mha::distributed::detail::CollectiveCheck& check, const SequenceLayout& query_layout,
+                const SequenceLayout& key_layout, const AttentionOptions& options, bool self_attention) const;
+
+  Plan make_plan(const SequenceLayout& query_layout, const SequenceLayout& key_layout,
+                 const AttentionOptions& options) const;
+  std::vector<QueryPiece> query_pieces(const SequenceLayout& query_layout) const;
+
+  /// q = query W^Q + b^Q and kv = [key W^K + b^K | value W^V + b^V] of this rank's rows, turned at
+  /// their global positions with rotary embeddings.
+  void project(const ConstRef& query, const ConstRef& key, const ConstRef& value, const Plan& plan, Matrix& q,
+               Matrix& kv) const;
+
+  /// Runs task(t, scratch) for t < count on mha's threads, a few tasks at a time, testing the
+  /// pending requests between them so that the messages progress while the ranks compute.
+  template <typename MakeScratch, typename Task>
+  static void tasks_with_progress(Index count, double flops, std::vector<MPI_Request>& requests,
+                                  const MakeScratch& make_scratch, const Task& task) {
+    const Index chunk = std::max<Index>(1, 2 * num_threads());
+    for (Index first = 0; first < count; first += chunk) {
+      const Index n = std::min(chunk, count - first);
+      mha::detail::parallel_tasks(n, flops * static_cast<double>(n) / static_cast<double>(count), make_scratch,
+                                  [&](Index t, auto& scratch) { task(first + t, scratch); });
+      if (!requests.empty()) {
+        int done = 0;
+        MPI_Testall(static_cast<int>(requests.size()), requests.data(), &done, MPI_STATUSES_IGNORE);
+      }
+    }
+  }
+
+  Index key_width() const { return module_.num_kv_heads() * module_.d_k(); }
+  Index kv_width() const { return module_.num_kv_heads() * (module_.d_k() + module_.d_v()); }
+
+  const MultiHeadAttention<Scalar>& module_;
+  mha::distributed::detail::Communicator comm_;
+  RingStatistics statistics_;
+};
+
+// ---- The passes ----
+
+template <typename Scalar>
+void RingAttention<Scalar>::agree_on(mha::distributed::detail::CollectiveCheck& check,
+                                     const SequenceLayout& query_layout, const SequenceLayout& key_layout,
+                                     const AttentionOptions& options, bool self_attention) const {
+  const MultiHeadAttentionConfig& c = module_.config();
+  check.agree("config.d_model", static_cast<std::int64_t>(c.d_model));
+  check.agree("config.num_heads", static_cast<std::int64_t>(c.num_heads));
+  check.agree("config.num_kv_heads", static_cast<std::int64_t>(c.num_kv_heads));
+  check.agree("config.d_k", static_cast<std::int64_t>(c.d_k));
+  check.agree("config.d_v", static_cast<std::int64_t>(c.d_v));
+  check.agree("config.kdim", static_cast<std::int64_t>(c.kdim));
+  check.agree("config.vdim", static_cast<std::int64_t>(c.vdim));
+  check.agree("config.bias", c.bias);
+  check.agree("config.rotary", c.rotary);
+  check.agree("config.rotary_base", c.rotary_base);
+  check.agree("config.rotary_pairs", static_cast<std::int64_t>(c.rotary_pairs));
+  check.agree("self-attention (forward(x, …)) or not (forward(query, key, value, …))", self_attention);
+  check.agree("the query layout's length", static_cast<std::int64_t>(query_layout.length()));
+  check.agree("the query layout", static_cast<std::int64_t>(query_layout.fingerprint()));
+  check.agree("the key layout's length", static_cast<std::int64_t>(key_layout.length()));
+  check.agree("the key layout", static_cast<std::int64_t>(key_layout.fingerprint()));
+  check.agree("options.causal", options.causal);
+  check.agree("options.alignment", static_cast<std::int64_t>(options.alignment));
+  check.agree("options.window", static_cast<std::int64_t>(options.window));
+  check.agree("whether options.scale is set", options.scale.has_value());
+  check.agree("options.scale", options.scale.value_or(0.0));
+  check.agree("options.training", options.training);
+  check.agree("options.mask's rows", static_cast<std::int64_t>(options.mask.rows()));
+  check.agree("options.key_padding_mask's rows", static_cast<std::int64_t>(options.key_padding_mask.rows()));
+  check.agree("options.key_padding_mask's columns", static_cast<std::int64_t>(options.key_padding_mask.cols()));
+  // The padding itself, as a hash of its additive values: every rank must hide the same keys.
+  std::uint64_t hash = 0xcbf29ce484222325ull;
+  const Matrix padding = options.key_padding_mask.template additive_matrix<Scalar>();
+  for (Index i = 0; i < padding.size(); ++i) {
+    unsigned char bytes[sizeof(Scalar)];
+    std::memcpy(bytes, padding.data() + i, sizeof(Scalar));
+    for (const unsigned char b : bytes) hash = (hash ^ b) * 0x100000001b3ull;
+  }
+  check.agree("options.key_padding_mask's entries", static_cast<std::int64_t>(hash));
+}
+
+template <typename Scalar>
+void RingAttention<Scalar>::check_forward(const Input& query, const Input& key, const Input& value,
+                                          const SequenceLayout& query_layout, const SequenceLayout& key_layout,
+                                          const AttentionOptions& options, bool self_attention,
+                                          const char* caller) const {
+  namespace md = mha::detail;
+  mha::distributed::detail::CollectiveCheck check(comm_, caller);
+  check.local([&] {
+    md::check_width(query, self_attention ? "x_local" : "query_local", module_.d_model(), "d_model", caller);
+    md::check_width(key, "key_local", module_.kdim(), module_.kdim() == module_.d_model() ? "d_model" : "kdim", caller);
+    md::check_width(value, "value_local", module_.vdim(), module_.vdim() == module_.d_model() ? "d_model" : "vdim",
+                    caller);
+    if (key.rows() != value.rows())
+      md::fail(caller, ": key_local has ", key.rows(), " rows but value_local has ", value.rows(), " (key_local is ",
+               md::shape(key), ", value_local is ", md::shape(value), ")");
+    for (const auto* layout : {&query_layout, &key_layout})
+      if (layout->ranks() != comm_.size())
+        md::fail(caller, ": the ", layout == &query_layout ? "query" : "key", " layout spreads the sequence over ",
+                 layout->ranks(), " ranks but the communicator has ", comm_.size());
+    if (query.rows() != query_layout.rows(comm_.rank()))
+      md::fail(caller, ": ", self_attention ? "x_local" : "query_local", " is ", md::shape(query),
+               " but the layout gives this rank ", query_layout.rows(comm_.rank()), " rows (of ", query_layout.length(),
+               ")");
+    if (key.rows() != key_layout.rows(comm_.rank()))
+      md::fail(caller, ": key_local is ", md::shape(key), " but the key layout gives this rank ",
+               key_layout.rows(comm_.rank()), " rows (of ", key_layout.length(), ")");
+    if (!options.mask.empty())
+      md::fail(caller, ": options.mask (", options.mask.rows(), " x ", options.mask.cols(),
+               ") is not supported by ring attention, whose ranks never hold all L x S scores; use causal, "
+               "window and key_padding_mask, which are functions of the positions");
+    if (options.training && module_.config().dropout > 0)
+      md::fail(caller, ": dropout in training (config.dropout = ", module_.config().dropout,
+               ") is not supported by ring attention; set options.training = false or config.dropout = 0");
+    if (module_.config().add_bias_kv || module_.config().add_zero_attn)
+      md::fail(caller, ": a module with add_bias_kv or add_zero_attn is not supported by ring attention");
+    const Index S = key_layout.length();
+    if (!options.key_padding_mask.empty() &&
+        (options.key_padding_mask.rows() != 1 || options.key_padding_mask.cols() != S))
+      md::fail(caller, ": options.key_padding_mask is ", options.key_padding_mask.rows(), " x ",
+               options.key_padding_mask.cols(), " but must be 1 x S = 1 x ", S,
+               " (the whole sequence's keys, the same on every rank)");
+    if (self_attention && query_layout != key_layout)
+      md::fail(caller, ": self-attention needs one layout for queries and keys");
+    md::resolve_scale<Scalar>(options, module_.d_k());
+    md::resolve_window(options);
+  });
+  agree_on(check, query_layout, key_layout, options, self_attention);
+  check.finish();
+}
+
+template <typename Scalar>
+auto RingAttention<Scalar>::make_plan(const SequenceLayout& query_layout, const SequenceLayout& key_layout,
+                                      const AttentionOptions& options) const -> Plan {
+  Plan plan;
+  plan.queries = &query_layout;
+  plan.keys = &key_layout;
+  plan.options.causal = options.causal;
+  plan.options.alignment = options.alignment;
+  plan.options.window = options.window;
+  plan.L = query_layout.length();
+  plan.S = key_layout.length();
+  plan.offset = mha::detail::query_position_offset(options.alignment, plan.L, plan.S);
+  plan.window = mha::detail::effective_window(options.window, plan.L, plan.S);
+  plan.P = comm_.size();
+  if (!options.key_padding_mask.empty()) {
+    const Matrix padding = options.key_padding_mask.template additive_matrix<Scalar>();  // 1 × S
+    plan.padding.resize(static_cast<std::size_t>(plan.P));
+    for (int r = 0; r < plan.P; ++r)
+      for (const RowRange& range : key_layout.ranges(r))
+        plan.padding[static_cast<std::size_t>(r)].push_back(padding.middleCols(range.begin, range.size));
+  }
+  return plan;
+}
+
+template <typename Scalar>
+auto RingAttention<Scalar>::query_pieces(const SequenceLayout& query_layout) const -> std::vector<QueryPiece> {
+  std::vector<QueryPiece> pieces;
+  Index local = 0;
+  for (const RowRange& range : query_layout.ranges(comm_.rank())) {
+    for (Index first = 0; first < range.size; first += mha::detail::kQueryBlock)
+      pieces.push_back({local + first, std::min(mha::detail::kQueryBlock, range.size - first), range.begin + first});
+    local += range.size;
+  }
+  return pieces;
+}
+
+template <typename Scalar>
+void RingAttention<Scalar>::project(const ConstRef& query, const ConstRef& key, const ConstRef& value, const Plan& plan,
+                                    Matrix& q, Matrix& kv) const {
+  namespace md = mha::detail;
+  const MultiHeadAttentionConfig& c = module_.config();
+  // The biases as rows the scheduler reads (empty without config.bias).
+  const RowVector b_q = c.bias ? RowVector(module_.b_q()) : RowVector();
+  const RowVector b_k = c.bias ? RowVector(module_.b_k()) : RowVector();
+  const RowVector b_v = c.bias ? RowVector(module_.b_v()) : RowVector();
+  // Rotary positions are global: query row i of the sequence at i + offset, key row j at j.
+  std::vector<Index> query_positions = plan.queries->global_rows(comm_.rank());
+  for (Index& p : query_positions) p += plan.offset;
+  const std::vector<Index> key_positions = plan.keys->global_rows(comm_.rank());
+  const std::optional<RotaryEmbedding> rotary = c.rotary ? std::optional<RotaryEmbedding>(c) : std::nullopt;
+  const auto rotation = [&](const std::vector<Index>& positions) {
+    return md::RowRotation{rotary ? &*rotary : nullptr, positions.data()};
+  };
+  q.resize(query.rows(), module_.num_heads() * module_.d_k());
+  kv.resize(key.rows(), kv_width());
+  md::RowBlockJobs<Scalar> jobs;
+  jobs.product(md::operand(query), md::operand(module_.w_q()), q, false, &b_q, rotation(query_positions));
+  jobs.product(md::operand(key), md::operand(module_.w_k()), kv.leftCols(key_width()), false, &b_k,
+               rotation(key_positions));
+  jobs.product(md::operand(value), md::operand(module_.w_v()), kv.rightCols(kv_width() - key_width()), false, &b_v);
+  jobs.run();
+}
+
+template <typename Scalar>
+auto RingAttention<Scalar>::run_forward(const Input& query, const Input& key, const Input& value,
+                                        const SequenceLayout& query_layout, const SequenceLayout& key_layout,
+                                        const AttentionOptions& options, RingTape<Scalar>* tape, bool self_attention)
+    -> Matrix {
+  namespace md = mha::detail;
+  const double start = MPI_Wtime();
+  statistics_ = RingStatistics();
+  check_forward(query, key, value, query_layout, key_layout, options, self_attention, "RingAttention::forward");
+  const Plan plan = make_plan(query_layout, key_layout, options);
+  const int P = plan.P, rank = comm_.rank();
+  const Index h = module_.num_heads(), group = h / module_.num_kv_heads();
+  const Index d_k = module_.d_k(), d_v = module_.d_v(), kw = key_width();
+  const auto scale = md::resolve_scale<Scalar>(options, d_k);
+
+  // 1. Project this rank's rows: Q W^Q for its queries, [K W^K | V W^V] for its keys and values.
+  Matrix q, kv;  // n_q × h·d_k, n_k × h_kv·(d_k + d_v)
+  project(query, key, value, plan, q, kv);
+
+  // 2. Attend: at step s, this rank's queries to the block of rank r − s, while it travels on.
+  const std::vector<QueryPiece> pieces = query_pieces(query_layout);
+  Matrix concat = Matrix::Zero(q.rows(), h * d_v);  // n_q × h·d_v, merged over the steps so far
+  Matrix log_sum_exp = Matrix::Constant(q.rows(), h, -std::numeric_limits<Scalar>::infinity());  // n_q × h
+  Matrix buffers[2];         // the blocks received, alternately
+  const Matrix* held = &kv;  // the block of this step: this rank's own at step 0
+  for (int step = 0; step < P; ++step) {
+    const int origin = (rank - step + P) % P;
+    RingStep stats;
+    std::vector<MPI_Request> requests;
+    Matrix& incoming = buffers[step % 2];
+    if (step + 1 < P && plan.travels_on(rank, step)) {
+      requests.emplace_back();
+      MPI_Isend(held->data(), detail::mpi_count(held->size(), "RingAttention::forward"), detail::mpi_type<Scalar>(),
+                comm_.next(), kBlock, comm_.get(), &requests.back());
+      stats.bytes_sent += static_cast<std::size_t>(held->size()) * sizeof(Scalar);
+    }
+    if (step + 1 < P && plan.travels_on(comm_.previous(), step)) {
+      incoming.resize(key_layout.rows((origin - 1 + P) % P), kv_width());
+      requests.emplace_back();
+      MPI_Irecv(incoming.data(), detail::mpi_count(incoming.size(), "RingAttention::forward"),
+                detail::mpi_type<Scalar>(), comm_.previous(), kBlock, comm_.get(), &requests.back());
+    }
+    const double compute_start = MPI_Wtime();
+    if (held && plan.needs(rank, origin)) {
+      const std::vector<RowRange>& key_ranges = key_layout.ranges(origin);
+      double flops = 0;
+      for (const QueryPiece& piece : pieces)
+        for (const RowRange& k : key_ranges) flops += md::attention_flops(piece.rows, k.size, d_k, d_v);
+      // One task per head and piece of query rows: it attends to each key range of the block in
+      // turn and merges each partial result into the running one, rows it alone writes.
+      tasks_with_progress(
+          h * static_cast<Index>(pieces.size()), flops * static_cast<double>(h), requests,
+          [&] { return ForwardScratch(d_k, d_v); },
+          [&](Index t, ForwardScratch& scratch) {
+            const Index i = t / static_cast<Index>(pieces.size()), j = i / group;
+            const QueryPiece& piece = pieces[static_cast<std::size_t>(t % static_cast<Index>(pieces.size()))];
+            auto running = concat.block(piece.local_row, i * d_v, piece.rows, d_v);
+            Scalar* running_lse = log_sum_exp.col(i).data() + piece.local_row;
+            Index first_key = 0;  // of the range, within the block
+            for (std::size_t b = 0; b < key_ranges.size(); ++b) {
+              const RowRange& k = key_ranges[b];
+              const Index k0 = first_key;
+              first_key += k.size;
+              if (!plan.sees({piece.global_row, piece.rows}, k)) continue;
+              const Matrix* padding =
+                  plan.padding.empty() ? nullptr : &plan.padding[static_cast<std::size_t>(origin)][b];
+              auto outs = scratch.outs.topRows(piece.rows);
+              auto lses = scratch.lses.topRows(piece.rows);
+              md::attention_query_block<Scalar>(q.block(piece.local_row, i * d_k, piece.rows, d_k),
+                                                md::operand(held->block(k0, j * d_k, k.size, d_k)),
+                                                md::operand(held->block(k0, kw + j * d_v, k.size, d_v)), scale,
+                                                plan.visibility(piece.global_row, k, padding), 0, scratch.attention,
+                                                outs.rightCols(d_v), nullptr, lses.col(1).data());
+              outs.leftCols(d_v) = running;
+              std::copy_n(running_lse, piece.rows, lses.col(0).data());
+              md::merge_key_parts<Scalar>(outs, lses, running, running_lse);
+            }
+          });
+    }
+    stats.compute_seconds = MPI_Wtime() - compute_start;
+    const double wait_start = MPI_Wtime();
+    MPI_Waitall(static_cast<int>(requests.size()), requests.data(), MPI_STATUSES_IGNORE);
+    stats.wait_seconds = MPI_Wtime() - wait_start;
+    statistics_.steps.push_back(stats);
+    held = step + 1 < P && plan.travels_on(comm_.previous(), step) ? &incoming : nullptr;
+  }
+
+  // 3. Concatenate (done: each head merged into its own columns) and project with W^O, locally.
+  Matrix output(q.rows(), module_.d_model());
+  {
+    const RowVector b_o = module_.config().bias ? RowVector(module_.b_o()) : RowVector();
+    md::RowBlockJobs<Scalar> jobs;
+    jobs.product(md::operand(concat), md::operand(module_.w_o()), output, false, &b_o);
+    jobs.run();
+  }
+  if (tape) {
+    detail::RingRecord<Scalar> r{&module_,
+                                 module_.config(),
+                                 options,
+                                 self_attention,
+                                 query_layout,
+                                 key_layout,
+                                 query,
+                                 self_attention ? Matrix() : Matrix(key),
+                                 self_attention ? Matrix() : Matrix(value),
+                                 std::move(q),
+                                 std::move(kv),
+                                 std::move(concat),
+                                 std::move(log_sum_exp)};
+    r.options.key_padding_mask = options.key_padding_mask.owning();
+    tape->recorded_ = std::move(r);
+  }
+  statistics_.total_seconds = MPI_Wtime() - start;
+  return output;
+}
+
+template <typename Scalar>
+auto RingAttention<Scalar>::run_backward(const RingTape<Scalar>&, const Input&, Gradients&) -> InputGradients<Scalar> {
+  mha::detail::fail("RingAttention::backward: not yet");
+}
+
+}  // namespace distributed
+}  // namespace mha

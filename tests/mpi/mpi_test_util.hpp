@@ -1,0 +1,60 @@
+// Helpers of the MPI tests: this process's rank, the layouts every test runs over, and the
+// agreement of a check across ranks.
+#pragma once
+
+#include <mha/distributed/layout.hpp>
+
+#include <gtest/gtest.h>
+#include <mpi.h>
+
+#include <string>
+#include <vector>
+
+namespace mha_test {
+
+inline int world_rank() {
+  int rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  return rank;
+}
+
+inline int world_size() {
+  int size = 1;
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  return size;
+}
+
+/// The layouts of N rows over P ranks that the tests run over: even blocks, uneven blocks (with
+/// an empty rank from P = 3 on), and the zigzag.
+enum class LayoutKind { even, uneven, zigzag };
+
+inline const char* name_of(LayoutKind kind) {
+  return kind == LayoutKind::even ? "even" : kind == LayoutKind::uneven ? "uneven" : "zigzag";
+}
+
+inline mha::distributed::SequenceLayout make_layout(LayoutKind kind, Eigen::Index N, int P) {
+  using mha::distributed::SequenceLayout;
+  if (kind == LayoutKind::even) return SequenceLayout::contiguous(N, P);
+  if (kind == LayoutKind::zigzag) return SequenceLayout::zigzag(N, P);
+  // Rank r gets a share of weight 3, 1, 0, 2, 3, 1, … of the rows; the last rank takes what is left.
+  const int weights[4] = {3, 1, 0, 2};
+  int total = 0;
+  for (int r = 0; r < P; ++r) total += weights[r % 4];
+  std::vector<Eigen::Index> rows(static_cast<std::size_t>(P));
+  Eigen::Index given = 0;
+  for (int r = 0; r + 1 < P; ++r) {
+    rows[static_cast<std::size_t>(r)] = N * weights[r % 4] / total;
+    given += rows[static_cast<std::size_t>(r)];
+  }
+  rows.back() = N - given;
+  return SequenceLayout::contiguous(rows);
+}
+
+/// \returns whether `ok` holds on every rank (collective), so that every rank reports a failure.
+inline bool on_every_rank(bool ok) {
+  int mine = ok ? 1 : 0, all = 0;
+  MPI_Allreduce(&mine, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  return all == 1;
+}
+
+}  // namespace mha_test
