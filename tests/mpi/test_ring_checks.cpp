@@ -1,0 +1,182 @@
+// Bad arguments on any rank throw the same mha::invalid_argument on every rank, before any message
+// of the ring is sent: never a hang, never an MPI abort, and the ring works again afterwards.
+#include <mha/distributed/ring_attention.hpp>
+#include <mha/mha.hpp>
+
+#include "mpi_test_util.hpp"
+#include "test_util.hpp"
+
+#include <gtest/gtest.h>
+
+#include <functional>
+#include <string>
+
+namespace {
+
+using mha::AttentionOptions;
+using mha::MultiHeadAttention;
+using mha::distributed::RingAttention;
+using mha::distributed::SequenceLayout;
+using mha_test::Matrix;
+
+/// The message f() throws on this rank ("no exception" if none), and whether every rank threw an
+/// mha::invalid_argument with the same message.
+struct Outcome {
+  std::string message;
+  bool same_everywhere = false;
+};
+
+Outcome outcome_of(const std::function<void()>& f) {
+  Outcome o;
+  bool threw = false;
+  try {
+    f();
+    o.message = "no exception";
+  } catch (const mha::invalid_argument& e) {
+    o.message = e.what();
+    threw = true;
+  }
+  // Rank 0's message against everyone's.
+  int length = static_cast<int>(o.message.size());
+  MPI_Bcast(&length, 1, MPI_INT, 0, MPI_COMM_WORLD);
+  std::string first(static_cast<std::size_t>(length), '\0');
+  if (mha_test::world_rank() == 0) first = o.message;
+  MPI_Bcast(first.data(), length, MPI_CHAR, 0, MPI_COMM_WORLD);
+  o.same_everywhere = mha_test::on_every_rank(threw && first == o.message);
+  return o;
+}
+
+/// The last rank: the one that passes the bad argument.
+bool is_odd_one_out() { return mha_test::world_rank() == mha_test::world_size() - 1; }
+
+class RingChecks : public ::testing::Test {
+ protected:
+  const MultiHeadAttention<double> module{mha_test::config(8, 2, 0, 0, 3)};
+  const Eigen::Index N = 40;
+  const Matrix<double> x = mha_test::random_matrix<double>(N, 8, 1);
+  const SequenceLayout layout = SequenceLayout::contiguous(N, mha_test::world_size());
+  RingAttention<double> ring{module, MPI_COMM_WORLD};
+  Matrix<double> local() const { return layout.local_rows(x, ring.rank()); }
+
+  /// After a refused call the ring must still work: no rank has a message left in flight.
+  void expect_ring_still_works() {
+    const Matrix<double> out = ring.forward(local(), layout);
+    EXPECT_TRUE(mha_test::close(out, layout.local_rows(module.forward(x), ring.rank()), 1e-12));
+  }
+};
+
+TEST_F(RingChecks, AWrongWidthOnOneRankThrowsTheSameOnEveryRank) {
+  const Outcome o = outcome_of([&] {
+    const Matrix<double> bad = is_odd_one_out() ? Matrix<double>(local().leftCols(7)) : local();
+    ring.forward(bad, layout);
+  });
+  EXPECT_TRUE(o.same_everywhere) << o.message;
+  const int last = mha_test::world_size() - 1;
+  EXPECT_NE(o.message.find("x_local is " + std::to_string(layout.rows(last)) + " x 7 but d_model is 8"),
+            std::string::npos)
+      << o.message;
+  EXPECT_NE(o.message.find("on rank " + std::to_string(last) + " of " + std::to_string(mha_test::world_size())),
+            std::string::npos)
+      << o.message;
+  expect_ring_still_works();
+}
+
+TEST_F(RingChecks, RowsThatDoNotMatchTheLayoutThrowOnEveryRank) {
+  const Outcome o = outcome_of([&] {
+    const Matrix<double> rows = local();
+    ring.forward(is_odd_one_out() ? Matrix<double>(rows.topRows(rows.rows() - 1)) : rows, layout);
+  });
+  EXPECT_TRUE(o.same_everywhere) << o.message;
+  EXPECT_NE(o.message.find("but the layout gives this rank"), std::string::npos) << o.message;
+  expect_ring_still_works();
+}
+
+TEST_F(RingChecks, RanksThatDisagreeOnOptionsThrowOnEveryRank) {
+  if (mha_test::world_size() == 1) GTEST_SKIP() << "one rank cannot disagree with itself";
+  const Outcome causal = outcome_of([&] { ring.forward(local(), layout, mha_test::causal_if(is_odd_one_out())); });
+  EXPECT_TRUE(causal.same_everywhere) << causal.message;
+  EXPECT_NE(causal.message.find("the ranks disagree on options.causal: rank 0 has 0 and rank " +
+                                std::to_string(mha_test::world_size() - 1) + " has 1"),
+            std::string::npos)
+      << causal.message;
+
+  AttentionOptions window;
+  window.window = is_odd_one_out() ? 5 : 4;
+  const Outcome w = outcome_of([&] { ring.forward(local(), layout, window); });
+  EXPECT_TRUE(w.same_everywhere) << w.message;
+  EXPECT_NE(w.message.find("options.window"), std::string::npos) << w.message;
+
+  // The same shape of key padding, hiding other keys on one rank.
+  Eigen::Matrix<bool, 1, Eigen::Dynamic> padded = Eigen::Matrix<bool, 1, Eigen::Dynamic>::Constant(N, false);
+  padded(is_odd_one_out() ? 3 : 2) = true;
+  AttentionOptions padding;
+  padding.key_padding_mask = mha::AttentionMask::blocked(padded);
+  const Outcome p = outcome_of([&] { ring.forward(local(), layout, padding); });
+  EXPECT_TRUE(p.same_everywhere) << p.message;
+  EXPECT_NE(p.message.find("options.key_padding_mask's entries"), std::string::npos) << p.message;
+  expect_ring_still_works();
+}
+
+TEST_F(RingChecks, RanksThatDisagreeOnTheLayoutOrTheModuleThrowOnEveryRank) {
+  if (mha_test::world_size() == 1) GTEST_SKIP() << "one rank cannot disagree with itself";
+  const int P = mha_test::world_size();
+  // Zigzag on the last rank, contiguous elsewhere: its rows are checked against its own layout,
+  // and the layouts against each other.
+  const SequenceLayout mine = is_odd_one_out() ? SequenceLayout::zigzag(N, P) : layout;
+  const Outcome l = outcome_of([&] { ring.forward(mine.local_rows(x, ring.rank()), mine, AttentionOptions{}); });
+  EXPECT_TRUE(l.same_everywhere) << l.message;
+  EXPECT_NE(l.message.find("the ranks disagree on the query layout"), std::string::npos) << l.message;
+
+  // A module of another shape on one rank.
+  const MultiHeadAttention<double> other(mha_test::config(8, is_odd_one_out() ? 4 : 2, 0, 0, 3));
+  RingAttention<double> odd(other, MPI_COMM_WORLD);
+  const Outcome m = outcome_of([&] { odd.forward(local(), layout); });
+  EXPECT_TRUE(m.same_everywhere) << m.message;
+  EXPECT_NE(m.message.find("the ranks disagree on config.num_heads"), std::string::npos) << m.message;
+  expect_ring_still_works();
+}
+
+TEST_F(RingChecks, UnsupportedOptionsAreRefusedOnEveryRank) {
+  AttentionOptions masked;
+  masked.mask = mha::AttentionMask::additive(Matrix<double>::Zero(N, N));
+  const Outcome mask = outcome_of([&] { ring.forward(local(), layout, masked); });
+  EXPECT_TRUE(mask.same_everywhere) << mask.message;
+  EXPECT_NE(mask.message.find("options.mask (40 x 40) is not supported"), std::string::npos) << mask.message;
+
+  AttentionOptions wrong_padding;
+  wrong_padding.key_padding_mask = mha::AttentionMask::blocked(Eigen::Matrix<bool, 1, Eigen::Dynamic>::Zero(N - 1));
+  const Outcome p = outcome_of([&] { ring.forward(local(), layout, wrong_padding); });
+  EXPECT_TRUE(p.same_everywhere) << p.message;
+  EXPECT_NE(p.message.find("options.key_padding_mask is 1 x 39 but must be 1 x S = 1 x 40"), std::string::npos)
+      << p.message;
+
+  mha::MultiHeadAttentionConfig c = mha_test::config(8, 2);
+  c.dropout = 0.1;
+  const MultiHeadAttention<double> dropping(c);
+  RingAttention<double> ring_dropping(dropping, MPI_COMM_WORLD);
+  AttentionOptions training;
+  training.training = true;
+  const Outcome d = outcome_of([&] { ring_dropping.forward(local(), layout, training); });
+  EXPECT_TRUE(d.same_everywhere) << d.message;
+  EXPECT_NE(d.message.find("dropout in training"), std::string::npos) << d.message;
+
+  const SequenceLayout too_few = SequenceLayout::contiguous(N, mha_test::world_size() + 1);
+  const Outcome r = outcome_of([&] { ring.forward(local(), too_few); });
+  EXPECT_TRUE(r.same_everywhere) << r.message;
+  EXPECT_NE(r.message.find("spreads the sequence over " + std::to_string(mha_test::world_size() + 1) + " ranks"),
+            std::string::npos)
+      << r.message;
+  expect_ring_still_works();
+}
+
+TEST_F(RingChecks, ARefusedForwardLeavesTheTapeUnchanged) {
+  mha::distributed::RingTape<double> tape;
+  const Outcome o = outcome_of([&] {
+    const Matrix<double> bad = is_odd_one_out() ? Matrix<double>(local().leftCols(7)) : local();
+    ring.forward(bad, layout, AttentionOptions{}, tape);
+  });
+  EXPECT_TRUE(o.same_everywhere) << o.message;
+  EXPECT_TRUE(tape.empty());
+}
+
+}  // namespace
