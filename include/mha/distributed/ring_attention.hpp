@@ -1,8 +1,7 @@
 // mha — ring attention (Liu, Zaharia & Abbeel 2023): multi-head attention over a sequence whose rows
 // are spread over the ranks of an MPI communicator. Each rank projects its own rows; the key/value
 // blocks travel around the ring, each rank attending with its queries to the block it holds while
-// the next one is in flight; the partial outputs merge by log-sum-exp; W^O is applied locally. The
-// backward sends the blocks around again, their gradients travelling with them back to their owners.
+// the next one is in flight; the partial outputs merge by log-sum-exp; W^O is applied locally.
 #pragma once
 
 #include <mha/attention.hpp>
@@ -33,12 +32,12 @@ namespace distributed {
 
 /// One step of the ring, as a rank saw it.
 struct RingStep {
-  double compute_seconds = 0;  ///< attending to the block held (and, in the backward, its gradients)
+  double compute_seconds = 0;  ///< attending to the block held
   double wait_seconds = 0;     ///< waiting, after the compute, for the step's messages to complete
-  std::size_t bytes_sent = 0;  ///< sent to the next rank (and, backward, to the blocks' owners) this step
+  std::size_t bytes_sent = 0;  ///< sent to the next rank this step
 };
 
-/// What a rank's last forward or backward call did, step by step: where the time went.
+/// What a rank's last forward call did, step by step: where the time went.
 struct RingStatistics {
   std::vector<RingStep> steps;
   double total_seconds = 0;  ///< the whole call, projections and checks included
@@ -61,7 +60,7 @@ class RingAttention;
 
 namespace detail {
 
-/// What a ring forward pass recorded for its backward, on one rank: its own rows only.
+/// What a ring forward pass recorded, on one rank: its own rows only.
 template <typename Scalar>
 struct RingRecord {
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
@@ -78,8 +77,9 @@ struct RingRecord {
 
 }  // namespace detail
 
-/// What RingAttention::forward(…, tape) keeps on each rank for RingAttention::backward: the rank's
-/// inputs, projections, merged heads and their log-sum-exp, O((n_q + n_k) · width), never N × N.
+/// What RingAttention::forward(…, tape) keeps on each rank for a backward pass (the ring's backward
+/// is not written yet): the rank's inputs, projections, merged heads and their log-sum-exp,
+/// O((n_q + n_k) · width), never N × N.
 template <typename Scalar>
 class RingTape {
  public:
@@ -121,7 +121,6 @@ class RingAttention {
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
   using RowVector = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
   using Index = Eigen::Index;
-  using Gradients = typename MultiHeadAttention<Scalar>::Gradients;
 
   /// Ring attention with `module`'s weights over the ranks of `comm` (collective: duplicates it).
   RingAttention(const MultiHeadAttention<Scalar>& module, MPI_Comm comm) : module_(module), comm_(comm) {}
@@ -150,7 +149,7 @@ class RingAttention {
     return run_forward(query_local, key_local, value_local, query_layout, key_layout, options, nullptr, false);
   }
 
-  /// forward(x_local, layout, options), recording into `tape` what backward() needs.
+  /// forward(x_local, layout, options), recording into `tape` what a backward pass needs.
   template <typename Derived>
   Matrix forward(const Eigen::MatrixBase<Derived>& x_local, const SequenceLayout& layout,
                  const AttentionOptions& options, RingTape<Scalar>& tape) {
@@ -158,7 +157,7 @@ class RingAttention {
     return run_forward(x, x, x, layout, layout, options, &tape, true);
   }
 
-  /// forward(query_local, key_local, value_local, …), recording into `tape` what backward() needs.
+  /// forward(query_local, key_local, value_local, …), recording into `tape` what a backward pass needs.
   template <typename DerivedQ, typename DerivedK, typename DerivedV>
   Matrix forward(const Eigen::MatrixBase<DerivedQ>& query_local, const Eigen::MatrixBase<DerivedK>& key_local,
                  const Eigen::MatrixBase<DerivedV>& value_local, const SequenceLayout& query_layout,
@@ -166,18 +165,7 @@ class RingAttention {
     return run_forward(query_local, key_local, value_local, query_layout, key_layout, options, &tape, false);
   }
 
-  /// The backward pass of the forward recorded in `tape` (collective): d_output_local is this
-  /// rank's rows of ∂loss/∂output. ADDS into `gradients` the gradients of the whole sequence's
-  /// loss with respect to every parameter, reduced over the ranks in one MPI_Allreduce, so that every
-  /// rank holds the same and can take the same optimiser step; \returns this rank's rows of
-  /// ∂loss/∂query, ∂loss/∂key and ∂loss/∂value (for self-attention, their sum is ∂loss/∂x).
-  template <typename Derived>
-  InputGradients<Scalar> backward(const RingTape<Scalar>& tape, const Eigen::MatrixBase<Derived>& d_output_local,
-                                  Gradients& gradients) {
-    return run_backward(tape, d_output_local, gradients);
-  }
-
-  /// \returns what this rank's last forward or backward call did, step by step.
+  /// \returns what this rank's last forward call did, step by step.
   const RingStatistics& statistics() const { return statistics_; }
 
  private:
@@ -185,7 +173,7 @@ class RingAttention {
   using ConstRef = mha::detail::ConstMatrixRef<Scalar>;
 
   /// The MPI tags of the ring's messages.
-  enum Tag : int { kBlock = 1, kBlockGradient = 2, kReturnedGradient = 3 };
+  enum Tag : int { kBlock = 1 };
 
   /// Where a call's queries and keys are, and which of them see each other: every rank builds the
   /// same plan from the same (checked) arguments, so that senders and receivers agree on every
@@ -235,12 +223,6 @@ class RingAttention {
         if (needs((holder + t) % P, origin)) return true;
       return false;
     }
-    /// \returns the last step at which rank `origin`'s block is held by some rank.
-    int last_step(int origin) const {
-      int step = 0;
-      while (step + 1 < P && travels_on((origin + step) % P, step)) ++step;
-      return step;
-    }
   };
 
   /// The per-thread memory of the forward's tasks: the kernel's tiles, and a partial output and
@@ -263,7 +245,6 @@ class RingAttention {
   Matrix run_forward(const Input& query, const Input& key, const Input& value, const SequenceLayout& query_layout,
                      const SequenceLayout& key_layout, const AttentionOptions& options, RingTape<Scalar>* tape,
                      bool self_attention);
-  InputGradients<Scalar> run_backward(const RingTape<Scalar>& tape, const Input& d_output, Gradients& gradients);
 
   /// Checks a forward's arguments on all ranks together (see CollectiveCheck).
   void check_forward(const Input& query, const Input& key, const Input& value, const SequenceLayout& query_layout,
@@ -577,11 +558,6 @@ auto RingAttention<Scalar>::run_forward(const Input& query, const Input& key, co
   }
   statistics_.total_seconds = MPI_Wtime() - start;
   return output;
-}
-
-template <typename Scalar>
-auto RingAttention<Scalar>::run_backward(const RingTape<Scalar>&, const Input&, Gradients&) -> InputGradients<Scalar> {
-  mha::detail::fail("RingAttention::backward: not yet");
 }
 
 }  // namespace distributed
