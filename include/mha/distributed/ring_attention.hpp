@@ -75,6 +75,49 @@ struct RingRecord {
   Matrix log_sum_exp;        ///< n_q × h: each row's log-sum-exp over every key of the sequence
 };
 
+/// q = query W^Q + b^Q and kv = [key W^K + b^K | value W^V + b^V] of one rank's rows (n_q × h·d_k
+/// and n_k × h_kv·(d_k + d_v)), the rows of q and of kv's keys turned at their positions with rotary
+/// embeddings: the module's projections through the one row-block scheduler.
+template <typename Scalar>
+void project_rows(const MultiHeadAttention<Scalar>& module, const mha::detail::ConstMatrixRef<Scalar>& query,
+                  const mha::detail::ConstMatrixRef<Scalar>& key, const mha::detail::ConstMatrixRef<Scalar>& value,
+                  const std::vector<Eigen::Index>& query_positions, const std::vector<Eigen::Index>& key_positions,
+                  Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>& q,
+                  Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>& kv) {
+  namespace md = mha::detail;
+  using RowVector = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
+  const MultiHeadAttentionConfig& c = module.config();
+  // The biases as rows the scheduler reads (empty without config.bias).
+  const RowVector b_q = c.bias ? RowVector(module.b_q()) : RowVector();
+  const RowVector b_k = c.bias ? RowVector(module.b_k()) : RowVector();
+  const RowVector b_v = c.bias ? RowVector(module.b_v()) : RowVector();
+  const std::optional<RotaryEmbedding> rotary = c.rotary ? std::optional<RotaryEmbedding>(c) : std::nullopt;
+  const auto rotation = [&](const std::vector<Eigen::Index>& positions) {
+    return md::RowRotation{rotary ? &*rotary : nullptr, positions.data()};
+  };
+  const Eigen::Index kw = module.num_kv_heads() * module.d_k(), vw = module.num_kv_heads() * module.d_v();
+  q.resize(query.rows(), module.num_heads() * module.d_k());
+  kv.resize(key.rows(), kw + vw);
+  md::RowBlockJobs<Scalar> jobs;
+  jobs.product(md::operand(query), md::operand(module.w_q()), q, false, &b_q, rotation(query_positions));
+  jobs.product(md::operand(key), md::operand(module.w_k()), kv.leftCols(kw), false, &b_k, rotation(key_positions));
+  jobs.product(md::operand(value), md::operand(module.w_v()), kv.rightCols(vw), false, &b_v);
+  jobs.run();
+}
+
+/// \returns concat · W^O + b^O (n × d_model): the module's output projection of one rank's rows.
+template <typename Scalar>
+Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> project_output(
+    const MultiHeadAttention<Scalar>& module, const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>& concat) {
+  using RowVector = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
+  Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> output(concat.rows(), module.d_model());
+  const RowVector b_o = module.config().bias ? RowVector(module.b_o()) : RowVector();
+  mha::detail::RowBlockJobs<Scalar> jobs;
+  jobs.product(mha::detail::operand(concat), mha::detail::operand(module.w_o()), output, false, &b_o);
+  jobs.run();
+  return output;
+}
+
 }  // namespace detail
 
 /// What RingAttention::forward(…, tape) keeps on each rank for a backward pass (the ring's backward
@@ -258,11 +301,6 @@ class RingAttention {
                  const AttentionOptions& options) const;
   std::vector<QueryPiece> query_pieces(const SequenceLayout& query_layout) const;
 
-  /// q = query W^Q + b^Q and kv = [key W^K + b^K | value W^V + b^V] of this rank's rows, turned at
-  /// their global positions with rotary embeddings.
-  void project(const ConstRef& query, const ConstRef& key, const ConstRef& value, const Plan& plan, Matrix& q,
-               Matrix& kv) const;
-
   /// Runs task(t, scratch) for t < count on mha's threads, a few tasks at a time, testing the
   /// pending requests between them so that the messages progress while the ranks compute.
   template <typename MakeScratch, typename Task>
@@ -418,33 +456,6 @@ auto RingAttention<Scalar>::query_pieces(const SequenceLayout& query_layout) con
 }
 
 template <typename Scalar>
-void RingAttention<Scalar>::project(const ConstRef& query, const ConstRef& key, const ConstRef& value, const Plan& plan,
-                                    Matrix& q, Matrix& kv) const {
-  namespace md = mha::detail;
-  const MultiHeadAttentionConfig& c = module_.config();
-  // The biases as rows the scheduler reads (empty without config.bias).
-  const RowVector b_q = c.bias ? RowVector(module_.b_q()) : RowVector();
-  const RowVector b_k = c.bias ? RowVector(module_.b_k()) : RowVector();
-  const RowVector b_v = c.bias ? RowVector(module_.b_v()) : RowVector();
-  // Rotary positions are global: query row i of the sequence at i + offset, key row j at j.
-  std::vector<Index> query_positions = plan.queries->global_rows(comm_.rank());
-  for (Index& p : query_positions) p += plan.offset;
-  const std::vector<Index> key_positions = plan.keys->global_rows(comm_.rank());
-  const std::optional<RotaryEmbedding> rotary = c.rotary ? std::optional<RotaryEmbedding>(c) : std::nullopt;
-  const auto rotation = [&](const std::vector<Index>& positions) {
-    return md::RowRotation{rotary ? &*rotary : nullptr, positions.data()};
-  };
-  q.resize(query.rows(), module_.num_heads() * module_.d_k());
-  kv.resize(key.rows(), kv_width());
-  md::RowBlockJobs<Scalar> jobs;
-  jobs.product(md::operand(query), md::operand(module_.w_q()), q, false, &b_q, rotation(query_positions));
-  jobs.product(md::operand(key), md::operand(module_.w_k()), kv.leftCols(key_width()), false, &b_k,
-               rotation(key_positions));
-  jobs.product(md::operand(value), md::operand(module_.w_v()), kv.rightCols(kv_width() - key_width()), false, &b_v);
-  jobs.run();
-}
-
-template <typename Scalar>
 auto RingAttention<Scalar>::run_forward(const Input& query, const Input& key, const Input& value,
                                         const SequenceLayout& query_layout, const SequenceLayout& key_layout,
                                         const AttentionOptions& options, RingTape<Scalar>* tape, bool self_attention)
@@ -461,7 +472,10 @@ auto RingAttention<Scalar>::run_forward(const Input& query, const Input& key, co
 
   // 1. Project this rank's rows: Q W^Q for its queries, [K W^K | V W^V] for its keys and values.
   Matrix q, kv;  // n_q × h·d_k, n_k × h_kv·(d_k + d_v)
-  project(query, key, value, plan, q, kv);
+  // Rotary positions are global: query row i of the sequence at i + offset, key row j at j.
+  std::vector<Index> query_positions = query_layout.global_rows(rank);
+  for (Index& p : query_positions) p += plan.offset;
+  detail::project_rows(module_, query, key, value, query_positions, key_layout.global_rows(rank), q, kv);
 
   // 2. Attend: at step s, this rank's queries to the block of rank r − s, while it travels on.
   const std::vector<QueryPiece> pieces = query_pieces(query_layout);
@@ -532,13 +546,7 @@ auto RingAttention<Scalar>::run_forward(const Input& query, const Input& key, co
   }
 
   // 3. Concatenate (done: each head merged into its own columns) and project with W^O, locally.
-  Matrix output(q.rows(), module_.d_model());
-  {
-    const RowVector b_o = module_.config().bias ? RowVector(module_.b_o()) : RowVector();
-    md::RowBlockJobs<Scalar> jobs;
-    jobs.product(md::operand(concat), md::operand(module_.w_o()), output, false, &b_o);
-    jobs.run();
-  }
+  Matrix output = detail::project_output(module_, concat);
   if (tape) {
     detail::RingRecord<Scalar> r{&module_,
                                  module_.config(),
