@@ -11,6 +11,8 @@ namespace mha {
 
 template class MultiHeadAttention<float>;
 template class MultiHeadAttention<double>;
+MHA_DECODING_PASSES_OF(, float)
+MHA_DECODING_PASSES_OF(, double)
 
 namespace detail {
 template Matrix<float> scaled_dot_product_attention(const Input<float>&, const Input<float>&, const Input<float>&,

@@ -9,8 +9,10 @@
 #include "test_util.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -618,3 +620,223 @@ TYPED_TEST(KVCache, CrossAttentionMemoryRefusesWhatItCannotDo) {
 }
 
 }  // namespace
+
+// ---- Reduced-precision storage: bfloat16 and half ----
+
+/// ‖actual − expected‖∞ / ‖expected‖∞ no larger than `bound`, recorded under `what`.
+template <typename Scalar, typename A, typename B>
+::testing::AssertionResult within(const Eigen::MatrixBase<A>& actual, const Eigen::MatrixBase<B>& expected,
+                                  double bound, const std::string& what) {
+  const double error = mha_test::relative_error(actual, expected);
+  double& largest = mha_test::ErrorReport::largest()[what + " (" + mha_test::scalar_name<Scalar>() + ")"];
+  largest = std::max(largest, error);
+  if (error <= bound) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << what << ": relative error " << error << " > " << bound;
+}
+
+/// A prefill of 1500 tokens (three parts of 512 keys), a chunk of 3, then 40 single tokens, decoded
+/// into caches of Scalar and of Storage: their outputs stay within `bound` of each other at every
+/// step, and the reduced cache holds exactly the Scalar cache's numbers rounded to Storage, in
+/// half its bytes.
+template <typename Scalar, typename Storage>
+void expect_reduced_storage_close(double bound, const char* what) {
+  auto c = rotary(decoder_config(64, 8, 2, 0, 0, 31), mha::RotaryPairs::halves);
+  c.bias = true;
+  const auto attn = make_module<Scalar>(c);
+  const Matrix<Scalar> x = random_matrix<Scalar>(1543, 64, 7);
+  auto exact = attn.make_cache();
+  auto reduced = attn.template make_cache<Storage>();
+  static_assert(std::is_same<typename decltype(reduced)::StorageType, Storage>::value);
+  Lengths steps{1500, 3};
+  steps.resize(steps.size() + 40, 1);
+  Index position = 0;
+  for (const Index n : steps) {
+    const Matrix<Scalar> y = attn.decode(x.middleRows(position, n), exact);
+    ASSERT_TRUE(within<Scalar>(attn.decode(x.middleRows(position, n), reduced), y, bound, what))
+        << "tokens " << position << " to " << position + n - 1;
+    position += n;
+  }
+  ASSERT_EQ(reduced.length(), x.rows());
+  for (Index j = 0; j < reduced.kv_heads(); ++j) {
+    const auto keys = reduced.keys(0, j), values = reduced.values(0, j);
+    const Matrix<Scalar> exact_keys = exact.keys(0, j), exact_values = exact.values(0, j);
+    ASSERT_EQ(keys.rows(), exact_keys.rows());
+    for (Index r = 0; r < keys.rows(); ++r)
+      for (Index col = 0; col < keys.cols(); ++col) {
+        ASSERT_EQ(static_cast<float>(keys(r, col)), static_cast<float>(static_cast<Storage>(exact_keys(r, col))));
+        ASSERT_EQ(static_cast<float>(values(r, col)), static_cast<float>(static_cast<Storage>(exact_values(r, col))));
+      }
+  }
+  EXPECT_EQ(reduced.bytes() * sizeof(Scalar), exact.bytes() * sizeof(Storage));
+}
+
+TYPED_TEST(KVCache, BFloat16CacheStaysWithinItsRoundingOfTheExactCache) {
+  expect_reduced_storage_close<TypeParam, Eigen::bfloat16>(1e-2, "bfloat16 cache against the exact one");
+}
+
+TYPED_TEST(KVCache, HalfCacheStaysWithinItsRoundingOfTheExactCache) {
+  expect_reduced_storage_close<TypeParam, Eigen::half>(2e-3, "half cache against the exact one");
+}
+
+TYPED_TEST(KVCache, ReducedStorageIsReallyReduced) {
+  // The bounds above are not met by accident: bfloat16 is measurably coarser than half, and half
+  // than the exact cache (so a cache that silently kept Scalar, or rounded to bfloat16 when asked
+  // for half, would fail here).
+  const auto attn = make_module<TypeParam>(decoder_config(32, 4, 4, 0, 0, 8));
+  const Matrix<TypeParam> x = random_matrix<TypeParam>(300, 32, 9);
+  auto exact = attn.make_cache();
+  auto half = attn.template make_cache<Eigen::half>();
+  auto bf16 = attn.template make_cache<Eigen::bfloat16>();
+  const Matrix<TypeParam> y = attn.decode(x, exact);
+  const double half_error = mha_test::relative_error(attn.decode(x, half), y);
+  const double bf16_error = mha_test::relative_error(attn.decode(x, bf16), y);
+  EXPECT_GT(half_error, 1e-6);
+  EXPECT_GT(bf16_error, 2 * half_error);
+}
+
+TYPED_TEST(KVCache, ReducedPrecisionCrossAttentionMemory) {
+  const auto attn = make_module<TypeParam>(decoder_config(32, 8, 2, 0, 0, 10));
+  const Matrix<TypeParam> memory = random_matrix<TypeParam>(700, 32, 1), x = random_matrix<TypeParam>(5, 32, 2);
+  const Matrix<TypeParam> expected = attn.forward(x, memory, memory);
+  EXPECT_TRUE(within<TypeParam>(attn.decode_cross(x, attn.template make_cross_cache<Eigen::bfloat16>(memory)), expected,
+                                1e-2, "bfloat16 cross-attention memory"));
+  EXPECT_TRUE(within<TypeParam>(attn.decode_cross(x, attn.template make_cross_cache<Eigen::half>(memory)), expected,
+                                2e-3, "half cross-attention memory"));
+}
+
+TEST(KVCacheStorage, ConversionRoundsToNearestAndConvertsBackExactly) {
+  // convert() is the vectorised path where Eigen has one (AVX2, AVX-512) and the scalar rounding
+  // elsewhere: both give Eigen's own float <-> bfloat16 / half conversions, across a packet's edge.
+  std::vector<float> from(37);
+  for (std::size_t i = 0; i < from.size(); ++i) from[i] = std::ldexp(1.0f + static_cast<float>(i) / 37.0f, int(i) - 18);
+  std::vector<Eigen::bfloat16> bf16(from.size());
+  std::vector<Eigen::half> half(from.size());
+  std::vector<float> back(from.size());
+  for (std::size_t i = 0; i < from.size(); ++i) {
+    bf16[i] = Eigen::bfloat16(from[i]);
+    half[i] = Eigen::half(from[i]);
+  }
+  mha::detail::convert(bf16.data(), static_cast<Index>(bf16.size()), back.data());
+  for (std::size_t i = 0; i < from.size(); ++i) EXPECT_EQ(back[i], static_cast<float>(bf16[i])) << i;
+  mha::detail::convert(half.data(), static_cast<Index>(half.size()), back.data());
+  for (std::size_t i = 0; i < from.size(); ++i) EXPECT_EQ(back[i], static_cast<float>(half[i])) << i;
+  std::vector<double> wide(from.size());
+  mha::detail::convert(bf16.data(), static_cast<Index>(bf16.size()), wide.data());
+  for (std::size_t i = 0; i < from.size(); ++i) EXPECT_EQ(wide[i], static_cast<double>(static_cast<float>(bf16[i])));
+}
+
+// ---- The rolling cache of a sliding window ----
+
+/// Decodes x in steps of the given sizes into a rolling cache of `window` and into a cache that
+/// keeps everything, both with options.window = `attend`: every step's rows agree (f64 ≤ 1e-10,
+/// f32 ≤ 1e-5), and with the causal windowed forward.
+template <typename Scalar>
+void expect_rolling_equals_full(const mha::MultiHeadAttention<Scalar>& attn, const Matrix<Scalar>& x,
+                                const Lengths& steps, Index window, Index attend) {
+  mha::AttentionOptions o;
+  o.window = attend;
+  mha::AttentionOptions forward_options = causal_if(true);
+  forward_options.window = attend;
+  const Matrix<Scalar> full = attn.forward(x, forward_options);
+  auto rolling = attn.make_rolling_cache(window);
+  auto everything = attn.make_cache();
+  const std::size_t allocated = rolling.bytes();
+  // Steps that fit the room it was made with never grow it (a longer step grows it for good).
+  const bool fits = *std::max_element(steps.begin(), steps.end()) <= std::max<Index>(window / 8, 16);
+  Index position = 0;
+  for (std::size_t step = 0; position < x.rows(); ++step) {
+    const Index n = std::min(steps[std::min(step, steps.size() - 1)], x.rows() - position);
+    const Matrix<Scalar> y = attn.decode(x.middleRows(position, n), rolling, o);
+    ASSERT_TRUE(near<Scalar>(y, attn.decode(x.middleRows(position, n), everything, o), "rolling against full cache"))
+        << "step " << step << ": tokens " << position << " to " << position + n - 1;
+    ASSERT_TRUE(near<Scalar>(y, full.middleRows(position, n), "rolling against forward"));
+    position += n;
+    ASSERT_EQ(rolling.length(), position);
+    // It holds what the next step can see, and no more than the room it was made with.
+    ASSERT_GE(rolling.held(), std::min(position, window - 1));
+    if (fits) {
+      ASSERT_LE(rolling.held(), window + std::max<Index>(window / 8, 16));
+      ASSERT_EQ(rolling.bytes(), allocated);
+    }
+  }
+}
+
+TYPED_TEST(KVCache, RollingCacheEqualsTheFullCache) {
+  auto c = rotary(decoder_config(32, 8, 2, 0, 0, 41), mha::RotaryPairs::halves, 500.0);
+  c.bias = true;
+  for (const auto& config : {decoder_config(16, 4, 0, 0, 0, 40), c}) {
+    const auto attn = make_module<TypeParam>(config);
+    SCOPED_TRACE(describe(config));
+    const Matrix<TypeParam> x = random_matrix<TypeParam>(700, config.d_model, 11);
+    // One token at a time past several compactions, with the window the cache was made for and
+    // a smaller one; chunks; a prompt longer than the room (the cache grows for that step).
+    const Matrix<TypeParam> first = x.topRows(300);
+    expect_rolling_equals_full(attn, first, {1}, 37, 37);
+    expect_rolling_equals_full(attn, first, {1}, 37, 5);
+    expect_rolling_equals_full(attn, first, {3, 1, 2}, 37, 37);
+    expect_rolling_equals_full(attn, x, {200, 1}, 37, 37);
+    expect_rolling_equals_full(attn, x, {1, 5, 1}, 600, 600);  // parts of 512 keys inside the window
+    expect_rolling_equals_full(attn, Matrix<TypeParam>(x.topRows(60)), {1}, 1, 1);
+  }
+}
+
+TYPED_TEST(KVCache, RollingBatchEqualsEachSequenceAlone) {
+  const auto attn = make_module<TypeParam>(rotary(decoder_config(16, 4, 2, 0, 0, 42), mha::RotaryPairs::interleaved));
+  mha::AttentionOptions o;
+  o.window = 9;
+  auto batch = attn.make_rolling_cache(9, 2);
+  auto first = attn.make_rolling_cache(9), second = attn.make_rolling_cache(9);
+  const Matrix<TypeParam> x = random_matrix<TypeParam>(200, 16, 12);
+  Index row = 0;
+  for (Index step = 0; step < 40; ++step) {
+    const Index a = step % 3, b = 1 + step % 2;  // sequence 0 sometimes pauses
+    const Matrix<TypeParam> both = attn.decode_batch(x.middleRows(row, a + b), Lengths{a, b}, batch, o);
+    if (a > 0) {
+      ASSERT_TRUE(near<TypeParam>(both.topRows(a), attn.decode(x.middleRows(row, a), first, o), "rolling batch"));
+    }
+    ASSERT_TRUE(near<TypeParam>(both.bottomRows(b), attn.decode(x.middleRows(row + a, b), second, o), "rolling batch"));
+    row += a + b;
+  }
+  EXPECT_EQ(batch.length(0), first.length());
+  EXPECT_EQ(batch.length(1), second.length());
+}
+
+TYPED_TEST(KVCache, RollingCacheRefusesWhatItCannotSee) {
+  const auto attn = make_module<TypeParam>(decoder_config(16, 4, 2));
+  EXPECT_EQ(error_of([&] { attn.make_rolling_cache(0); }), "mha: KVCache::rolling: window must be >= 1, got 0");
+  auto rolling = attn.make_rolling_cache(8);
+  EXPECT_EQ(rolling.window(), 8);
+  const Matrix<TypeParam> x = random_matrix<TypeParam>(40, 16, 1);
+  mha::AttentionOptions wide;
+  wide.window = 9;
+  for (const Index w : {Index(0), Index(9)}) {
+    mha::AttentionOptions o;
+    o.window = w;
+    EXPECT_EQ(error_of([&] { attn.decode(x.topRows(1), rolling, o); }),
+              "mha: MultiHeadAttention::decode: this rolling cache keeps what a window of at most 8 keys sees; "
+              "options.window = " +
+                  std::to_string(w) +
+                  " would need older keys (set options.window to 8, or make the cache with "
+                  "make_cache())");
+  }
+  EXPECT_TRUE(rolling.empty());
+  mha::AttentionOptions o;
+  o.window = 8;
+  attn.decode(x, rolling, o);  // 40 tokens: it holds all of them until the next step
+  attn.decode(x.topRows(1), rolling, o);
+  EXPECT_EQ(rolling.length(), 41);
+  EXPECT_EQ(rolling.held(), 8);  // the 7 the window keeps, and the new one
+  // Speculative rollback works as far back as the window still sees.
+  const Matrix<TypeParam> keys = rolling.keys(0, 1);
+  rolling.truncate(40);
+  EXPECT_EQ(rolling.held(), 7);
+  EXPECT_EQ(Matrix<TypeParam>(rolling.keys(0, 1)), Matrix<TypeParam>(keys.topRows(7)));
+  EXPECT_EQ(error_of([&] { rolling.truncate(39); }),
+            "mha: KVCache::truncate: sequence 0 of this rolling cache (window 8) holds its tokens from position 33 "
+            "on; truncated to 39 tokens, it would no longer hold the window − 1 before the next one");
+  EXPECT_EQ(rolling.length(), 40);
+  rolling.reset();
+  EXPECT_TRUE(rolling.empty());
+  EXPECT_EQ(rolling.length(), 0);
+  EXPECT_EQ(rolling.held(), 0);
+}

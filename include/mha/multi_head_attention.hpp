@@ -218,9 +218,19 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   }
 
   /// \returns an empty key/value cache for decoding `sequences` sequences with this module, holding
-  /// up to `max_length` tokens each (0: growing as needed). See KVCache.
-  KVCache<Scalar> make_cache(Index sequences = 1, Index max_length = 0) const {
-    return KVCache<Scalar>(config_, sequences, max_length);
+  /// up to `max_length` tokens each (0: growing as needed), its numbers kept as Storage: Scalar, or
+  /// Eigen::bfloat16 or Eigen::half for half the bytes (make_cache<Eigen::bfloat16>()). See KVCache.
+  template <typename Storage = Scalar>
+  KVCache<Scalar, Storage> make_cache(Index sequences = 1, Index max_length = 0) const {
+    return KVCache<Scalar, Storage>(config_, sequences, max_length);
+  }
+
+  /// \returns an empty rolling cache for decoding with a sliding window of `window` keys
+  /// (options.window): it keeps only the tokens a window can still see, in memory of about 1.1 ×
+  /// `window` tokens allocated once. See KVCache::rolling.
+  template <typename Storage = Scalar>
+  KVCache<Scalar, Storage> make_rolling_cache(Index window, Index sequences = 1) const {
+    return KVCache<Scalar, Storage>::rolling(config_, window, sequences);
   }
 
   /// A decode step of causal self-attention: the new tokens x (L_new × d_model) of the cache's one
@@ -234,8 +244,8 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   /// Options: scale and window; decoding is causal by construction (options.causal and alignment
   /// are not read) and rejects masks, training, add_bias_kv and add_zero_attn.
   /// \returns the new tokens' outputs, L_new × d_model.
-  template <typename Derived>
-  Matrix decode(const Eigen::MatrixBase<Derived>& x, KVCache<Scalar>& cache,
+  template <typename Derived, typename Storage>
+  Matrix decode(const Eigen::MatrixBase<Derived>& x, KVCache<Scalar, Storage>& cache,
                 const AttentionOptions& options = {}) const {
     if (cache.sequences() != 1)
       detail::fail("MultiHeadAttention::decode: the cache holds ", cache.sequences(),
@@ -246,9 +256,9 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   /// A decode step for every sequence of a batch cache: sequence b's new tokens are the next
   /// new_lengths[b] rows of x (0 for a sequence that has finished), as in decode().
   /// \returns the new tokens' outputs, stacked the same way: (Σ new_lengths) × d_model.
-  template <typename Derived>
+  template <typename Derived, typename Storage>
   Matrix decode_batch(const Eigen::MatrixBase<Derived>& x, const std::vector<Index>& new_lengths,
-                      KVCache<Scalar>& cache, const AttentionOptions& options = {}) const {
+                      KVCache<Scalar, Storage>& cache, const AttentionOptions& options = {}) const {
     return run_decode(x, new_lengths, cache, options, "MultiHeadAttention::decode_batch");
   }
 
@@ -258,18 +268,18 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   /// (the same matrix, the encoder's output, for the usual kdim = vdim = d_model); with
   /// `memory_lengths`, they stack the memories of a batch of sequences (Σ S_b rows, each S_b ≥ 1).
   /// Not for a module with rotary embeddings (a memory has no positions shared with the decoder's
-  /// tokens), add_bias_kv or add_zero_attn.
-  template <typename DerivedK, typename DerivedV>
-  KVCache<Scalar> make_cross_cache(const Eigen::MatrixBase<DerivedK>& memory_key,
-                                   const Eigen::MatrixBase<DerivedV>& memory_value,
-                                   std::vector<Index> memory_lengths = {}) const {
-    return run_make_cross_cache(memory_key, memory_value, std::move(memory_lengths));
+  /// tokens), add_bias_kv or add_zero_attn. Storage as for make_cache.
+  template <typename Storage = Scalar, typename DerivedK, typename DerivedV>
+  KVCache<Scalar, Storage> make_cross_cache(const Eigen::MatrixBase<DerivedK>& memory_key,
+                                            const Eigen::MatrixBase<DerivedV>& memory_value,
+                                            std::vector<Index> memory_lengths = {}) const {
+    return run_make_cross_cache<Storage>(memory_key, memory_value, std::move(memory_lengths));
   }
   /// The cross-attention memory of one sequence whose keys and values both come from `memory`.
-  template <typename Derived>
-  KVCache<Scalar> make_cross_cache(const Eigen::MatrixBase<Derived>& memory) const {
+  template <typename Storage = Scalar, typename Derived>
+  KVCache<Scalar, Storage> make_cross_cache(const Eigen::MatrixBase<Derived>& memory) const {
     const detail::Input<Scalar> rows(memory);
-    return run_make_cross_cache(rows, rows, {});
+    return run_make_cross_cache<Storage>(rows, rows, {});
   }
 
   /// A decode step of cross-attention: the new tokens x (L_new × d_model) of the memory's one
@@ -278,8 +288,8 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   /// of forward(all the decoder's tokens, memory, memory). The memory is read, never changed.
   /// Options: scale; masks, windows and training are refused.
   /// \returns the new tokens' outputs, L_new × d_model.
-  template <typename Derived>
-  Matrix decode_cross(const Eigen::MatrixBase<Derived>& x, const KVCache<Scalar>& memory,
+  template <typename Derived, typename Storage>
+  Matrix decode_cross(const Eigen::MatrixBase<Derived>& x, const KVCache<Scalar, Storage>& memory,
                       const AttentionOptions& options = {}) const {
     if (memory.sequences() != 1)
       detail::fail("MultiHeadAttention::decode_cross: the memory holds ", memory.sequences(),
@@ -288,9 +298,9 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   }
   /// decode_cross for every sequence of a batch memory: sequence b's new tokens are the next
   /// new_lengths[b] rows of x. \returns their outputs, stacked the same way.
-  template <typename Derived>
+  template <typename Derived, typename Storage>
   Matrix decode_cross_batch(const Eigen::MatrixBase<Derived>& x, const std::vector<Index>& new_lengths,
-                            const KVCache<Scalar>& memory, const AttentionOptions& options = {}) const {
+                            const KVCache<Scalar, Storage>& memory, const AttentionOptions& options = {}) const {
     return run_decode_cross(x, new_lengths, memory, options, "MultiHeadAttention::decode_cross_batch");
   }
 
@@ -332,8 +342,10 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
                      const char* caller, Abi = {}) const;
 
   /// The decode step of decode() and decode_batch().
-  Matrix run_decode(const detail::Input<Scalar>& x, const std::vector<Index>& new_lengths, KVCache<Scalar>& cache,
-                    const AttentionOptions& options, const char* caller, Abi = {}) const;
+  template <typename Storage>
+  Matrix run_decode(const detail::Input<Scalar>& x, const std::vector<Index>& new_lengths,
+                    KVCache<Scalar, Storage>& cache, const AttentionOptions& options, const char* caller,
+                    Abi = {}) const;
 
   /// The attention of a decode step: the new tokens' queries q (ΣL_new × h·d_k) over their
   /// sequences' cached keys and values (batch: the new lengths, and the cache's lengths after the
@@ -346,15 +358,20 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   /// cache uses every thread and the result does not depend on the thread count. A part's task
   /// runs the query heads that share its key/value head one after the other, while the part's keys
   /// and values are still in cache: they are read from memory once per group, not once per head.
-  Matrix attend_to_cache(const Matrix& q, const detail::Batch& batch, const KVCache<Scalar>& cache, Scalar scale,
-                         Index window, bool causal = true) const;
+  /// A cache of bfloat16 or half is converted to Scalar a part (or, for several new tokens, a
+  /// head) at a time, into the task's scratch.
+  template <typename Storage>
+  Matrix attend_to_cache(const Matrix& q, const detail::Batch& batch, const KVCache<Scalar, Storage>& cache,
+                         Scalar scale, Index window, bool causal = true) const;
 
   /// make_cross_cache and decode_cross, once their inputs are views.
-  KVCache<Scalar> run_make_cross_cache(const detail::Input<Scalar>& memory_key,
-                                       const detail::Input<Scalar>& memory_value, std::vector<Index> memory_lengths,
-                                       Abi = {}) const;
+  template <typename Storage>
+  KVCache<Scalar, Storage> run_make_cross_cache(const detail::Input<Scalar>& memory_key,
+                                                const detail::Input<Scalar>& memory_value,
+                                                std::vector<Index> memory_lengths, Abi = {}) const;
+  template <typename Storage>
   Matrix run_decode_cross(const detail::Input<Scalar>& x, const std::vector<Index>& new_lengths,
-                          const KVCache<Scalar>& memory, const AttentionOptions& options, const char* caller,
+                          const KVCache<Scalar, Storage>& memory, const AttentionOptions& options, const char* caller,
                           Abi = {}) const;
 
   // ---- The steps the passes share ----
@@ -434,9 +451,10 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   }
 
   /// Checks a decode step's arguments; \returns the owner its tokens will have in the cache.
-  typename KVCache<Scalar>::Owner check_decode(const detail::Input<Scalar>& x, const std::vector<Index>& new_lengths,
-                                               const KVCache<Scalar>& cache, const AttentionOptions& options,
-                                               const char* caller) const {
+  template <typename Storage>
+  detail::CacheOwner check_decode(const detail::Input<Scalar>& x, const std::vector<Index>& new_lengths,
+                                  const KVCache<Scalar, Storage>& cache, const AttentionOptions& options,
+                                  const char* caller) const {
     detail::check_width(x, "x", d_model(), "d_model", caller);
     if (kdim() != d_model() || vdim() != d_model())
       detail::fail(caller, ": decoding is self-attention, so kdim and vdim must equal d_model = ", d_model(),
@@ -456,8 +474,8 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     if (extra_keys() > 0)
       detail::fail(caller, ": a module with add_bias_kv or add_zero_attn cannot decode with a cache");
     detail::resolve_window(options);
-    const typename KVCache<Scalar>::Owner owner{identity_, options.window,
-                                                static_cast<double>(detail::resolve_scale<Scalar>(options, d_k()))};
+    const detail::CacheOwner owner{identity_, options.window,
+                                   static_cast<double>(detail::resolve_scale<Scalar>(options, d_k()))};
     cache.check_append(owner, new_lengths, caller);
     return owner;
   }
@@ -688,23 +706,29 @@ auto MultiHeadAttention<Scalar_>::run_forward(const detail::Input<Scalar>& query
 
 /// A decode step: the new tokens' keys and values appended to the cache, their queries attending to it.
 template <typename Scalar_>
+template <typename Storage>
 auto MultiHeadAttention<Scalar_>::run_decode(const detail::Input<Scalar>& x, const std::vector<Index>& new_lengths,
-                                             KVCache<Scalar>& cache, const AttentionOptions& options,
+                                             KVCache<Scalar, Storage>& cache, const AttentionOptions& options,
                                              const char* caller, Abi) const -> Matrix {
-  const typename KVCache<Scalar>::Owner owner = check_decode(x, new_lengths, cache, options, caller);
-  // New token i of sequence b, which held n tokens, is at position n + i: the bottom-right
-  // alignment of the new tokens over all the sequence's tokens.
+  const detail::CacheOwner owner = check_decode(x, new_lengths, cache, options, caller);
+  // New token i of sequence b, which had n tokens, is at position n + i: the bottom-right
+  // alignment of the new tokens over all the sequence's tokens (the positions rotary turns by).
   std::vector<Index> lengths_after(new_lengths.size());
   for (std::size_t b = 0; b < new_lengths.size(); ++b)
     lengths_after[b] = cache.length(static_cast<Index>(b)) + new_lengths[b];
-  const detail::Batch batch(new_lengths, lengths_after);
-  const auto positions = detail::query_positions(batch, CausalAlignment::bottom_right);
+  const auto positions =
+      detail::query_positions(detail::Batch(new_lengths, lengths_after), CausalAlignment::bottom_right);
 
   // 1. Project the new tokens, and append their keys and values to the cache. If anything
   //    throws from here on (std::bad_alloc, say), the cache is rolled back to the tokens it held.
   Matrix q, k, v;  // ΣL_new × h·d_k, × h_kv·d_k, × h_kv·d_v
   project_inputs(x, x, x, positions, positions, q, k, v);
   cache.append(owner, new_lengths, k, v);
+  // The keys attended are those held: all of them, or a rolling cache's last ones, which are
+  // still aligned bottom-right with the new tokens.
+  std::vector<Index> held(new_lengths.size());
+  for (std::size_t b = 0; b < new_lengths.size(); ++b) held[b] = cache.held(static_cast<Index>(b));
+  const detail::Batch batch(new_lengths, held);
   try {
     // 2. Attend over the cache, 3. concatenate and project with W^O.
     return project_output(attend_to_cache(q, batch, cache, static_cast<Scalar>(owner.scale), options.window));
@@ -716,10 +740,11 @@ auto MultiHeadAttention<Scalar_>::run_decode(const detail::Input<Scalar>& x, con
 
 /// The cross-attention memory: keys and values projected once, appended as the cache's only tokens.
 template <typename Scalar_>
+template <typename Storage>
 auto MultiHeadAttention<Scalar_>::run_make_cross_cache(const detail::Input<Scalar>& memory_key,
                                                        const detail::Input<Scalar>& memory_value,
                                                        std::vector<Index> memory_lengths, Abi) const
-    -> KVCache<Scalar> {
+    -> KVCache<Scalar, Storage> {
   const char* caller = "MultiHeadAttention::make_cross_cache";
   detail::check_width(memory_key, "memory_key", kdim(), "kdim", caller);
   detail::check_width(memory_value, "memory_value", vdim(), "vdim", caller);
@@ -739,8 +764,8 @@ auto MultiHeadAttention<Scalar_>::run_make_cross_cache(const detail::Input<Scala
   Matrix q, k, v;
   const Matrix no_query(0, d_model());
   project_inputs(no_query, memory_key, memory_value, {}, {}, q, k, v);
-  KVCache<Scalar> memory(config_, static_cast<Index>(memory_lengths.size()));
-  typename KVCache<Scalar>::Owner owner;
+  KVCache<Scalar, Storage> memory(config_, static_cast<Index>(memory_lengths.size()));
+  detail::CacheOwner owner;
   owner.module = identity_;
   owner.cross = true;
   memory.append(owner, memory_lengths, k, v);
@@ -749,8 +774,10 @@ auto MultiHeadAttention<Scalar_>::run_make_cross_cache(const detail::Input<Scala
 
 /// A cross-attention decode step: the new tokens' queries over the whole memory, no causal rule.
 template <typename Scalar_>
+template <typename Storage>
 auto MultiHeadAttention<Scalar_>::run_decode_cross(const detail::Input<Scalar>& x,
-                                                   const std::vector<Index>& new_lengths, const KVCache<Scalar>& memory,
+                                                   const std::vector<Index>& new_lengths,
+                                                   const KVCache<Scalar, Storage>& memory,
                                                    const AttentionOptions& options, const char* caller, Abi) const
     -> Matrix {
   detail::check_width(x, "x", d_model(), "d_model", caller);
@@ -785,8 +812,9 @@ auto MultiHeadAttention<Scalar_>::run_decode_cross(const detail::Input<Scalar>& 
 }
 
 template <typename Scalar_>
+template <typename Storage>
 auto MultiHeadAttention<Scalar_>::attend_to_cache(const Matrix& q, const detail::Batch& batch,
-                                                  const KVCache<Scalar>& cache, Scalar scale, Index window,
+                                                  const KVCache<Scalar, Storage>& cache, Scalar scale, Index window,
                                                   bool causal) const -> Matrix {
   const Index h = num_heads(), h_kv = num_kv_heads(), group = h / h_kv;
   const std::vector<detail::QueryBlock> blocks = detail::query_block_tasks(batch, h, 2);
@@ -816,17 +844,31 @@ auto MultiHeadAttention<Scalar_>::attend_to_cache(const Matrix& q, const detail:
   }
   Matrix concat(q.rows(), h * d_v());  // ΣL_new × h·d_v: [head_1 … head_h]
   const Index tasks = static_cast<Index>(blocks.size() + parts.size());
+  // A task's scratch: the kernel's, and room for the keys and values it reads, converted to
+  // Scalar, when the cache stores another type: a part of them, or a head's for several tokens.
+  struct Scratch {
+    detail::AttentionScratch<Scalar> attention;
+    std::vector<Scalar> keys, values;
+  };
+  const Index converted_rows = std::is_same<Storage, Scalar>::value ? 0
+                               : batch.max_L > 1                    ? batch.max_S
+                                                                    : std::min(detail::kKeyBlock, batch.max_S);
   detail::parallel_tasks(
       tasks, batch.attention_flops(h, d_k(), d_v()),
-      [&] { return detail::AttentionScratch<Scalar>::for_problem(batch.max_L, batch.max_S, d_k()); },
-      [&](Index t, detail::AttentionScratch<Scalar>& scratch) {
+      [&] {
+        return Scratch{detail::AttentionScratch<Scalar>::for_problem(batch.max_L, batch.max_S, d_k()),
+                       std::vector<Scalar>(static_cast<std::size_t>(converted_rows * d_k())),
+                       std::vector<Scalar>(static_cast<std::size_t>(converted_rows * d_v()))};
+      },
+      [&](Index t, Scratch& scratch) {
         if (t < static_cast<Index>(blocks.size())) {
           const auto [b, i, block] = blocks[static_cast<std::size_t>(t)];
           const Index L = batch.query_lengths[b], S = batch.key_lengths[b], j = i / group;
           detail::attention_query_block<Scalar>(q.block(batch.q_offset[b], i * d_k(), L, d_k()),
-                                                detail::operand(cache.keys(b, j).topRows(S)),
-                                                detail::operand(cache.values(b, j).topRows(S)), scale,
-                                                detail::key_visibility(bottom_right, no_masks, L, S), block, scratch,
+                                                detail::cached_rows(cache.keys(b, j).topRows(S), scratch.keys),
+                                                detail::cached_rows(cache.values(b, j).topRows(S), scratch.values),
+                                                scale, detail::key_visibility(bottom_right, no_masks, L, S), block,
+                                                scratch.attention,
                                                 concat.block(batch.q_offset[b], i * d_v(), L, d_v()));
           return;
         }
@@ -835,12 +877,15 @@ auto MultiHeadAttention<Scalar_>::attend_to_cache(const Matrix& q, const detail:
         const Index n = part_count[b], first = first_key[b] + c * detail::kKeyBlock;
         const Index keys = std::min(detail::kKeyBlock, batch.key_lengths[b] - first);
         const auto visibility = detail::key_visibility(AttentionOptions{}, no_masks, 1, keys);
+        const detail::Operand<Scalar> part_keys =
+                                          detail::cached_rows(cache.keys(b, j).middleRows(first, keys), scratch.keys),
+                                      part_values = detail::cached_rows(cache.values(b, j).middleRows(first, keys),
+                                                                        scratch.values);
         for (Index i = j * group; i < (j + 1) * group; ++i)
-          detail::attention_query_block<Scalar>(
-              q.block(batch.q_offset[b], i * d_k(), 1, d_k()),
-              detail::operand(cache.keys(b, j).middleRows(first, keys)),
-              detail::operand(cache.values(b, j).middleRows(first, keys)), scale, visibility, 0, scratch,
-              part_outs[b].middleCols((i * n + c) * d_v(), d_v()), nullptr, part_lses[b].col(i * n + c).data());
+          detail::attention_query_block<Scalar>(q.block(batch.q_offset[b], i * d_k(), 1, d_k()), part_keys, part_values,
+                                                scale, visibility, 0, scratch.attention,
+                                                part_outs[b].middleCols((i * n + c) * d_v(), d_v()), nullptr,
+                                                part_lses[b].col(i * n + c).data());
       });
   detail::parallel_tasks(
       batch.size() * h, 0, [] { return 0; },
@@ -879,10 +924,30 @@ void MultiHeadAttention<Scalar_>::project_inputs(const detail::ConstMatrixRef<Sc
 
 // mha::precompiled: the passes for float and double are compiled once, in that library, and a
 // program linking it compiles only the thin public functions (CMake sets MHA_PRECOMPILED).
+//
+// The decoding passes are member templates of the cache's storage type, which the class's explicit
+// instantiation does not cover: MHA_DECODING_PASSES names them for a scalar and a storage type,
+// declared extern here and instantiated there, for each scalar's three storage types.
+#define MHA_DECODING_PASSES(EXTERN, S, STORAGE)                                                                       \
+  EXTERN template MultiHeadAttention<S>::Matrix MultiHeadAttention<S>::run_decode<STORAGE>(                           \
+      const detail::Input<S>&, const std::vector<Eigen::Index>&, KVCache<S, STORAGE>&, const AttentionOptions&,       \
+      const char*, detail::EigenAlignment<EIGEN_MAX_ALIGN_BYTES>) const;                                              \
+  EXTERN template KVCache<S, STORAGE> MultiHeadAttention<S>::run_make_cross_cache<STORAGE>(                           \
+      const detail::Input<S>&, const detail::Input<S>&, std::vector<Eigen::Index>,                                    \
+      detail::EigenAlignment<EIGEN_MAX_ALIGN_BYTES>) const;                                                           \
+  EXTERN template MultiHeadAttention<S>::Matrix MultiHeadAttention<S>::run_decode_cross<STORAGE>(                     \
+      const detail::Input<S>&, const std::vector<Eigen::Index>&, const KVCache<S, STORAGE>&, const AttentionOptions&, \
+      const char*, detail::EigenAlignment<EIGEN_MAX_ALIGN_BYTES>) const;
+#define MHA_DECODING_PASSES_OF(EXTERN, S)         \
+  MHA_DECODING_PASSES(EXTERN, S, S)               \
+  MHA_DECODING_PASSES(EXTERN, S, Eigen::bfloat16) \
+  MHA_DECODING_PASSES(EXTERN, S, Eigen::half)
 #ifdef MHA_PRECOMPILED
 namespace mha {
 extern template class MultiHeadAttention<float>;
 extern template class MultiHeadAttention<double>;
+MHA_DECODING_PASSES_OF(extern, float)
+MHA_DECODING_PASSES_OF(extern, double)
 namespace detail {
 extern template Matrix<float> scaled_dot_product_attention(const Input<float>&, const Input<float>&,
                                                            const Input<float>&, const AttentionOptions&);
