@@ -43,6 +43,11 @@ inline std::uint64_t new_module_identity() {
 template <int Bytes>
 struct EigenAlignment {};
 
+/// The module's own first and last steps — project the inputs, project the concatenated heads
+/// with W^O — for passes that run the attention between them elsewhere (mha/distributed/): one
+/// home for the projections.
+struct ModuleSteps;
+
 }  // namespace detail
 
 /// Which attention weights forward_with_weights returns.
@@ -382,6 +387,8 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     return detail::key_visibility(options, masks, batch.query_lengths[b], batch.key_lengths[b], b, i, num_heads(),
                                   config_.dropout);
   }
+
+  friend struct detail::ModuleSteps;
 
   /// The number of keys appended to every sequence: add_bias_kv's row, add_zero_attn's row.
   Index extra_keys() const { return Index(config_.add_bias_kv) + Index(config_.add_zero_attn); }
@@ -848,7 +855,7 @@ auto MultiHeadAttention<Scalar_>::attend_to_cache(const Matrix& q, const detail:
   // Scalar, when the cache stores another type: a part of them, or a head's for several tokens.
   struct Scratch {
     detail::AttentionScratch<Scalar> attention;
-    std::vector<Scalar> keys, values;
+    detail::Column<Scalar> keys, values;  // uninitialised: written before read
   };
   const Index converted_rows = std::is_same<Storage, Scalar>::value ? 0
                                : batch.max_L > 1                    ? batch.max_S
@@ -857,8 +864,7 @@ auto MultiHeadAttention<Scalar_>::attend_to_cache(const Matrix& q, const detail:
       tasks, batch.attention_flops(h, d_k(), d_v()),
       [&] {
         return Scratch{detail::AttentionScratch<Scalar>::for_problem(batch.max_L, batch.max_S, d_k()),
-                       std::vector<Scalar>(static_cast<std::size_t>(converted_rows * d_k())),
-                       std::vector<Scalar>(static_cast<std::size_t>(converted_rows * d_v()))};
+                       detail::Column<Scalar>(converted_rows * d_k()), detail::Column<Scalar>(converted_rows * d_v())};
       },
       [&](Index t, Scratch& scratch) {
         if (t < static_cast<Index>(blocks.size())) {
@@ -919,6 +925,28 @@ void MultiHeadAttention<Scalar_>::project_inputs(const detail::ConstMatrixRef<Sc
   jobs.product(detail::operand(value), detail::operand(w_v_), v, false, &b_v_);
   jobs.run();
 }
+
+namespace detail {
+
+struct ModuleSteps {
+  /// q = query W^Q + b^Q, k = key W^K + b^K, v = value W^V + b^V, the rows of q and k turned at
+  /// their positions with rotary embeddings (MultiHeadAttention::project_inputs).
+  template <typename Scalar>
+  static void project_inputs(const MultiHeadAttention<Scalar>& module, const ConstMatrixRef<Scalar>& query,
+                             const ConstMatrixRef<Scalar>& key, const ConstMatrixRef<Scalar>& value,
+                             const std::vector<Eigen::Index>& query_positions,
+                             const std::vector<Eigen::Index>& key_positions, Matrix<Scalar>& q, Matrix<Scalar>& k,
+                             Matrix<Scalar>& v) {
+    module.project_inputs(query, key, value, query_positions, key_positions, q, k, v);
+  }
+  /// concat W^O + b^O (MultiHeadAttention::project_output).
+  template <typename Scalar>
+  static Matrix<Scalar> project_output(const MultiHeadAttention<Scalar>& module, const Matrix<Scalar>& concat) {
+    return module.project_output(concat);
+  }
+};
+
+}  // namespace detail
 
 }  // namespace mha
 

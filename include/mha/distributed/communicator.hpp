@@ -3,6 +3,7 @@
 // rank throw the same error instead of one rank throwing while the others wait for it forever.
 #pragma once
 
+#include <mha/config.hpp>
 #include <mha/detail/checks.hpp>
 #include <mha/distributed/layout.hpp>
 #include <mha/error.hpp>
@@ -111,6 +112,29 @@ class CollectiveCheck {
     values_.push_back({std::move(name), bits, true});
   }
   void agree(std::string name, bool value) { agree(std::move(name), std::int64_t(value)); }
+  /// The entries of a matrix every rank must pass the same, bit for bit (compared through their
+  /// fingerprint).
+  template <typename Derived>
+  void agree_entries(std::string name, const Eigen::DenseBase<Derived>& x) {
+    Fingerprint hash;
+    for (Eigen::Index j = 0; j < x.cols(); ++j)
+      for (Eigen::Index i = 0; i < x.rows(); ++i) hash.add(x.derived().coeff(i, j));
+    agree(std::move(name), static_cast<std::int64_t>(hash.value()));
+  }
+  /// The shape of the module every rank must run: its widths, heads, biases and rotation.
+  void agree_module(const MultiHeadAttentionConfig& c) {
+    agree("config.d_model", static_cast<std::int64_t>(c.d_model));
+    agree("config.num_heads", static_cast<std::int64_t>(c.num_heads));
+    agree("config.num_kv_heads", static_cast<std::int64_t>(c.num_kv_heads));
+    agree("config.d_k", static_cast<std::int64_t>(c.d_k));
+    agree("config.d_v", static_cast<std::int64_t>(c.d_v));
+    agree("config.kdim", static_cast<std::int64_t>(c.kdim));
+    agree("config.vdim", static_cast<std::int64_t>(c.vdim));
+    agree("config.bias", c.bias);
+    agree("config.rotary", c.rotary);
+    agree("config.rotary_base", c.rotary_base);
+    agree("config.rotary_pairs", static_cast<std::int64_t>(c.rotary_pairs));
+  }
 
   /// Collective: throws the same mha::invalid_argument on every rank if any rank failed its checks
   /// or the ranks disagree; returns on every rank otherwise.

@@ -9,10 +9,34 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace mha {
 namespace distributed {
+
+namespace detail {
+
+/// FNV-1a over the bytes of values: a 64-bit number that differs, but for a one-in-2^64 chance,
+/// between sequences of values that differ, which ranks compare instead of sending the values.
+class Fingerprint {
+ public:
+  /// Adds the bytes of a trivially copyable value.
+  template <typename T>
+  void add(const T& value) {
+    static_assert(std::is_trivially_copyable<T>::value, "Fingerprint::add: T must be trivially copyable");
+    unsigned char bytes[sizeof(T)];
+    std::memcpy(bytes, &value, sizeof(T));
+    for (const unsigned char b : bytes) hash_ = (hash_ ^ b) * 0x100000001b3ull;
+  }
+  std::uint64_t value() const { return hash_; }
+
+ private:
+  std::uint64_t hash_ = 0xcbf29ce484222325ull;
+};
+
+}  // namespace detail
 
 /// Global rows begin … begin + size − 1 of a sequence.
 struct RowRange {
@@ -35,12 +59,14 @@ class SequenceLayout {
 
   /// Rank r holds the rows_per_rank[r] rows after those of ranks 0 … r − 1 (uneven sizes allowed).
   static SequenceLayout contiguous(const std::vector<Index>& rows_per_rank) {
-    if (rows_per_rank.empty()) detail::fail("SequenceLayout::contiguous: rows_per_rank is empty; a ring needs a rank");
+    if (rows_per_rank.empty())
+      mha::detail::fail("SequenceLayout::contiguous: rows_per_rank is empty; a ring needs a rank");
     SequenceLayout layout;
     Index begin = 0;
     for (std::size_t r = 0; r < rows_per_rank.size(); ++r) {
       if (rows_per_rank[r] < 0)
-        detail::fail("SequenceLayout::contiguous: rank ", r, " holds ", rows_per_rank[r], " rows; sizes must be >= 0");
+        mha::detail::fail("SequenceLayout::contiguous: rank ", r, " holds ", rows_per_rank[r],
+                          " rows; sizes must be >= 0");
       layout.ranges_.push_back({{begin, rows_per_rank[r]}});
       begin += rows_per_rank[r];
     }
@@ -97,8 +123,8 @@ class SequenceLayout {
   Eigen::Matrix<typename Derived::Scalar, Eigen::Dynamic, Eigen::Dynamic> local_rows(
       const Eigen::MatrixBase<Derived>& sequence, int rank) const {
     if (sequence.rows() != length_)
-      detail::fail("SequenceLayout::local_rows: sequence is ", detail::shape(sequence), " but the layout has ", length_,
-                   " rows");
+      mha::detail::fail("SequenceLayout::local_rows: sequence is ", mha::detail::shape(sequence),
+                        " but the layout has ", length_, " rows");
     Eigen::Matrix<typename Derived::Scalar, Eigen::Dynamic, Eigen::Dynamic> local(rows(rank), sequence.cols());
     Index row = 0;
     for (const RowRange& range : ranges(rank)) {
@@ -113,9 +139,9 @@ class SequenceLayout {
   void place_rows(const Eigen::MatrixBase<DerivedLocal>& local, int rank,
                   Eigen::MatrixBase<DerivedSequence>& sequence) const {
     if (local.rows() != rows(rank) || sequence.rows() != length_ || sequence.cols() != local.cols())
-      detail::fail("SequenceLayout::place_rows: local is ", detail::shape(local), " and sequence ",
-                   detail::shape(sequence), " but rank ", rank, " holds ", rows(rank), " of the layout's ", length_,
-                   " rows");
+      mha::detail::fail("SequenceLayout::place_rows: local is ", mha::detail::shape(local), " and sequence ",
+                        mha::detail::shape(sequence), " but rank ", rank, " holds ", rows(rank), " of the layout's ",
+                        length_, " rows");
     Index row = 0;
     for (const RowRange& range : ranges(rank)) {
       sequence.middleRows(range.begin, range.size) = local.middleRows(row, range.size);
@@ -126,22 +152,16 @@ class SequenceLayout {
   /// \returns a number that differs, but for a one-in-2^64 chance, between layouts that differ:
   /// what the ranks compare to check that they all use the same layout.
   std::uint64_t fingerprint() const {
-    std::uint64_t hash = 0xcbf29ce484222325ull;  // FNV-1a over the ranges
-    const auto mix = [&](Index n) {
-      for (int byte = 0; byte < 8; ++byte) {
-        hash ^= (static_cast<std::uint64_t>(n) >> (8 * byte)) & 0xff;
-        hash *= 0x100000001b3ull;
-      }
-    };
-    mix(length_);
+    detail::Fingerprint hash;
+    hash.add(length_);
     for (const auto& rank : ranges_) {
-      mix(static_cast<Index>(rank.size()));
+      hash.add(static_cast<Index>(rank.size()));
       for (const RowRange& range : rank) {
-        mix(range.begin);
-        mix(range.size);
+        hash.add(range.begin);
+        hash.add(range.size);
       }
     }
-    return hash;
+    return hash.value();
   }
 
   bool operator==(const SequenceLayout& other) const {
@@ -160,8 +180,8 @@ class SequenceLayout {
   SequenceLayout() = default;
 
   static void check(Index length, int ranks, const char* caller) {
-    if (ranks < 1) detail::fail(caller, ": ranks must be >= 1, got ", ranks);
-    if (length < 0) detail::fail(caller, ": length must be >= 0, got ", length);
+    if (ranks < 1) mha::detail::fail(caller, ": ranks must be >= 1, got ", ranks);
+    if (length < 0) mha::detail::fail(caller, ": length must be >= 0, got ", length);
   }
   /// ⌊part·length / parts⌋ without overflowing for any length an Eigen::Index holds.
   static Index cut(Index length, int parts, int part) {
@@ -169,7 +189,8 @@ class SequenceLayout {
   }
   std::size_t checked(int rank, const char* accessor) const {
     if (rank < 0 || rank >= ranks())
-      detail::fail("SequenceLayout::", accessor, "(", rank, "): rank out of range; the layout has ", ranks(), " ranks");
+      mha::detail::fail("SequenceLayout::", accessor, "(", rank, "): rank out of range; the layout has ", ranks(),
+                        " ranks");
     return static_cast<std::size_t>(rank);
   }
 

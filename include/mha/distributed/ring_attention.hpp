@@ -7,12 +7,10 @@
 #include <mha/attention.hpp>
 #include <mha/config.hpp>
 #include <mha/detail/checks.hpp>
-#include <mha/detail/products.hpp>
 #include <mha/detail/visibility.hpp>
 #include <mha/distributed/communicator.hpp>
 #include <mha/distributed/layout.hpp>
 #include <mha/multi_head_attention.hpp>
-#include <mha/rotary.hpp>
 #include <mha/tape.hpp>
 #include <mha/threads.hpp>
 
@@ -21,7 +19,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <optional>
 #include <utility>
@@ -77,45 +74,18 @@ struct RingRecord {
 
 /// q = query W^Q + b^Q and kv = [key W^K + b^K | value W^V + b^V] of one rank's rows (n_q × h·d_k
 /// and n_k × h_kv·(d_k + d_v)), the rows of q and of kv's keys turned at their positions with rotary
-/// embeddings: the module's projections through the one row-block scheduler.
+/// embeddings: the module's own projections, the keys and values then side by side, one block for
+/// the ring to send (a copy of n_k rows, next to the n_k · d_model · width of the products).
 template <typename Scalar>
 void project_rows(const MultiHeadAttention<Scalar>& module, const mha::detail::ConstMatrixRef<Scalar>& query,
                   const mha::detail::ConstMatrixRef<Scalar>& key, const mha::detail::ConstMatrixRef<Scalar>& value,
                   const std::vector<Eigen::Index>& query_positions, const std::vector<Eigen::Index>& key_positions,
                   Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>& q,
                   Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>& kv) {
-  namespace md = mha::detail;
-  using RowVector = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
-  const MultiHeadAttentionConfig& c = module.config();
-  // The biases as rows the scheduler reads (empty without config.bias).
-  const RowVector b_q = c.bias ? RowVector(module.b_q()) : RowVector();
-  const RowVector b_k = c.bias ? RowVector(module.b_k()) : RowVector();
-  const RowVector b_v = c.bias ? RowVector(module.b_v()) : RowVector();
-  const std::optional<RotaryEmbedding> rotary = c.rotary ? std::optional<RotaryEmbedding>(c) : std::nullopt;
-  const auto rotation = [&](const std::vector<Eigen::Index>& positions) {
-    return md::RowRotation{rotary ? &*rotary : nullptr, positions.data()};
-  };
-  const Eigen::Index kw = module.num_kv_heads() * module.d_k(), vw = module.num_kv_heads() * module.d_v();
-  q.resize(query.rows(), module.num_heads() * module.d_k());
-  kv.resize(key.rows(), kw + vw);
-  md::RowBlockJobs<Scalar> jobs;
-  jobs.product(md::operand(query), md::operand(module.w_q()), q, false, &b_q, rotation(query_positions));
-  jobs.product(md::operand(key), md::operand(module.w_k()), kv.leftCols(kw), false, &b_k, rotation(key_positions));
-  jobs.product(md::operand(value), md::operand(module.w_v()), kv.rightCols(vw), false, &b_v);
-  jobs.run();
-}
-
-/// \returns concat · W^O + b^O (n × d_model): the module's output projection of one rank's rows.
-template <typename Scalar>
-Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> project_output(
-    const MultiHeadAttention<Scalar>& module, const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>& concat) {
-  using RowVector = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
-  Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> output(concat.rows(), module.d_model());
-  const RowVector b_o = module.config().bias ? RowVector(module.b_o()) : RowVector();
-  mha::detail::RowBlockJobs<Scalar> jobs;
-  jobs.product(mha::detail::operand(concat), mha::detail::operand(module.w_o()), output, false, &b_o);
-  jobs.run();
-  return output;
+  Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> k, v;
+  mha::detail::ModuleSteps::project_inputs(module, query, key, value, query_positions, key_positions, q, k, v);
+  kv.resize(k.rows(), k.cols() + v.cols());
+  kv << k, v;
 }
 
 }  // namespace detail
@@ -332,18 +302,7 @@ template <typename Scalar>
 void RingAttention<Scalar>::agree_on(mha::distributed::detail::CollectiveCheck& check,
                                      const SequenceLayout& query_layout, const SequenceLayout& key_layout,
                                      const AttentionOptions& options, bool self_attention) const {
-  const MultiHeadAttentionConfig& c = module_.config();
-  check.agree("config.d_model", static_cast<std::int64_t>(c.d_model));
-  check.agree("config.num_heads", static_cast<std::int64_t>(c.num_heads));
-  check.agree("config.num_kv_heads", static_cast<std::int64_t>(c.num_kv_heads));
-  check.agree("config.d_k", static_cast<std::int64_t>(c.d_k));
-  check.agree("config.d_v", static_cast<std::int64_t>(c.d_v));
-  check.agree("config.kdim", static_cast<std::int64_t>(c.kdim));
-  check.agree("config.vdim", static_cast<std::int64_t>(c.vdim));
-  check.agree("config.bias", c.bias);
-  check.agree("config.rotary", c.rotary);
-  check.agree("config.rotary_base", c.rotary_base);
-  check.agree("config.rotary_pairs", static_cast<std::int64_t>(c.rotary_pairs));
+  check.agree_module(module_.config());
   check.agree("self-attention (forward(x, …)) or not (forward(query, key, value, …))", self_attention);
   check.agree("the query layout's length", static_cast<std::int64_t>(query_layout.length()));
   check.agree("the query layout", static_cast<std::int64_t>(query_layout.fingerprint()));
@@ -358,15 +317,9 @@ void RingAttention<Scalar>::agree_on(mha::distributed::detail::CollectiveCheck& 
   check.agree("options.mask's rows", static_cast<std::int64_t>(options.mask.rows()));
   check.agree("options.key_padding_mask's rows", static_cast<std::int64_t>(options.key_padding_mask.rows()));
   check.agree("options.key_padding_mask's columns", static_cast<std::int64_t>(options.key_padding_mask.cols()));
-  // The padding itself, as a hash of its additive values: every rank must hide the same keys.
-  std::uint64_t hash = 0xcbf29ce484222325ull;
-  const Matrix padding = options.key_padding_mask.template additive_matrix<Scalar>();
-  for (Index i = 0; i < padding.size(); ++i) {
-    unsigned char bytes[sizeof(Scalar)];
-    std::memcpy(bytes, padding.data() + i, sizeof(Scalar));
-    for (const unsigned char b : bytes) hash = (hash ^ b) * 0x100000001b3ull;
-  }
-  check.agree("options.key_padding_mask's entries", static_cast<std::int64_t>(hash));
+  // The padding itself: every rank must hide the same keys.
+  check.agree_entries("options.key_padding_mask's entries",
+                      options.key_padding_mask.template additive_matrix<Scalar>());
 }
 
 template <typename Scalar>
@@ -546,7 +499,7 @@ auto RingAttention<Scalar>::run_forward(const Input& query, const Input& key, co
   }
 
   // 3. Concatenate (done: each head merged into its own columns) and project with W^O, locally.
-  Matrix output = detail::project_output(module_, concat);
+  Matrix output = mha::detail::ModuleSteps::project_output(module_, concat);
   if (tape) {
     detail::RingRecord<Scalar> r{&module_,
                                  module_.config(),

@@ -16,7 +16,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -82,26 +81,12 @@ auto ShardedCache<Scalar>::run_decode(const mha::detail::Input<Scalar>& x, const
     md::resolve_scale<Scalar>(options, module_.d_k());
     md::resolve_window(options);
   });
-  const MultiHeadAttentionConfig& c = module_.config();
-  check.agree("config.d_model", static_cast<std::int64_t>(c.d_model));
-  check.agree("config.num_heads", static_cast<std::int64_t>(c.num_heads));
-  check.agree("config.num_kv_heads", static_cast<std::int64_t>(c.num_kv_heads));
-  check.agree("config.d_k", static_cast<std::int64_t>(c.d_k));
-  check.agree("config.d_v", static_cast<std::int64_t>(c.d_v));
-  check.agree("config.rotary", c.rotary);
+  check.agree_module(module_.config());
   check.agree("the cache's length", static_cast<std::int64_t>(length_));
   check.agree("options.window", static_cast<std::int64_t>(options.window));
   check.agree("options.scale", options.scale.value_or(0.0));
   check.agree("x_new's rows", static_cast<std::int64_t>(x.rows()));
-  std::uint64_t hash = 0xcbf29ce484222325ull;  // the new token itself: every rank must pass the same
-  for (Index j = 0; j < x.cols(); ++j)
-    for (Index i = 0; i < x.rows(); ++i) {
-      unsigned char bytes[sizeof(Scalar)];
-      const Scalar value = x(i, j);
-      std::memcpy(bytes, &value, sizeof(Scalar));
-      for (const unsigned char b : bytes) hash = (hash ^ b) * 0x100000001b3ull;
-    }
-  check.agree("x_new's entries", static_cast<std::int64_t>(hash));
+  check.agree_entries("x_new's entries", x);  // the new token itself: every rank must pass the same
   check.finish();
 
   const Index h = module_.num_heads(), group = h / module_.num_kv_heads();
@@ -165,7 +150,7 @@ auto ShardedCache<Scalar>::run_decode(const mha::detail::Input<Scalar>& x, const
     md::merge_key_parts<Scalar>(outs, lses, concat.middleCols(i * d_v, d_v));
   }
   // 4. W^O, on every rank.
-  return detail::project_output(module_, concat);
+  return mha::detail::ModuleSteps::project_output(module_, concat);
 }
 
 }  // namespace distributed
