@@ -9,6 +9,8 @@
 //   BM_DecodeStep/h_kv/cache           one decode step over a cache of `cache` tokens (the cache
 //                                      filled before the timing, truncated back after each step),
 //                                      h_kv = 8 (multi-head), 2 (grouped-query), 1 (multi-query)
+//   BM_DecodeStepStorage/h_kv/cache/storage   one decode step over a cache of float (storage 0),
+//                                      bfloat16 (1) or half (2), caches of 1k to 32k tokens
 //   BM_DecodeStepThreads/h_kv/cache/threads   the same, h_kv = 8, on 1 and 2 threads (wall clock)
 //
 // The model is one attention layer, so the token fed at step t is simply row t of a fixed random
@@ -70,11 +72,11 @@ double step_flops(double p, double kv_heads) {
   return 2.0 * d * q_width + 4.0 * d * kv_width + 2.0 * q_width * d + 4.0 * (p + 1.0) * q_width;
 }
 
-/// Bytes a decode step at position p must read: the four projection matrices and p + 1 cached
-/// keys and values.
-double step_bytes(double p, double kv_heads) {
+/// Bytes a decode step at position p must read: the four projection matrices (float) and p + 1
+/// cached keys and values of `stored` bytes each.
+double step_bytes(double p, double kv_heads, double stored = sizeof(float)) {
   const double d = kDModel, q_width = kHeads * kHeadWidth, kv_width = kv_heads * kHeadWidth;
-  return sizeof(float) * (2.0 * d * q_width + 2.0 * d * kv_width + (p + 1.0) * 2.0 * kv_width);
+  return sizeof(float) * (2.0 * d * q_width + 2.0 * d * kv_width) + stored * (p + 1.0) * 2.0 * kv_width;
 }
 
 /// Useful flops of the causal forward pass over n tokens (bench_forward's formula).
@@ -129,10 +131,12 @@ void BM_GenerateRecompute(benchmark::State& state) {
   set_rate(state, "tokens_per_second", static_cast<double>(tokens));
 }
 
-/// One decode step over a cache of `length` tokens, with `kv_heads` heads of keys and values.
+/// One decode step over a cache of `length` tokens, with `kv_heads` heads of keys and values, the
+/// cache's numbers kept as Storage.
+template <typename Storage = float>
 void run_decode_step(benchmark::State& state, Index kv_heads, Index length) {
   const auto attn = make_module(kv_heads);
-  auto cache = attn.make_cache(/*sequences=*/1, /*max_length=*/length + 1);
+  auto cache = attn.make_cache<Storage>(/*sequences=*/1, /*max_length=*/length + 1);
   const mha::AttentionOptions options;
   const Matrix prompt = random_matrix(length, kDModel, 2);  // length × d_model
   const Matrix token = random_matrix(1, kDModel, 3);        // 1 × d_model
@@ -145,12 +149,20 @@ void run_decode_step(benchmark::State& state, Index kv_heads, Index length) {
   }
   const double p = static_cast<double>(length), h_kv = static_cast<double>(kv_heads);
   set_rate(state, "FLOPS", step_flops(p, h_kv));
-  state.SetBytesProcessed(static_cast<std::int64_t>(step_bytes(p, h_kv)) * state.iterations());
+  state.SetBytesProcessed(static_cast<std::int64_t>(step_bytes(p, h_kv, sizeof(Storage))) * state.iterations());
   state.counters["cache_MiB"] = static_cast<double>(cache.bytes()) / (1 << 20);
 }
 
 /// Args {h_kv, cache}.
 void BM_DecodeStep(benchmark::State& state) { run_decode_step(state, state.range(0), state.range(1)); }
+
+/// Args {h_kv, cache, storage}: storage 0 float, 1 bfloat16, 2 half (the same run as float, to compare).
+void BM_DecodeStepStorage(benchmark::State& state) {
+  const Index storage = state.range(2);
+  if (storage == 0) run_decode_step<float>(state, state.range(0), state.range(1));
+  if (storage == 1) run_decode_step<Eigen::bfloat16>(state, state.range(0), state.range(1));
+  if (storage == 2) run_decode_step<Eigen::half>(state, state.range(0), state.range(1));
+}
 
 /// Args {h_kv, cache, threads}.
 void BM_DecodeStepThreads(benchmark::State& state) {
@@ -166,6 +178,12 @@ void decode_grid(benchmark::internal::Benchmark* b) {
     for (int kv_heads : {8, 2, 1}) b->Args({kv_heads, length});
 }
 
+void storage_grid(benchmark::internal::Benchmark* b) {
+  for (int length : {1024, 4096, 8192, 32768})
+    for (int kv_heads : {8, 2, 1})
+      for (int storage : {0, 1, 2}) b->Args({kv_heads, length, storage});
+}
+
 void threads_grid(benchmark::internal::Benchmark* b) {
   for (int length : kCacheLengths)
     for (int threads : {1, 2}) b->Args({kHeads, length, threads});
@@ -174,6 +192,10 @@ void threads_grid(benchmark::internal::Benchmark* b) {
 BENCHMARK(BM_GenerateCached)->ArgName("tokens")->Arg(1024)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_GenerateRecompute)->ArgName("tokens")->Arg(1024)->Iterations(1)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_DecodeStep)->Apply(decode_grid)->ArgNames({"h_kv", "cache"})->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_DecodeStepStorage)
+    ->Apply(storage_grid)
+    ->ArgNames({"h_kv", "cache", "storage"})
+    ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_DecodeStepThreads)
     ->Apply(threads_grid)
     ->ArgNames({"h_kv", "cache", "threads"})

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -804,6 +805,8 @@ TYPED_TEST(KVCache, RollingBatchEqualsEachSequenceAlone) {
 TYPED_TEST(KVCache, RollingCacheRefusesWhatItCannotSee) {
   const auto attn = make_module<TypeParam>(decoder_config(16, 4, 2));
   EXPECT_EQ(error_of([&] { attn.make_rolling_cache(0); }), "mha: KVCache::rolling: window must be >= 1, got 0");
+  EXPECT_EQ(error_of([&] { attn.make_rolling_cache(std::numeric_limits<Index>::max()); }),
+            "mha: KVCache::rolling: window 9223372036854775807 is too large");
   auto rolling = attn.make_rolling_cache(8);
   EXPECT_EQ(rolling.window(), 8);
   const Matrix<TypeParam> x = random_matrix<TypeParam>(40, 16, 1);

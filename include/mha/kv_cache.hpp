@@ -43,12 +43,12 @@ void convert(const From* from, Eigen::Index count, To* to) {
 /// `rows` of a cache (a block of whole rows of a row-major matrix) as an operand of Scalar: the
 /// cache's own numbers when it stores Scalar, else converted into `buffer`, which must have room.
 template <typename Scalar, typename Rows>
-Operand<Scalar> cached_rows(const Rows& rows, std::vector<Scalar>& buffer) {
+Operand<Scalar> cached_rows(const Rows& rows, Eigen::Array<Scalar, Eigen::Dynamic, 1>& buffer) {
   if constexpr (std::is_same<typename Rows::Scalar, Scalar>::value) {
     return operand(rows);
   } else {
     const Eigen::Index count = rows.rows() * rows.cols();
-    assert(static_cast<Eigen::Index>(buffer.size()) >= count);
+    assert(buffer.size() >= count);
     convert(rows.data(), count, buffer.data());
     return Operand<Scalar>{buffer.data(), rows.cols(), rows.rows(), rows.cols(), true};
   }
@@ -109,6 +109,9 @@ class KVCache {
   /// that decoding never allocates. A step of more new tokens than that (a long prompt) grows it.
   static KVCache rolling(const MultiHeadAttentionConfig& config, Index window, Index sequences = 1) {
     if (window < 1) detail::fail("KVCache::rolling: window must be >= 1, got ", window);
+    // Its room, window + window/8 rows, must be a number of rows.
+    if (window > std::numeric_limits<Index>::max() / 2)
+      detail::fail("KVCache::rolling: window ", window, " is too large");
     return KVCache(config, sequences, 0, window);
   }
 
@@ -198,7 +201,7 @@ class KVCache {
       if (max_length_ > 0 && lengths[b] > max_length_ - lengths_[b])
         detail::fail("KVCache: sequence ", b, " holds ", lengths_[b], " of at most ", max_length_, " tokens; ",
                      lengths[b], " more do not fit (make the cache with a larger max_length, or truncate it)");
-    if (window_ > 0 && (owner.cross || owner.window < 1 || owner.window > window_))
+    if (window_ > 0 && (owner.window < 1 || owner.window > window_))
       detail::fail(caller, ": this rolling cache keeps what a window of at most ", window_,
                    " keys sees; options.window = ", owner.window, " would need older keys (set options.window to ",
                    window_, ", or make the cache with make_cache())");
