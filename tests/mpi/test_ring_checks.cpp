@@ -150,15 +150,20 @@ TEST_F(RingChecks, UnsupportedOptionsAreRefusedOnEveryRank) {
   EXPECT_NE(p.message.find("options.key_padding_mask is 1 x 39 but must be 1 x S = 1 x 40"), std::string::npos)
       << p.message;
 
-  mha::MultiHeadAttentionConfig c = mha_test::config(8, 2);
-  c.dropout = 0.1;
-  const MultiHeadAttention<double> dropping(c);
-  RingAttention<double> ring_dropping(dropping, MPI_COMM_WORLD);
-  AttentionOptions training;
-  training.training = true;
-  const Outcome d = outcome_of([&] { ring_dropping.forward(local(), layout, training); });
-  EXPECT_TRUE(d.same_everywhere) << d.message;
-  EXPECT_NE(d.message.find("dropout in training"), std::string::npos) << d.message;
+  // Dropout in training runs (tests/mpi/test_ring_backward.cpp), but every rank must draw the same
+  // pattern.
+  if (mha_test::world_size() > 1) {
+    mha::MultiHeadAttentionConfig c = mha_test::config(8, 2);
+    c.dropout = 0.1;
+    const MultiHeadAttention<double> dropping(c);
+    RingAttention<double> ring_dropping(dropping, MPI_COMM_WORLD);
+    AttentionOptions training;
+    training.training = true;
+    training.dropout_seed = is_odd_one_out() ? 2 : 1;
+    const Outcome d = outcome_of([&] { ring_dropping.forward(local(), layout, training); });
+    EXPECT_TRUE(d.same_everywhere) << d.message;
+    EXPECT_NE(d.message.find("the ranks disagree on options.dropout_seed"), std::string::npos) << d.message;
+  }
 
   const SequenceLayout too_few = SequenceLayout::contiguous(N, mha_test::world_size() + 1);
   const Outcome r = outcome_of([&] { ring.forward(local(), too_few); });
@@ -177,6 +182,102 @@ TEST_F(RingChecks, ARefusedForwardLeavesTheTapeUnchanged) {
   });
   EXPECT_TRUE(o.same_everywhere) << o.message;
   EXPECT_TRUE(tape.empty());
+}
+
+// ---- The backward pass ----
+
+class RingBackwardChecks : public RingChecks {
+ protected:
+  const Matrix<double> d_output = mha_test::random_matrix<double>(N, 8, 2);
+  Matrix<double> local_d_output() const { return layout.local_rows(d_output, ring.rank()); }
+  mha::distributed::RingTape<double> record(const AttentionOptions& options = {}) {
+    mha::distributed::RingTape<double> tape;
+    ring.forward(local(), layout, options, tape);
+    return tape;
+  }
+  /// Gradients that are not zero, to see that a refused backward leaves them unchanged.
+  MultiHeadAttention<double>::Gradients gradients() const {
+    auto g = module.zero_gradients();
+    for (auto& p : g.parameters()) p.value.setConstant(0.5);
+    return g;
+  }
+  /// After a refused backward the ring's backward must still work: no message left in flight.
+  void expect_backward_still_works(const mha::distributed::RingTape<double>& tape) {
+    auto g = module.zero_gradients();
+    const auto d = ring.backward(tape, local_d_output(), g);
+    mha::Tape<double> whole;
+    module.forward(x, AttentionOptions{}, whole);
+    auto expected = module.zero_gradients();
+    const auto d_expected = module.backward(whole, d_output, expected);
+    EXPECT_TRUE(
+        mha_test::close(d.self_attention(), layout.local_rows(d_expected.self_attention(), ring.rank()), 1e-12));
+    EXPECT_TRUE(mha_test::close(g.w_q(), expected.w_q(), 1e-12));
+  }
+  static bool unchanged(MultiHeadAttention<double>::Gradients& g) {
+    for (const auto& p : g.parameters())
+      if (!(p.value.array() == 0.5).all()) return false;
+    return true;
+  }
+};
+
+TEST_F(RingBackwardChecks, AWrongDOutputOnOneRankThrowsTheSameOnEveryRankAndChangesNothing) {
+  const auto tape = record();
+  auto g = gradients();
+  const Outcome o = outcome_of([&] {
+    const Matrix<double> rows = local_d_output();
+    ring.backward(tape, is_odd_one_out() ? Matrix<double>(rows.leftCols(7)) : rows, g);
+  });
+  EXPECT_TRUE(o.same_everywhere) << o.message;
+  const int last = mha_test::world_size() - 1;
+  EXPECT_NE(o.message.find("RingAttention::backward: d_output is " + std::to_string(layout.rows(last)) +
+                           " x 7 but this rank's output of the forward was " + std::to_string(layout.rows(last)) +
+                           " x 8 (on rank " + std::to_string(last)),
+            std::string::npos)
+      << o.message;
+  EXPECT_TRUE(unchanged(g));
+  // Rows missing on one rank.
+  const Outcome rows = outcome_of([&] {
+    const Matrix<double> d = local_d_output();
+    ring.backward(tape, is_odd_one_out() ? Matrix<double>(d.topRows(d.rows() - 1)) : d, g);
+  });
+  EXPECT_TRUE(rows.same_everywhere) << rows.message;
+  EXPECT_NE(rows.message.find("d_output is"), std::string::npos) << rows.message;
+  EXPECT_TRUE(unchanged(g));
+  expect_backward_still_works(tape);
+}
+
+TEST_F(RingBackwardChecks, ATapeOfAnotherCallOnOneRankThrowsOnEveryRank) {
+  if (mha_test::world_size() == 1) GTEST_SKIP() << "one rank cannot disagree with itself";
+  const auto first = record(mha_test::causal_if(true));
+  const auto second = record();
+  auto g = gradients();
+  const Outcome o = outcome_of([&] { ring.backward(is_odd_one_out() ? first : second, local_d_output(), g); });
+  EXPECT_TRUE(o.same_everywhere) << o.message;
+  EXPECT_NE(o.message.find("the ranks disagree on the forward call the tape recorded"), std::string::npos) << o.message;
+  EXPECT_TRUE(unchanged(g));
+  expect_backward_still_works(second);
+}
+
+TEST_F(RingBackwardChecks, AnEmptyTapeATapeOfAnotherRingOrGradientsOfAnotherShapeThrowOnEveryRank) {
+  const auto tape = record();
+  auto g = gradients();
+  const mha::distributed::RingTape<double> empty;
+  const Outcome e = outcome_of([&] { ring.backward(is_odd_one_out() ? empty : tape, local_d_output(), g); });
+  EXPECT_TRUE(e.same_everywhere) << e.message;
+  EXPECT_NE(e.message.find("the tape is empty"), std::string::npos) << e.message;
+
+  RingAttention<double> other(module, MPI_COMM_WORLD);
+  const Outcome r = outcome_of([&] { other.backward(tape, local_d_output(), g); });
+  EXPECT_TRUE(r.same_everywhere) << r.message;
+  EXPECT_NE(r.message.find("the tape was recorded by another RingAttention"), std::string::npos) << r.message;
+
+  const MultiHeadAttention<double> wider(mha_test::config(8, 4));
+  auto wrong = wider.zero_gradients();
+  const Outcome s = outcome_of([&] { ring.backward(tape, local_d_output(), is_odd_one_out() ? wrong : g); });
+  EXPECT_TRUE(s.same_everywhere) << s.message;
+  EXPECT_NE(s.message.find("gradients are for a module of another shape"), std::string::npos) << s.message;
+  EXPECT_TRUE(unchanged(g));
+  expect_backward_still_works(tape);
 }
 
 }  // namespace

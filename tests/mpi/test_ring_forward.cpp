@@ -20,12 +20,6 @@ using mha::distributed::SequenceLayout;
 using mha_test::LayoutKind;
 using mha_test::Matrix;
 
-/// The tolerance of the ring against one process: a different order of the same sums.
-template <typename Scalar>
-double ring_tolerance() {
-  return std::is_same<Scalar, float>::value ? 1e-5 : 1e-12;
-}
-
 template <typename Scalar>
 class RingForward : public ::testing::Test {};
 TYPED_TEST_SUITE(RingForward, mha_test::Scalars, mha_test::ScalarNames);
@@ -38,7 +32,7 @@ template <typename Scalar>
   RingAttention<Scalar> ring(module, MPI_COMM_WORLD);
   const Matrix<Scalar> local = ring.forward(layout.local_rows(x, ring.rank()), layout, options);
   const Matrix<Scalar> expected = layout.local_rows(module.forward(x, options), ring.rank());
-  return mha_test::close(local, expected, ring_tolerance<Scalar>());
+  return mha_test::close(local, expected, mha_test::ring_tolerance<Scalar>());
 }
 
 TYPED_TEST(RingForward, SelfAttentionEqualsOneProcessForEveryLayout) {
@@ -128,7 +122,7 @@ TYPED_TEST(RingForward, CrossAttentionEqualsOneProcessInBothAlignments) {
             ring.forward(queries.local_rows(query, ring.rank()), keys.local_rows(key, ring.rank()),
                          keys.local_rows(value, ring.rank()), queries, keys, options);
         const Matrix<Scalar> expected = queries.local_rows(module.forward(query, key, value, options), ring.rank());
-        EXPECT_TRUE(mha_test::close(local, expected, ring_tolerance<Scalar>()))
+        EXPECT_TRUE(mha_test::close(local, expected, mha_test::ring_tolerance<Scalar>()))
             << "L = " << L << ", S = " << S << ", bottom-right " << (alignment == CausalAlignment::bottom_right)
             << ", causal " << causal;
       }
@@ -144,7 +138,7 @@ TYPED_TEST(RingForward, EveryRankGathersTheWholeOutput) {
   RingAttention<Scalar> ring(module, MPI_COMM_WORLD);
   const Matrix<Scalar> local = ring.forward(layout.local_rows(x, ring.rank()), layout, mha_test::causal_if(true));
   const Matrix<Scalar> whole = mha::distributed::gather_rows(local, layout, MPI_COMM_WORLD);
-  EXPECT_TRUE(mha_test::close(whole, module.forward(x, mha_test::causal_if(true)), ring_tolerance<Scalar>()));
+  EXPECT_TRUE(mha_test::close(whole, module.forward(x, mha_test::causal_if(true)), mha_test::ring_tolerance<Scalar>()));
 }
 
 TEST(RingLayout, ZigzagHoldsChunksIAndTwoPMinusOneMinusI) {

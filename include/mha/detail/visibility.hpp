@@ -95,6 +95,10 @@ struct KeyVisibility {
   Eigen::Index key_padding_row = 0;
   double dropout = 0.0;  ///< probability of dropping a weight (training only)
   std::uint64_t dropout_seed = 0, dropout_stream = 0;
+  /// Where query row 0 and key 0 are in the sequence whose dropout pattern applies: 0 unless the
+  /// queries and keys are ranges of a longer sequence (ring attention), whose pattern is then drawn
+  /// at the rows' and keys' places in it.
+  Eigen::Index dropout_first_row = 0, dropout_first_key = 0;
 };
 
 /// One SplitMix64 step mixing `word` into the state `z`.
@@ -137,6 +141,8 @@ void drop_out(Tile& p, const KeyVisibility<typename Tile::Scalar>& visibility, E
   // u < p  ⇔  bits < p·2⁵³.
   const auto threshold = static_cast<std::uint64_t>(visibility.dropout * 0x1.0p53);
   const DropoutPattern pattern(visibility.dropout_seed, visibility.dropout_stream);
+  first_row += visibility.dropout_first_row;
+  first_key += visibility.dropout_first_key;
   for (Eigen::Index r = 0; r < p.rows(); ++r) {
     const std::uint64_t row = pattern.row_state(static_cast<std::uint64_t>(first_row + r));
     for (Eigen::Index c = 0; c < p.cols(); ++c) {
