@@ -1,12 +1,26 @@
 // A libFuzzer harness over the public API. The bytes choose a scalar type, shapes, head counts,
 // d_k/d_v, kdim/vdim, biases, batches, masks, options, key/value heads, rotary embeddings, windows,
-// decode steps and values (including NaN, ±Inf, huge and denormal numbers), valid and invalid.
+// decode steps and values (including NaN, ±Inf, huge and denormal numbers), valid and invalid, and
+// for decoding the cache: its storage (Scalar, Eigen::bfloat16 or Eigen::half, for the
+// self-attention cache and the cross-attention memory alike), a rolling cache of a window (valid
+// and invalid windows) and truncations between the steps.
 // Properties checked, besides "no crash and no sanitizer report":
 //   - invalid input throws mha::invalid_argument, and only invalid input does;
 //   - the result has the documented shape;
 //   - finite inputs of moderate size (|x| ≤ 1e3, so that no product can overflow) give finite output,
-//     and finite gradients in the backward pass, whose taped forward gives the same output;
-//   - a decode step appends its tokens to the cache, and a rejected one leaves the cache as it was.
+//     and finite gradients in the backward pass, whose taped forward gives the same output; for a
+//     cache of half, whose numbers overflow above 65504, moderate means |x| ≤ 4 (the fuzzer's
+//     ordinary numbers: no key or value of a module of d_model ≤ 24 reaches 200);
+//   - a decode step appends its tokens to the cache; a rejected step or truncate leaves length(),
+//     held() and bytes() as they were; held() ≤ length(), equal but in a rolling cache, which holds
+//     at least what the window needs (min(length, window − 1 + the step)) and at most its room or
+//     window − 1 + the largest step; a rolling cache's bytes() stay the same while the steps fit
+//     its room; a reduced cache has exactly half (bfloat16, half) of a Scalar cache's bytes;
+//   - oracles, for plain input (every number 0 or normal with |x| ≤ 4, the scale at most 1): a
+//     rolling cache's outputs equal those of a cache that keeps every token (same module, steps and
+//     window) within 1e-4 (float) or 1e-10 (double), relative (max |difference| / max |output|), and
+//     a bfloat16 (half) cache's or memory's outputs are within 1e-2 (2e-3) of a Scalar one's; the
+//     cache compared against accepts and rejects the same steps.
 // Built with clang's -fsanitize=fuzzer; fuzz_replay.cpp runs the same function over the committed
 // corpus in every build, so each input the fuzzer ever found becomes a regression test.
 #include <mha/mha.hpp>
@@ -19,10 +33,19 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
 namespace {
+
+/// What the numbers of a matrix were, beyond moderate: `small` when none is of the fuzzer's large
+/// kind (up to 1e3; a half's range ends at 65504), `plain` when every one is 0 or a normal number
+/// of magnitude at most 4 (no NaN, ±Inf, huge, large or denormal number).
+struct Kinds {
+  bool small = true;
+  bool plain = true;
+};
 
 /// Reads numbers from the fuzzer's bytes; past the end, every read gives 0.
 class Bytes {
@@ -33,26 +56,33 @@ class Bytes {
   /// An integer in [lo, hi].
   int in(int lo, int hi) { return lo + static_cast<int>(byte() % static_cast<unsigned>(hi - lo + 1)); }
 
+  /// From now on, every value() is a plain number of magnitude at most 1 (it reads the same bytes).
+  bool plain() const { return plain_only_; }
+  void plain_only() { plain_only_ = true; }
+
   /// A value of one of several kinds: moderate, zero, huge, denormal, NaN or ±Inf.
   template <typename Scalar>
-  Scalar value(bool& moderate) {
+  Scalar value(bool& moderate, Kinds& kinds) {
     const std::uint8_t kind = byte();
     const double unit = (static_cast<double>(byte()) - 127.5) / 127.5;  // in [−1, 1]
+    if (plain_only_) return static_cast<Scalar>(unit);
     switch (kind % 16) {
       case 0:
-        moderate = false;
+        moderate = kinds.small = kinds.plain = false;
         return std::numeric_limits<Scalar>::quiet_NaN();
       case 1:
-        moderate = false;
+        moderate = kinds.small = kinds.plain = false;
         return (unit < 0 ? -1 : 1) * std::numeric_limits<Scalar>::infinity();
       case 2:
-        moderate = false;
+        moderate = kinds.small = kinds.plain = false;
         return static_cast<Scalar>(unit * 0.99) * std::numeric_limits<Scalar>::max();
       case 3:
+        kinds.plain = false;
         return static_cast<Scalar>(unit * 100) * std::numeric_limits<Scalar>::denorm_min();
       case 4:
         return 0;
       case 5:
+        kinds.small = kinds.plain = false;
         return static_cast<Scalar>(unit * 1e3);
       default:
         return static_cast<Scalar>(unit * 4);
@@ -63,17 +93,24 @@ class Bytes {
   const std::uint8_t* data_;
   std::size_t size_;
   std::size_t pos_ = 0;
+  bool plain_only_ = false;
 };
 
 template <typename Scalar>
 using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
 
 template <typename Scalar>
-Matrix<Scalar> matrix(Bytes& in, Eigen::Index rows, Eigen::Index cols, bool& moderate) {
+Matrix<Scalar> matrix(Bytes& in, Eigen::Index rows, Eigen::Index cols, bool& moderate, Kinds& kinds) {
   Matrix<Scalar> m(rows, cols);
   for (Eigen::Index j = 0; j < cols; ++j)
-    for (Eigen::Index i = 0; i < rows; ++i) m(i, j) = in.value<Scalar>(moderate);
+    for (Eigen::Index i = 0; i < rows; ++i) m(i, j) = in.value<Scalar>(moderate, kinds);
   return m;
+}
+
+template <typename Scalar>
+Matrix<Scalar> matrix(Bytes& in, Eigen::Index rows, Eigen::Index cols, bool& moderate) {
+  Kinds kinds;
+  return matrix<Scalar>(in, rows, cols, moderate, kinds);
 }
 
 [[noreturn]] void violated(const char* property) {
@@ -112,7 +149,7 @@ mha::AttentionOptions options(Bytes& in, bool& valid, bool& moderate) {
 }
 
 /// A window from the bytes: none, small, or near the largest index (which hides nothing).
-Eigen::Index window(Bytes& in) {
+Eigen::Index window_from(Bytes& in) {
   const int kind = in.in(0, 7);
   if (kind == 0) return std::numeric_limits<Eigen::Index>::max() - in.in(0, 3);
   return kind < 4 ? 0 : in.in(-1, 8);
@@ -177,7 +214,7 @@ void multi_head(Bytes& in) {
     bool valid = true, moderate = true;
     auto o = options<Scalar>(in, valid, moderate);
     o.alignment = in.byte() % 2 ? mha::CausalAlignment::bottom_right : mha::CausalAlignment::top_left;
-    o.window = window(in);
+    o.window = window_from(in);
     valid = valid && o.window >= 0;
     o.training = in.byte() % 2 == 1;
     o.dropout_seed = in.byte();
@@ -258,7 +295,7 @@ template <typename Scalar>
 void single_head(Bytes& in) {
   bool valid = true, moderate = true;
   auto o = options<Scalar>(in, valid, moderate);
-  o.window = window(in);
+  o.window = window_from(in);
   valid = valid && o.window >= 0;
   const Eigen::Index L = in.in(0, 40), S = in.in(0, 40), d_k = in.in(0, 9), d_v = in.in(0, 9);
   const int mismatch = in.in(0, 15);
@@ -285,11 +322,318 @@ void softmax(Bytes& in) {
   if (moderate && !p.allFinite()) violated("softmax_rows of finite moderate logits is not finite");
 }
 
-/// Grouped-query attention, rotary embeddings, windows and a key/value cache: a few decode steps
-/// of ragged new lengths over one to three sequences, now and then past a fixed max_length (which
-/// must throw and leave the cache as it was), then a truncation.
+/// The largest magnitude the attention part of an output row can have over the values `cache`
+/// holds: max |value| · max over W^O's columns of Σ |W^O|. Rounding a cached value moves an output by
+/// a fraction of this, whatever the output itself is (it may cancel to near 0).
+template <typename Scalar, typename Cache>
+double attainable_output(const mha::MultiHeadAttention<Scalar>& attn, const Cache& cache) {
+  double largest = 0;
+  for (Eigen::Index b = 0; b < cache.sequences(); ++b)
+    for (Eigen::Index j = 0; j < cache.kv_heads(); ++j) {
+      const auto values = cache.values(b, j);
+      for (Eigen::Index r = 0; r < values.rows(); ++r)
+        for (Eigen::Index c = 0; c < values.cols(); ++c)
+          largest = std::max(largest, std::abs(static_cast<double>(static_cast<float>(values(r, c)))));
+    }
+  return largest * static_cast<double>(attn.w_o().cwiseAbs().colwise().sum().maxCoeff());
+}
+
+/// ‖actual − expected‖∞ / `scale` (0 for empty matrices), NaN if either holds a NaN.
 template <typename Scalar>
-void decoding(Bytes& in) {
+double error(const Matrix<Scalar>& actual, const Matrix<Scalar>& expected, double scale) {
+  if (actual.size() == 0) return 0;
+  const double difference = static_cast<double>((actual - expected).cwiseAbs().maxCoeff());
+  if (!(scale > 0)) return difference == 0 ? 0 : std::numeric_limits<double>::infinity();
+  return difference / scale;
+}
+
+/// How far a cache of Storage may be from one of Scalar on plain input: bfloat16 keeps 8
+/// significant bits, half 11 (each cached number rounded to a relative 2^-9, 2^-12).
+template <typename Scalar, typename Storage>
+double storage_bound() {
+  return std::is_same<Storage, Eigen::bfloat16>::value ? 1e-2 : std::is_same<Storage, Eigen::half>::value ? 2e-3 : 0;
+}
+
+/// How far two caches of one storage type that hold the same numbers may be apart (the keys split
+/// differently into the kernel's blocks): the rounding of Scalar.
+template <typename Scalar>
+double rounding_bound() {
+  return std::is_same<Scalar, float>::value ? 1e-4 : 1e-10;
+}
+
+/// A rolling cache's window from the bytes: mostly 1 … 20, now and then 0, negative or too large.
+Eigen::Index rolling_window(Bytes& in) {
+  const Eigen::Index largest = std::numeric_limits<Eigen::Index>::max();
+  switch (in.in(0, 15)) {
+    case 0:
+      return 0;
+    case 1:
+      return -in.in(1, 3);
+    case 2:
+      return largest / 2 + in.in(1, 3);  // its room, window + window/8 rows, is no number of rows
+    case 3:
+      return largest;
+    default:
+      return in.in(1, 20);
+  }
+}
+
+/// The documented rule for truncate(b, keep): 0 ≤ keep ≤ length(b), and a rolling cache must still
+/// hold the window − 1 tokens before position keep (all keep of them when there are fewer).
+template <typename Cache>
+bool truncate_valid(const Cache& cache, Eigen::Index b, Eigen::Index keep) {
+  if (keep < 0 || keep > cache.length(b)) return false;
+  if (cache.window() == 0) return true;
+  const Eigen::Index forgotten = cache.length(b) - cache.held(b);
+  return keep - forgotten >= std::min(keep, cache.window() - 1);
+}
+
+/// cache.truncate(b, keep), checked: it keeps exactly `keep` tokens when the rule allows it, throws
+/// and changes nothing when not, and never changes the memory. \returns whether it was valid.
+template <typename Cache>
+bool checked_truncate(Cache& cache, Eigen::Index b, Eigen::Index keep) {
+  const bool valid = truncate_valid(cache, b, keep);
+  const Eigen::Index length = cache.length(b), held = cache.held(b);
+  const std::size_t bytes = cache.bytes();
+  try {
+    cache.truncate(b, keep);
+    if (!valid) violated("an invalid truncate was accepted");
+    if (cache.length(b) != keep) violated("truncate did not keep the given length");
+    if (cache.held(b) != held - (length - keep)) violated("truncate did not drop exactly the tokens past its length");
+  } catch (const mha::invalid_argument&) {
+    if (valid) violated("a valid truncate was rejected");
+    if (cache.length(b) != length || cache.held(b) != held) violated("a rejected truncate changed the cache");
+  }
+  if (cache.bytes() != bytes) violated("truncate changed the cache's memory");
+  return valid;
+}
+
+/// The options, scale and validity the self-attention steps leave for the cross-attention memory.
+struct DecodeOptions {
+  mha::AttentionOptions options;
+  bool scale_valid = false;
+};
+
+/// A few decode steps of ragged new lengths over one to three sequences into a cache of Storage:
+/// make_cache(sequences, max_length), now and then past its max_length (which must throw and leave
+/// the cache as it was), or a rolling cache of a window from the bytes; truncations between the
+/// steps when `truncates`, then one more. Beside it, the caches it must agree with: one of Scalar
+/// of the same kind (for a reduced Storage) and, for a rolling cache, one that keeps every token.
+/// \returns false when the rolling cache's window was (rightly) refused.
+template <typename Scalar, typename Storage>
+bool self_decoding(Bytes& in, const mha::MultiHeadAttention<Scalar>& attn, int sequences, int max_length, bool rolling,
+                   bool truncates, DecodeOptions& result) {
+  using Index = Eigen::Index;
+  constexpr bool reduced = !std::is_same<Storage, Scalar>::value;
+  constexpr bool half = std::is_same<Storage, Eigen::half>::value;
+  const Index window = rolling ? rolling_window(in) : 0;
+  std::optional<mha::KVCache<Scalar, Storage>> made;
+  try {
+    made.emplace(rolling ? attn.template make_rolling_cache<Storage>(window, sequences)
+                         : attn.template make_cache<Storage>(sequences, max_length));
+    if (rolling && (window < 1 || window > std::numeric_limits<Index>::max() / 2))
+      violated("an invalid rolling window was accepted");
+  } catch (const mha::invalid_argument&) {
+    if (!rolling || (window >= 1 && window <= std::numeric_limits<Index>::max() / 2))
+      violated("a valid cache was rejected");
+    return false;
+  }
+  auto& cache = *made;
+  if (cache.window() != window) violated("the cache has another window than it was made with");
+  std::optional<mha::KVCache<Scalar>> exact;  // Scalar storage, the same kind of cache
+  if (reduced)
+    exact.emplace(rolling ? attn.make_rolling_cache(window, sequences) : attn.make_cache(sequences, max_length));
+  std::optional<mha::KVCache<Scalar, Storage>> full;  // keeps every token, for the rolling cache
+  if (rolling) full.emplace(attn.template make_cache<Storage>(sequences));
+  // The rows a rolling cache's sequence has room for, allocated at once (1.1 × window; 16 more at
+  // least), and the largest step so far, which may make a sequence's room larger.
+  const auto per_row =
+      static_cast<std::size_t>(sequences * attn.num_kv_heads() * (attn.d_k() + attn.d_v())) * sizeof(Storage);
+  const auto room = static_cast<Index>(cache.bytes() / per_row);
+  if (rolling && (cache.bytes() % per_row != 0 || room < window || room > window + std::max<Index>(window / 8, 16)))
+    violated("a rolling cache has another room than about 1.1 x its window");
+  Index largest_step = 0;
+
+  bool options_valid = true, cached_moderate = true;  // every token in the cache came from finite moderate input
+  bool cached_small = true, cached_plain = true;      // … and from small (plain) numbers
+  auto& o = result.options;
+  o = options<Scalar>(in, options_valid, cached_moderate);
+  const bool scale_valid = options_valid;
+  result.scale_valid = scale_valid;
+  const bool plain_scale = !o.scale || std::abs(*o.scale) <= 1;
+  Index filled_window = 0;  // the window the cache's tokens were decoded with
+  o.window = window_from(in);
+  // A truncation of a sequence from the bytes, checked on every cache: they agree on its validity.
+  const auto truncate = [&](Index b, Index keep) {
+    const bool valid = checked_truncate(cache, b, keep);
+    if (exact && checked_truncate(*exact, b, keep) != valid) violated("caches of two storages truncate differently");
+    if (full && valid && !checked_truncate(*full, b, keep)) violated("a full cache refused what a rolling one took");
+  };
+  for (int step = in.in(1, 4); step > 0; --step) {
+    if (truncates && in.in(0, 2) == 0) {
+      const Index b = in.in(0, sequences - 1), length = cache.length(b);
+      const int choice = in.in(0, 7);
+      truncate(b, choice == 0 ? -1 : choice == 6 ? length + 1 : choice == 7 ? in.in(0, 40) : length - (choice - 1));
+    }
+    // The window, now and then changed between steps: a cache that holds tokens keeps its own, and
+    // a rolling cache takes windows of 1 to its own.
+    if (in.in(0, 3) == 0) o.window = window_from(in);
+    options_valid = scale_valid && o.window >= 0 && (cache.empty() || o.window == filled_window) &&
+                    (!rolling || (o.window >= 1 && o.window <= window));
+    std::vector<Index> lengths, before, held_before;
+    Index rows = 0;
+    bool fits = true, fits_room = true;
+    for (int b = 0; b < sequences; ++b) {
+      lengths.push_back(in.in(0, 12));
+      before.push_back(cache.length(b));
+      held_before.push_back(cache.held(b));
+      rows += lengths.back();
+      fits = fits && (rolling || max_length == 0 || cache.length(b) + lengths.back() <= max_length);
+      fits_room = fits_room && window - 1 + lengths.back() <= room;
+    }
+    const std::size_t bytes_before = cache.bytes();
+    bool moderate = true;
+    Kinds kinds;
+    const auto x = matrix<Scalar>(in, rows, attn.d_model(), moderate, kinds);
+    // The new tokens' keys join the cache first.
+    cached_moderate = cached_moderate && moderate;
+    cached_small = cached_small && kinds.small;
+    cached_plain = cached_plain && kinds.plain;
+    const bool finite_expected = cached_moderate && (!half || cached_small);
+    const bool plain = cached_moderate && cached_plain && plain_scale;
+    const bool unit = plain && in.plain();  // every number of the input at most 1
+    const auto decode = [&](auto& c) -> Matrix<Scalar> {
+      return sequences == 1 ? attn.decode(x, c, o) : attn.decode_batch(x, lengths, c, o);
+    };
+    Matrix<Scalar> out;
+    bool accepted = false;
+    try {
+      out = decode(cache);
+      accepted = true;
+    } catch (const mha::invalid_argument&) {
+      if (options_valid && fits) violated("valid input was rejected by decode");
+      for (int b = 0; b < sequences; ++b)
+        if (cache.length(b) != before[b] || cache.held(b) != held_before[b])
+          violated("a rejected decode step changed the cache");
+      if (cache.bytes() != bytes_before) violated("a rejected decode step changed the cache's memory");
+    }
+    if (accepted) {
+      if (!options_valid || !fits) violated("invalid input was accepted by decode");
+      if (out.rows() != rows || out.cols() != attn.d_model()) violated("decode returned the wrong shape");
+      if (finite_expected && !out.allFinite()) violated("finite moderate input gave a non-finite decode output");
+      for (int b = 0; b < sequences; ++b) {
+        const Index length = cache.length(b), held = cache.held(b), step_length = lengths[b];
+        largest_step = std::max(largest_step, step_length);
+        if (length != before[b] + step_length) violated("decode did not append the new tokens");
+        if (held > length) violated("a cache holds more tokens than it was given");
+        if (!rolling && held != length) violated("a cache that keeps every token forgot some");
+        if (rolling && held < std::min(length, window - 1 + step_length))
+          violated("a rolling cache forgot tokens that its window still sees");
+        if (rolling && held > std::max(room, window - 1 + largest_step))
+          violated("a rolling cache holds more tokens than its room or its window and steps need");
+      }
+      if (rolling && fits_room && cache.bytes() != bytes_before)
+        violated("a rolling cache's memory changed on a step that fits its room");
+      filled_window = o.window;
+    }
+    // The caches it is checked against take the same step.
+    if (exact) {
+      try {
+        const Matrix<Scalar> expected = decode(*exact);
+        if (!accepted) violated("a Scalar cache accepted a step that a reduced one rejected");
+        if (unit && !(error(out, expected, attainable_output(attn, *exact)) <= storage_bound<Scalar, Storage>()))
+          violated("a reduced cache's decode output is too far from a Scalar cache's");
+      } catch (const mha::invalid_argument&) {
+        if (accepted) violated("a reduced cache accepted a step that a Scalar cache rejected");
+      }
+      for (int b = 0; b < sequences; ++b)
+        if (exact->length(b) != cache.length(b) || exact->held(b) != cache.held(b))
+          violated("caches of two storages hold different tokens");
+      if (cache.bytes() * sizeof(Scalar) != exact->bytes() * sizeof(Storage))
+        violated("a reduced cache does not take its share of a Scalar cache's bytes");
+    }
+    if (full && accepted) {
+      try {
+        const Matrix<Scalar> expected = decode(*full);
+        if (plain && !(error(out, expected, attainable_output(attn, *full)) <= rounding_bound<Scalar>()))
+          violated("a rolling cache's decode output differs from a full cache's");
+      } catch (const mha::invalid_argument&) {
+        violated("a full cache rejected a step that a rolling cache accepted");
+      }
+    }
+  }
+  const int b = in.in(0, sequences - 1), keep = in.in(0, 40);
+  truncate(b, keep);
+  return true;
+}
+
+/// A cross-attention memory of Storage of the same module, made once and read by decode_cross
+/// steps (and, for a reduced Storage, compared with a memory of Scalar); decode must refuse it.
+template <typename Scalar, typename Storage>
+void cross_decoding(Bytes& in, const mha::MultiHeadAttention<Scalar>& attn, int sequences, bool rotary,
+                    const DecodeOptions& self) {
+  constexpr bool reduced = !std::is_same<Storage, Scalar>::value;
+  constexpr bool half = std::is_same<Storage, Eigen::half>::value;
+  const auto& o = self.options;
+  const bool scale_valid = self.scale_valid;
+  std::vector<Eigen::Index> memory_lengths, new_lengths;
+  Eigen::Index memory_rows = 0, query_rows = 0;
+  for (int s = 0; s < sequences; ++s) {
+    memory_lengths.push_back(in.in(0, 12));
+    memory_rows += memory_lengths.back();
+    new_lengths.push_back(in.in(0, 4));
+    query_rows += new_lengths.back();
+  }
+  bool cross_moderate = !o.scale || std::abs(*o.scale) < 1e30;
+  Kinds memory_kinds;
+  const auto memory = matrix<Scalar>(in, memory_rows, attn.d_model(), cross_moderate, memory_kinds);
+  const bool memory_valid =
+      !rotary && std::all_of(memory_lengths.begin(), memory_lengths.end(), [](Eigen::Index n) { return n >= 1; });
+  try {
+    auto cross = attn.template make_cross_cache<Storage>(memory, memory, memory_lengths);
+    if (!memory_valid) violated("an invalid cross-attention memory was accepted");
+    const auto queries = matrix<Scalar>(in, query_rows, attn.d_model(), cross_moderate);
+    const bool finite_expected = cross_moderate && (!half || memory_kinds.small);
+    const bool unit = cross_moderate && in.plain() && (!o.scale || std::abs(*o.scale) <= 1);
+    mha::AttentionOptions cross_options;
+    cross_options.scale = o.scale;
+    try {
+      const Matrix<Scalar> out = attn.decode_cross_batch(queries, new_lengths, cross, cross_options);
+      if (!scale_valid) violated("an invalid scale was accepted by decode_cross");
+      if (out.rows() != query_rows || out.cols() != attn.d_model()) violated("decode_cross gave the wrong shape");
+      if (finite_expected && !out.allFinite()) violated("finite moderate input gave a non-finite decode_cross output");
+      if (reduced) {
+        const auto exact = attn.make_cross_cache(memory, memory, memory_lengths);
+        if (cross.bytes() * sizeof(Scalar) != exact.bytes() * sizeof(Storage))
+          violated("a reduced memory does not take its share of a Scalar memory's bytes");
+        const Matrix<Scalar> expected = attn.decode_cross_batch(queries, new_lengths, exact, cross_options);
+        if (unit && !(error(out, expected, attainable_output(attn, exact)) <= storage_bound<Scalar, Storage>()))
+          violated("a reduced memory's decode_cross output is too far from a Scalar memory's");
+      }
+    } catch (const mha::invalid_argument&) {
+      if (scale_valid) violated("valid input was rejected by decode_cross");
+    }
+    try {
+      if (sequences == 1) {
+        attn.decode(queries, cross);
+        violated("decode appended to a cross-attention memory");
+      }
+    } catch (const mha::invalid_argument&) {
+    }
+    for (int s = 0; s < sequences; ++s)
+      if (cross.length(s) != memory_lengths[static_cast<std::size_t>(s)] || cross.held(s) != cross.length(s))
+        violated("the memory changed");
+  } catch (const mha::invalid_argument&) {
+    if (memory_valid) violated("a valid cross-attention memory was rejected");
+  }
+}
+
+/// Grouped-query attention, rotary embeddings, windows, key/value caches and cross-attention
+/// memories. `kind` (the first byte's upper bits, so that the inputs that chose none of them read as
+/// before) chooses: bits 0–1 the cache's storage (Scalar, bfloat16, half, half), bit 2 a rolling
+/// cache, bit 3 truncations between the steps, bit 4 the memory's storage one further along.
+template <typename Scalar>
+void decoding(Bytes& in, int kind) {
   mha::MultiHeadAttentionConfig config;
   config.d_model = in.in(1, 24);
   config.num_heads = in.in(1, 6);
@@ -301,6 +645,9 @@ void decoding(Bytes& in) {
   config.rotary = flags & 2;
   config.rotary_pairs = (flags & 4) ? mha::RotaryPairs::halves : mha::RotaryPairs::interleaved;
   config.rotary_base = (flags & 8) ? 0.0 : (flags & 16) ? 1e-320 : std::pow(10.0, in.in(0, 6));
+  // A quarter of the inputs have only plain numbers, which the oracles compare (the top bits 001
+  // and 101: none of the committed corpus's inputs had them, so that they read as before).
+  if ((flags >> 5) == 1 || (flags >> 5) == 5) in.plain_only();
   const Eigen::Index d_k = config.d_k > 0 ? config.d_k : config.d_model / config.num_heads;
   // The documented rule for the base: every frequency base^(−2i/d_k), times any position up to
   // 2^63, is finite (a denormal base with d_k > 2 overflows).
@@ -311,95 +658,42 @@ void decoding(Bytes& in) {
                             config.num_kv_heads >= 0 &&
                             (config.num_kv_heads == 0 || config.num_heads % config.num_kv_heads == 0) &&
                             (!config.rotary || (base_valid && d_k % 2 == 0));
+  std::optional<mha::MultiHeadAttention<Scalar>> made;
   try {
-    const mha::MultiHeadAttention<Scalar> attn(config);
+    made.emplace(config);
     if (!config_valid) violated("an invalid configuration was accepted");
-    const int sequences = in.in(1, 3), max_length = in.in(0, 30);
-    auto cache = attn.make_cache(sequences, max_length);
-    bool options_valid = true, cached_moderate = true;  // every token in the cache came from finite moderate input
-    auto o = options<Scalar>(in, options_valid, cached_moderate);
-    const bool scale_valid = options_valid;
-    Eigen::Index filled_window = 0;  // the window the cache's tokens were decoded with
-    o.window = window(in);
-    for (int step = in.in(1, 4); step > 0; --step) {
-      // The window, now and then changed between steps: a cache that holds tokens keeps its own.
-      if (in.in(0, 3) == 0) o.window = window(in);
-      options_valid = scale_valid && o.window >= 0 && (cache.empty() || o.window == filled_window);
-      std::vector<Eigen::Index> lengths, before;
-      Eigen::Index rows = 0;
-      bool fits = true;
-      for (int b = 0; b < sequences; ++b) {
-        lengths.push_back(in.in(0, 12));
-        before.push_back(cache.length(b));
-        rows += lengths.back();
-        fits = fits && (max_length == 0 || cache.length(b) + lengths.back() <= max_length);
-      }
-      bool moderate = true;
-      const auto x = matrix<Scalar>(in, rows, attn.d_model(), moderate);
-      cached_moderate = cached_moderate && moderate;  // the new tokens' keys join the cache first
-      try {
-        const Matrix<Scalar> out = sequences == 1 ? attn.decode(x, cache, o) : attn.decode_batch(x, lengths, cache, o);
-        if (!options_valid || !fits) violated("invalid input was accepted by decode");
-        if (out.rows() != rows || out.cols() != attn.d_model()) violated("decode returned the wrong shape");
-        if (cached_moderate && !out.allFinite()) violated("finite moderate input gave a non-finite decode output");
-        for (int b = 0; b < sequences; ++b)
-          if (cache.length(b) != before[b] + lengths[b]) violated("decode did not append the new tokens");
-        filled_window = o.window;
-      } catch (const mha::invalid_argument&) {
-        if (options_valid && fits) violated("valid input was rejected by decode");
-        for (int b = 0; b < sequences; ++b)
-          if (cache.length(b) != before[b]) violated("a rejected decode step changed the cache");
-      }
-    }
-    const int b = in.in(0, sequences - 1), keep = in.in(0, 40);
-    try {
-      cache.truncate(b, keep);
-      if (cache.length(b) != keep) violated("truncate did not keep the given length");
-    } catch (const mha::invalid_argument&) {
-      if (keep <= cache.length(b)) violated("a valid truncate was rejected");
-    }
-    // A cross-attention memory of the same module, made once and read by decode_cross steps; the
-    // self-attention decode must refuse it.
-    std::vector<Eigen::Index> memory_lengths, new_lengths;
-    Eigen::Index memory_rows = 0, query_rows = 0;
-    for (int s = 0; s < sequences; ++s) {
-      memory_lengths.push_back(in.in(0, 12));
-      memory_rows += memory_lengths.back();
-      new_lengths.push_back(in.in(0, 4));
-      query_rows += new_lengths.back();
-    }
-    bool cross_moderate = !o.scale || std::abs(*o.scale) < 1e30;
-    const auto memory = matrix<Scalar>(in, memory_rows, attn.d_model(), cross_moderate);
-    const bool memory_valid = !config.rotary && std::all_of(memory_lengths.begin(), memory_lengths.end(),
-                                                            [](Eigen::Index n) { return n >= 1; });
-    try {
-      auto cross = attn.make_cross_cache(memory, memory, memory_lengths);
-      if (!memory_valid) violated("an invalid cross-attention memory was accepted");
-      const auto queries = matrix<Scalar>(in, query_rows, attn.d_model(), cross_moderate);
-      mha::AttentionOptions cross_options;
-      cross_options.scale = o.scale;
-      try {
-        const Matrix<Scalar> out = attn.decode_cross_batch(queries, new_lengths, cross, cross_options);
-        if (!scale_valid) violated("an invalid scale was accepted by decode_cross");
-        if (out.rows() != query_rows || out.cols() != attn.d_model()) violated("decode_cross gave the wrong shape");
-        if (cross_moderate && !out.allFinite()) violated("finite moderate input gave a non-finite decode_cross output");
-      } catch (const mha::invalid_argument&) {
-        if (scale_valid) violated("valid input was rejected by decode_cross");
-      }
-      try {
-        if (sequences == 1) {
-          attn.decode(queries, cross);
-          violated("decode appended to a cross-attention memory");
-        }
-      } catch (const mha::invalid_argument&) {
-      }
-      for (int s = 0; s < sequences; ++s)
-        if (cross.length(s) != memory_lengths[static_cast<std::size_t>(s)]) violated("the memory changed");
-    } catch (const mha::invalid_argument&) {
-      if (memory_valid) violated("a valid cross-attention memory was rejected");
-    }
   } catch (const mha::invalid_argument&) {
     if (config_valid) violated("a valid configuration was rejected");
+    return;
+  }
+  const auto& attn = *made;
+  const int sequences = in.in(1, 3), max_length = in.in(0, 30);
+  const int storage = (kind & 3) == 3 ? 2 : kind & 3, memory_storage = (kind & 16) ? (storage + 1) % 3 : storage;
+  const bool rolling = kind & 4, truncates = kind & 8;
+  DecodeOptions self;
+  bool decoded = false;
+  switch (storage) {
+    case 0:
+      decoded = self_decoding<Scalar, Scalar>(in, attn, sequences, max_length, rolling, truncates, self);
+      break;
+    case 1:
+      decoded = self_decoding<Scalar, Eigen::bfloat16>(in, attn, sequences, max_length, rolling, truncates, self);
+      break;
+    default:
+      decoded = self_decoding<Scalar, Eigen::half>(in, attn, sequences, max_length, rolling, truncates, self);
+      break;
+  }
+  if (!decoded) return;
+  switch (memory_storage) {
+    case 0:
+      cross_decoding<Scalar, Scalar>(in, attn, sequences, config.rotary, self);
+      break;
+    case 1:
+      cross_decoding<Scalar, Eigen::bfloat16>(in, attn, sequences, config.rotary, self);
+      break;
+    default:
+      cross_decoding<Scalar, Eigen::half>(in, attn, sequences, config.rotary, self);
+      break;
   }
 }
 
@@ -420,7 +714,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       use_double ? softmax<double>(in) : softmax<float>(in);
       break;
     default:
-      use_double ? decoding<double>(in) : decoding<float>(in);
+      use_double ? decoding<double>(in, what >> 3) : decoding<float>(in, what >> 3);
       break;
   }
   return 0;
