@@ -1,9 +1,9 @@
-// Ring attention's forward pass over MPI, timed: run it with mpirun -np P. One float self-attention
-// forward of N tokens, h = 8, d_model = 512, causal or full, contiguous or zigzag layout; rank 0
-// prints the time of the slowest rank, the compute and the waiting on communication per step, and
-// the peak resident memory of each rank.
+// Ring attention over MPI, timed: run it with mpirun -np P. One float self-attention forward of N
+// tokens, h = 8, d_model = 512, causal or full, contiguous or zigzag layout, and with "train" the
+// forward recording a tape and the backward after it; rank 0 prints the time of the slowest rank,
+// the compute and the waiting on communication per step, and the peak resident memory of each rank.
 //
-//   mpirun -np 2 bench_ring 16384 causal zigzag [repeats]
+//   mpirun -np 2 bench_ring 16384 causal zigzag [repeats] [train]
 #include <mha/distributed/ring_attention.hpp>
 #include <mha/mha.hpp>
 
@@ -25,6 +25,7 @@ int main(int argc, char** argv) {
   const bool causal = argc > 2 && std::string(argv[2]) == "causal";
   const bool zigzag = argc > 3 && std::string(argv[3]) == "zigzag";
   const int repeats = argc > 4 ? std::atoi(argv[4]) : 2;
+  const bool train = argc > 5 && std::string(argv[5]) == "train";
 
   mha::MultiHeadAttentionConfig config;
   config.d_model = 512;
@@ -38,17 +39,35 @@ int main(int argc, char** argv) {
   options.causal = causal;
   mha::distributed::RingAttention<float> ring(module, MPI_COMM_WORLD);
 
-  double best = 1e300;
-  mha::distributed::RingStatistics stats;
+  // One timed phase: the slowest rank's time (collective).
+  const auto slowest = [](double start) {
+    double mine = MPI_Wtime() - start, all = 0;
+    MPI_Allreduce(&mine, &all, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+    return all;
+  };
+  double best = 1e300, best_backward = 0;
+  mha::distributed::RingStatistics stats, backward_stats;
+  mha::distributed::RingTape<float> tape;
+  auto gradients = module.zero_gradients();
+  const Eigen::MatrixXf d_output = Eigen::MatrixXf::Random(layout.rows(rank), 512);
   for (int r = 0; r < repeats; ++r) {
     MPI_Barrier(MPI_COMM_WORLD);
-    const double start = MPI_Wtime();
-    const Eigen::MatrixXf y = ring.forward(x, layout, options);
-    double mine = MPI_Wtime() - start, slowest = 0;
-    MPI_Allreduce(&mine, &slowest, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-    if (slowest < best) {
-      best = slowest;
-      stats = ring.statistics();
+    double start = MPI_Wtime();
+    const Eigen::MatrixXf y = train ? ring.forward(x, layout, options, tape) : ring.forward(x, layout, options);
+    const double forward = slowest(start);
+    const mha::distributed::RingStatistics forward_stats = ring.statistics();
+    double backward = 0;
+    if (train) {
+      MPI_Barrier(MPI_COMM_WORLD);
+      start = MPI_Wtime();
+      ring.backward(tape, d_output, gradients);
+      backward = slowest(start);
+    }
+    if (forward + backward < best + best_backward) {
+      best = forward;
+      best_backward = backward;
+      stats = forward_stats;
+      backward_stats = ring.statistics();
     }
   }
   rusage usage{};
@@ -56,26 +75,35 @@ int main(int argc, char** argv) {
   std::vector<long> peaks(static_cast<std::size_t>(P));
   long peak = usage.ru_maxrss;  // KiB
   MPI_Gather(&peak, 1, MPI_LONG, peaks.data(), 1, MPI_LONG, 0, MPI_COMM_WORLD);
-  // Each rank's per-step compute and wait, printed by rank 0 in rank order.
-  std::vector<double> steps(2 * static_cast<std::size_t>(P)), all(steps.size() * static_cast<std::size_t>(P));
-  for (std::size_t s = 0; s < stats.steps.size(); ++s) {
-    steps[2 * s] = stats.steps[s].compute_seconds;
-    steps[2 * s + 1] = stats.steps[s].wait_seconds;
-  }
-  MPI_Gather(steps.data(), static_cast<int>(steps.size()), MPI_DOUBLE, all.data(), static_cast<int>(steps.size()),
-             MPI_DOUBLE, 0, MPI_COMM_WORLD);
-  if (rank == 0) {
-    std::printf("P = %d, N = %ld, %s, %s: %.3f s (slowest rank, best of %d)\n", P, static_cast<long>(N),
-                causal ? "causal" : "full", zigzag ? "zigzag" : "contiguous", best, repeats);
+  // Each rank's per-step compute and wait, printed by rank 0 in rank order (collective).
+  const auto print_steps = [&](const char* phase, const mha::distributed::RingStatistics& phase_stats) {
+    std::vector<double> steps(2 * static_cast<std::size_t>(P)), all(steps.size() * static_cast<std::size_t>(P));
+    for (std::size_t s = 0; s < phase_stats.steps.size(); ++s) {
+      steps[2 * s] = phase_stats.steps[s].compute_seconds;
+      steps[2 * s + 1] = phase_stats.steps[s].wait_seconds;
+    }
+    MPI_Gather(steps.data(), static_cast<int>(steps.size()), MPI_DOUBLE, all.data(), static_cast<int>(steps.size()),
+               MPI_DOUBLE, 0, MPI_COMM_WORLD);
+    if (rank != 0) return;
     for (int r = 0; r < P; ++r) {
-      std::printf("  rank %d: peak RSS %.0f MiB; per step compute / wait (ms):", r,
-                  static_cast<double>(peaks[static_cast<std::size_t>(r)]) / 1024.0);
+      std::printf("  rank %d %s: per step compute / wait (ms):", r, phase);
       for (int s = 0; s < P; ++s)
         std::printf(" %.0f / %.1f", 1e3 * all[static_cast<std::size_t>(r * 2 * P + 2 * s)],
                     1e3 * all[static_cast<std::size_t>(r * 2 * P + 2 * s + 1)]);
       std::printf("\n");
     }
+  };
+  if (rank == 0) {
+    std::printf("P = %d, N = %ld, %s, %s: forward %.3f s", P, static_cast<long>(N), causal ? "causal" : "full",
+                zigzag ? "zigzag" : "contiguous", best);
+    if (train) std::printf(", backward %.3f s, both %.3f s", best_backward, best + best_backward);
+    std::printf(" (slowest rank, best of %d)\n", repeats);
+    for (int r = 0; r < P; ++r)
+      std::printf("  rank %d: peak RSS %.0f MiB\n", r,
+                  static_cast<double>(peaks[static_cast<std::size_t>(r)]) / 1024.0);
   }
+  print_steps("forward", stats);
+  if (train) print_steps("backward", backward_stats);
   MPI_Finalize();
   return 0;
 }
