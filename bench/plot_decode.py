@@ -8,7 +8,9 @@
 
 Reads the families of bench/bench_decode.cpp: BM_GenerateCached/tokens:…,
 BM_GenerateRecompute/tokens:…/iterations:1, BM_DecodeStep/h_kv:…/cache:… and
-BM_DecodeStepThreads/h_kv:…/cache:…/threads:…/real_time. For every case it takes the median
+BM_DecodeStepThreads/h_kv:…/cache:…/threads:…/real_time, and by storage (K = 0 f32, 1 bf16,
+2 half) BM_DecodeStepStorage/h_kv:…/cache:…/storage:K, BM_DecodeAttention/h_kv:…/cache:…/storage:K
+and BM_StreamRead/bytes:B; families missing from the JSON leave their tables or cells out. For every case it takes the median
 aggregate when the run had repetitions, else the mean of the iteration runs; CPU time, except for
 names ending in /real_time (wall clock).
 
@@ -16,7 +18,12 @@ Writes (--summary, else to standard output) Markdown tables:
   generating T tokens with the cache and by recomputing the causal forward pass at every step,
   and the speed-up (target >= 50x);
   one decode step's latency against the cache length on 1 and 2 threads (h_kv = h, wall clock);
-  multi-head (h_kv = h), grouped-query and multi-query attention: latency and cache memory.
+  multi-head (h_kv = h), grouped-query and multi-query attention: latency and cache memory;
+  for the README, one decode step (a whole layer) and its attention alone against the cache length
+  S for each h_kv and storage: µs and GB/s, GB/s counting the bytes a step must read (cached keys
+  and values, 2·S·h_kv·d_k·width(K), plus for the whole layer the float projection weights, d·d
+  each for W^Q and W^O and d·h_kv·d_k each for W^K and W^V), and the attention's GB/s ÷ the GB/s of
+  BM_StreamRead over a buffer of the same bytes, measured in the same run.
 And (--out) one PNG of about 1700 × 560 pixels, three panels against the cache length (log2):
   per-token latency on 1 and 2 threads; per-token latency for each h_kv; the cache's MiB for
   each h_kv. The title names the CPU (cpu_model in the JSON context) and the generation speed-up.
@@ -38,6 +45,12 @@ CACHED = "BM_GenerateCached"
 RECOMPUTE = "BM_GenerateRecompute"
 STEP = "BM_DecodeStep"
 STEP_THREADS = "BM_DecodeStepThreads"
+STEP_STORAGE = "BM_DecodeStepStorage"
+ATTENTION = "BM_DecodeAttention"
+STREAM = "BM_StreamRead"
+STORAGES = {0: ("f32", 4), 1: ("bf16", 2), 2: ("half", 2)}  # storage argument: name, bytes per number
+README_LENGTHS = (1024, 4096, 8192, 32768)
+README_KV_HEADS = (8, 2, 1)
 TO_US = {"ns": 1e-3, "us": 1.0, "ms": 1e3, "s": 1e6}
 COUNTERS = ("FLOPS", "bytes_per_second", "tokens_per_second", "cache_MiB")
 SPEEDUP_TARGET = 50.0
@@ -51,7 +64,7 @@ def parse_name(name):
     args, real_time = {}, False
     for part in parts:
         key, sep, value = part.partition(":")
-        if sep and key in ("tokens", "h_kv", "cache", "threads") and value.isdigit():
+        if sep and key in ("tokens", "h_kv", "cache", "threads", "storage", "bytes") and value.isdigit():
             args[key] = int(value)
         elif part == "real_time":
             real_time = True
@@ -59,8 +72,8 @@ def parse_name(name):
 
 
 def load(path):
-    """(results, context, statistic): results maps (family, tokens, h_kv, cache, threads), absent
-    arguments None, to {"us": time in microseconds, "real_time": bool, "cv": coefficient of
+    """(results, context, statistic): results maps (family, tokens, h_kv, cache, threads, storage,
+    bytes), absent arguments None, to {"us": time in microseconds, "real_time": bool, "cv": coefficient of
     variation or None, counter name: value}."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -72,7 +85,8 @@ def load(path):
         if run.get("error_occurred"):
             continue
         family, args, real_time = parse_name(run.get("run_name") or run["name"])
-        key = (family, args.get("tokens"), args.get("h_kv"), args.get("cache"), args.get("threads"))
+        key = (family, args.get("tokens"), args.get("h_kv"), args.get("cache"), args.get("threads"),
+               args.get("storage"), args.get("bytes"))
         unit = TO_US[run.get("time_unit", "ns")]
         row = {"us": run["real_time" if real_time else "cpu_time"] * unit, "real_time": real_time}
         row.update({c: run[c] for c in COUNTERS if c in run})
@@ -118,12 +132,30 @@ class Decode:
         self.lengths = sorted({k[3] for k in results if k[0] in (STEP, STEP_THREADS)})
         self.kv_heads = sorted({k[2] for k in results if k[0] == STEP}, reverse=True)
         self.threads = sorted({k[4] for k in results if k[0] == STEP_THREADS})
+        self.d_k = int(context.get("d_k", self.d // self.heads))
 
     def generation(self, family, tokens):
-        return self.results.get((family, tokens, None, None, None))
+        return self.results.get((family, tokens, None, None, None, None, None))
 
     def step(self, kv_heads, length, threads=None):
-        return self.results.get((STEP_THREADS if threads else STEP, None, kv_heads, length, threads))
+        return self.results.get((STEP_THREADS if threads else STEP, None, kv_heads, length, threads, None, None))
+
+    def by_storage(self, family, kv_heads, length, storage):
+        return self.results.get((family, None, kv_heads, length, None, storage, None))
+
+    def stream(self, nbytes):
+        return self.results.get((STREAM, None, None, None, None, None, nbytes))
+
+    def has(self, family):
+        return any(k[0] == family for k in self.results)
+
+    def kv_bytes(self, kv_heads, length, storage):
+        """The cached keys and values a step over `length` tokens reads: 2·S·h_kv·d_k numbers."""
+        return 2 * length * kv_heads * self.d_k * STORAGES[storage][1]
+
+    def weight_bytes(self, kv_heads):
+        """The float projection weights of a decode step: W^Q, W^O (d × h·d_k), W^K, W^V (d × h_kv·d_k)."""
+        return 4 * (2 * self.d * self.heads * self.d_k + 2 * self.d * kv_heads * self.d_k)
 
     def kv_name(self, kv_heads):
         return "MHA" if kv_heads == self.heads else KV_NAMES.get(kv_heads, "GQA")
@@ -205,7 +237,69 @@ def summary(m, statistic):
                      "h_kv·(d_k + d_v) numbers per token. Ratios are time ÷ time (higher: faster than "
                      "MHA).\n")
         lines.append(markdown(header, rows, ["r"] * len(header)) + "\n")
+    lines += storage_tables(m)
     return "\n".join(lines)
+
+
+def gbps(nbytes, run):
+    return nbytes / (run["us"] * 1e-6) / 1e9
+
+
+def storage_tables(m):
+    """The README's decoding tables: a whole layer's decode step and the attention alone, against the
+    cache length, for each h_kv and storage, with GB/s beside the times (and the stream's, for the
+    attention). Rows and columns that no run measured are left out; a missing cell is '–'."""
+    lines = []
+    names = [STORAGES[k][0] for k in sorted(STORAGES)]
+    for family in (STEP_STORAGE, ATTENTION):
+        if not m.has(family):
+            continue
+        lengths = [n for n in README_LENGTHS if any(k[0] == family and k[3] == n for k in m.results)]
+        kv_heads = [h for h in README_KV_HEADS if any(k[0] == family and k[2] == h for k in m.results)]
+        storages = [s for s in sorted(STORAGES) if any(k[0] == family and k[5] == s for k in m.results)]
+        attention = family == ATTENTION
+        header = ["S", "h_kv"]
+        for s in storages:
+            header += [f"{STORAGES[s][0]} µs", f"{STORAGES[s][0]} GB/s"] + ([f"{STORAGES[s][0]} ÷ stream"] if attention else [])
+        if attention:
+            header.append("stream GB/s (f32 bytes)")
+        rows = []
+        for length in lengths:
+            for h_kv in kv_heads:
+                row, any_run = [str(length), str(h_kv)], False
+                for s in storages:
+                    run = m.by_storage(family, h_kv, length, s)
+                    nbytes = m.kv_bytes(h_kv, length, s) + (0 if attention else m.weight_bytes(h_kv))
+                    if run:
+                        any_run = True
+                        row += [fmt_us(run["us"]), f"{gbps(nbytes, run):.1f}"]
+                    else:
+                        row += ["–", "–"]
+                    if attention:
+                        stream = m.stream(nbytes)
+                        row.append(f"{gbps(nbytes, run) / gbps(nbytes, stream):.2f}" if run and stream else "–")
+                if attention:
+                    stream_bytes = m.kv_bytes(h_kv, length, 0)
+                    stream = m.stream(stream_bytes)
+                    row.append(f"{gbps(stream_bytes, stream):.1f}" if stream else "–")
+                if any_run:
+                    rows.append(row)
+        if not rows:
+            continue
+        if attention:
+            lines.append(f"### The attention of one decode step by storage, h = {m.heads}, one thread\n")
+            lines.append("One query per head over S cached tokens (no projections). GB/s: the cached keys "
+                         f"and values read, 2·S·h_kv·{m.d_k} numbers of 4 (f32) or 2 (bf16, half) bytes, per "
+                         "second; ÷ stream: that over the GB/s of a vectorised sum over a float buffer of the "
+                         "same bytes (BM_StreamRead, same run; – where that size was not measured).\n")
+        else:
+            lines.append(f"### One decode step by storage, d_model = {m.d}, h = {m.heads}, one thread\n")
+            lines.append("A whole layer: one new token projected, its key and value appended, its query "
+                         "attending to S cached tokens, W^O. GB/s: the bytes a step must read, the cached keys "
+                         f"and values (2·S·h_kv·{m.d_k} numbers of 4 or 2 bytes) and the float weights "
+                         f"(4 B × (2·{m.d}·{m.heads * m.d_k} + 2·{m.d}·h_kv·{m.d_k})), per second.\n")
+        lines.append(markdown(header, rows, ["r"] * len(header)) + "\n")
+    return lines
 
 
 def plot(m, statistic, out):
@@ -289,7 +383,7 @@ def main():
     args = parser.parse_args()
     results, context, statistic = load(args.json)
     m = Decode(results, context)
-    if not m.tokens and not m.lengths:
+    if not m.tokens and not m.lengths and not any(m.has(f) for f in (STEP_STORAGE, ATTENTION, STREAM)):
         sys.exit(f"{args.json}: no bench_decode results")
     text = summary(m, statistic)
     if args.summary:
