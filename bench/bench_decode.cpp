@@ -12,6 +12,12 @@
 //   BM_DecodeStepStorage/h_kv/cache/storage   one decode step over a cache of float (storage 0),
 //                                      bfloat16 (1) or half (2), caches of 1k to 32k tokens
 //   BM_DecodeStepThreads/h_kv/cache/threads   the same, h_kv = 8, on 1 and 2 threads (wall clock)
+//   BM_DecodeAttention/h_kv/cache/storage     the attention alone of one decode step (one query per
+//                                      head over the cached keys and values, no projection)
+//   BM_StreamRead/bytes                a vectorised sum over a float buffer of `bytes` bytes: the
+//                                      rate one core reads at from a buffer of that size, in this
+//                                      run, beside which the decode cases' bytes_per_second read
+//                                      (the buffer sizes are those of the caches above)
 //
 // The model is one attention layer, so the token fed at step t is simply row t of a fixed random
 // matrix, not the embedding of what step t − 1 chose. Both generations produce the same 1024 output
@@ -30,7 +36,13 @@
 //                      (4 B × d·(2·h·d_k + 2·h_kv·d_k)) and the cached keys and values
 //                      (4 B × (p + 1)·h_kv·2·d_k), per second: one token is a matrix-vector
 //                      product, bound by memory, not by flops.
+//                      BM_DecodeAttention counts only the cached keys and values, cache tokens of
+//                      2·h_kv·d_k numbers each, and BM_StreamRead its buffer.
 //   cache_MiB          cache.bytes() / 2^20: the cache made with room for exactly `cache` + 1 tokens
+//
+// The cache is filled before the timing with random keys and values appended after one decoded
+// token (a prefill of 32k tokens through decode would take most of the run); a step's time does not
+// depend on the numbers cached.
 //
 //   bench_decode --benchmark_out=decode.json --benchmark_out_format=json
 //                --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
@@ -45,7 +57,9 @@
 #include <Eigen/Core>
 
 #include <cstdint>
+#include <set>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -131,16 +145,26 @@ void BM_GenerateRecompute(benchmark::State& state) {
   set_rate(state, "tokens_per_second", static_cast<double>(tokens));
 }
 
+/// A cache of `length` tokens decoded by `attn`, its numbers kept as Storage, with room for one more:
+/// one token decoded (which makes the cache attn's), then random keys and values appended.
+template <typename Storage>
+mha::KVCache<float, Storage> filled_cache(const mha::MultiHeadAttention<float>& attn, Index length) {
+  auto cache = attn.make_cache<Storage>(/*sequences=*/1, /*max_length=*/length + 1);
+  attn.decode(random_matrix(1, kDModel, 2), cache);
+  if (length > 1)
+    cache.append(cache.owner(), {length - 1}, random_matrix(length - 1, cache.key_width(), 4),
+                 random_matrix(length - 1, cache.value_width(), 5));
+  return cache;
+}
+
 /// One decode step over a cache of `length` tokens, with `kv_heads` heads of keys and values, the
 /// cache's numbers kept as Storage.
 template <typename Storage = float>
 void run_decode_step(benchmark::State& state, Index kv_heads, Index length) {
   const auto attn = make_module(kv_heads);
-  auto cache = attn.make_cache<Storage>(/*sequences=*/1, /*max_length=*/length + 1);
+  auto cache = filled_cache<Storage>(attn, length);
   const mha::AttentionOptions options;
-  const Matrix prompt = random_matrix(length, kDModel, 2);  // length × d_model
-  const Matrix token = random_matrix(1, kDModel, 3);        // 1 × d_model
-  attn.decode(prompt, cache, options);                      // the prefill, untimed
+  const Matrix token = random_matrix(1, kDModel, 3);  // 1 × d_model
   for (auto _ : state) {
     Matrix y = attn.decode(token, cache, options);  // 1 × d_model
     benchmark::DoNotOptimize(y.data());
@@ -164,6 +188,50 @@ void BM_DecodeStepStorage(benchmark::State& state) {
   if (storage == 2) run_decode_step<Eigen::half>(state, state.range(0), state.range(1));
 }
 
+/// The attention alone of one decode step over a cache of `length` tokens of Storage.
+template <typename Storage>
+void run_decode_attention(benchmark::State& state, Index kv_heads, Index length) {
+  const auto attn = make_module(kv_heads);
+  const auto cache = filled_cache<Storage>(attn, length);
+  const Matrix q = random_matrix(1, kHeads * kHeadWidth, 3);  // one token's queries, every head's
+  const mha::detail::Batch batch({1}, {length});
+  const float scale = 1.0f / 8.0f;  // 1/√d_k
+  for (auto _ : state) {
+    Matrix concat = mha::detail::ModuleSteps::attend_to_cache(attn, q, batch, cache, scale);  // 1 × h·d_v
+    benchmark::DoNotOptimize(concat.data());
+    benchmark::ClobberMemory();
+  }
+  const double bytes = static_cast<double>(sizeof(Storage)) * static_cast<double>(length) * 2.0 *
+                       static_cast<double>(kv_heads * kHeadWidth);
+  state.SetBytesProcessed(static_cast<std::int64_t>(bytes) * state.iterations());
+}
+
+/// Args {h_kv, cache, storage}: storage 0 float, 1 bfloat16, 2 half.
+void BM_DecodeAttention(benchmark::State& state) {
+  const Index storage = state.range(2);
+  if (storage == 0) run_decode_attention<float>(state, state.range(0), state.range(1));
+  if (storage == 1) run_decode_attention<Eigen::bfloat16>(state, state.range(0), state.range(1));
+  if (storage == 2) run_decode_attention<Eigen::half>(state, state.range(0), state.range(1));
+}
+
+/// Arg {bytes}: the sum of a float buffer of that size, four packets at a time (independent sums,
+/// so that the loop waits on memory, not on the latency of its additions).
+void BM_StreamRead(benchmark::State& state) {
+  using namespace Eigen::internal;
+  using Packet = packet_traits<float>::type;
+  constexpr Index n = packet_traits<float>::size;
+  const Index count = state.range(0) / static_cast<Index>(sizeof(float)) / (4 * n) * (4 * n);
+  const Eigen::VectorXf buffer = Eigen::VectorXf::Random(count);
+  for (auto _ : state) {
+    Packet sum[4] = {pset1<Packet>(0), pset1<Packet>(0), pset1<Packet>(0), pset1<Packet>(0)};
+    for (Index i = 0; i < count; i += 4 * n)
+      for (int j = 0; j < 4; ++j) sum[j] = padd(sum[j], ploadu<Packet>(buffer.data() + i + j * n));
+    float total = predux(padd(padd(sum[0], sum[1]), padd(sum[2], sum[3])));
+    benchmark::DoNotOptimize(total);
+  }
+  state.SetBytesProcessed(static_cast<std::int64_t>(count * static_cast<Index>(sizeof(float))) * state.iterations());
+}
+
 /// Args {h_kv, cache, threads}.
 void BM_DecodeStepThreads(benchmark::State& state) {
   mha::set_num_threads(static_cast<int>(state.range(2)));
@@ -184,6 +252,19 @@ void storage_grid(benchmark::internal::Benchmark* b) {
       for (int storage : {0, 1, 2}) b->Args({kv_heads, length, storage});
 }
 
+/// The bytes of the keys and values of a cache of `length` tokens with `kv_heads` heads, each number `width` bytes.
+std::int64_t cache_bytes(int kv_heads, int length, int width) {
+  return std::int64_t{2} * length * kv_heads * kHeadWidth * width;
+}
+
+void stream_grid(benchmark::internal::Benchmark* b) {
+  std::set<std::int64_t> sizes;  // every cache's of storage_grid, once
+  for (int length : {1024, 4096, 8192, 32768})
+    for (int kv_heads : {8, 2, 1})
+      for (int width : {4, 2}) sizes.insert(cache_bytes(kv_heads, length, width));
+  for (std::int64_t bytes : sizes) b->Arg(bytes);
+}
+
 void threads_grid(benchmark::internal::Benchmark* b) {
   for (int length : kCacheLengths)
     for (int threads : {1, 2}) b->Args({kHeads, length, threads});
@@ -196,6 +277,11 @@ BENCHMARK(BM_DecodeStepStorage)
     ->Apply(storage_grid)
     ->ArgNames({"h_kv", "cache", "storage"})
     ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_DecodeAttention)
+    ->Apply(storage_grid)
+    ->ArgNames({"h_kv", "cache", "storage"})
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_StreamRead)->Apply(stream_grid)->ArgName("bytes")->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_DecodeStepThreads)
     ->Apply(threads_grid)
     ->ArgNames({"h_kv", "cache", "threads"})

@@ -65,8 +65,10 @@ class KVCache : public ::testing::Test {
 };
 TYPED_TEST_SUITE(KVCache, mha_test::Scalars, mha_test::ScalarNames);
 
-/// The configurations decoding is checked with: plain; multi-query with rotary; and everything at
-/// once (grouped-query attention, rotary halves, biases, a window).
+/// The configurations decoding is checked with: plain; multi-query with rotary; everything at once
+/// (grouped-query attention, rotary halves, biases, a window); and head widths that are no number
+/// of packets (d_k = 37, d_v = 87: the one-token kernel's blocks of four packets, single packets and
+/// leftover numbers, in float and double, on every instruction set), three query heads a group.
 struct DecodeCase {
   mha::MultiHeadAttentionConfig config;
   Index window;
@@ -78,7 +80,8 @@ std::vector<DecodeCase> decode_cases() {
   return {{decoder_config(32, 8, 0, 0, 0, 20), 0},
           {rotary(decoder_config(32, 4, 1, 0, 0, 22), mha::RotaryPairs::interleaved), 0},
           {everything, 7},
-          {everything, 300}};
+          {everything, 300},
+          {decoder_config(32, 6, 2, 37, 87, 23), 0}};
 }
 
 /// Decodes x in steps of the given sizes (the last one repeated until x ends) on a fresh cache and

@@ -3,12 +3,10 @@
 #pragma once
 
 #include <mha/config.hpp>
-#include <mha/detail/gemm.hpp>
 
 #include <Eigen/Core>
 
 #include <algorithm>
-#include <cassert>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
@@ -18,56 +16,6 @@
 namespace mha {
 
 namespace detail {
-
-/// Converts the first numbers of `count` from one storage type to another a packet at a time,
-/// where the machine has the conversion in registers; \returns how many it converted.
-template <typename From, typename To>
-Eigen::Index convert_packets(const From* from, Eigen::Index count, To* to) {
-  Eigen::Index i = 0;
-#ifdef __F16C__
-  // Eigen 3.4 converts half in software, one number at a time, even where F16C is there (its
-  // EIGEN_HAS_FP16_C is never defined): 15x slower than these instructions.
-  if constexpr (std::is_same<From, Eigen::half>::value && std::is_same<To, float>::value) {
-    for (; i + 8 <= count; i += 8)
-      _mm256_storeu_ps(to + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(from + i))));
-    return i;
-  }
-#endif
-  using namespace Eigen::internal;
-  using PacketFrom = typename packet_traits<From>::type;
-  using PacketTo = typename packet_traits<To>::type;
-  constexpr int n = packet_traits<To>::size;
-  if constexpr (n > 1 && packet_traits<From>::Vectorizable && packet_traits<To>::Vectorizable &&
-                packet_traits<From>::size == n && type_casting_traits<From, To>::VectorizedCast)
-    for (; i + n <= count; i += n) pstoreu(to + i, pcast<PacketFrom, PacketTo>(ploadu<PacketFrom>(from + i)));
-  return i;
-}
-
-/// Converts `count` numbers from one storage type to another (float ↔ bfloat16 or half, or a plain
-/// copy): a packet at a time where the machine can (bfloat16 with AVX2 or AVX-512, half with F16C),
-/// else one number at a time. Eigen 3.4's .cast<>() converts one number at a time.
-template <typename From, typename To>
-void convert(const From* from, Eigen::Index count, To* to) {
-  if constexpr (std::is_same<From, To>::value) {
-    std::copy_n(from, count, to);
-  } else {
-    for (Eigen::Index i = convert_packets(from, count, to); i < count; ++i) to[i] = static_cast<To>(from[i]);
-  }
-}
-
-/// `rows` of a cache (a block of whole rows of a row-major matrix) as an operand of Scalar: the
-/// cache's own numbers when it stores Scalar, else converted into `buffer`, which must have room.
-template <typename Scalar, typename Rows>
-Operand<Scalar> cached_rows(const Rows& rows, Eigen::Array<Scalar, Eigen::Dynamic, 1>& buffer) {
-  if constexpr (std::is_same<typename Rows::Scalar, Scalar>::value) {
-    return operand(rows);
-  } else {
-    const Eigen::Index count = rows.rows() * rows.cols();
-    assert(buffer.size() >= count);
-    convert(rows.data(), count, buffer.data());
-    return Operand<Scalar>{buffer.data(), rows.cols(), rows.rows(), rows.cols(), true};
-  }
-}
 
 /// Who decoded the tokens a cache holds: a module's identity and the window and scale its queries
 /// attended with; or, with `cross`, the module that projected a cross-attention memory into it
@@ -120,11 +68,11 @@ class KVCache {
 
   /// An empty rolling cache for decoding with options.window = `window` (or any smaller window):
   /// each sequence keeps only its last tokens (at least window − 1 before a step, which is all the
-  /// step's first new token can see), in `window` + window/8 rows per head allocated at once, so
+  /// step's first new token can see), in `window` + max(window/8, 16) rows per head allocated at once, so
   /// that decoding never allocates. A step of more new tokens than that (a long prompt) grows it.
   static KVCache rolling(const MultiHeadAttentionConfig& config, Index window, Index sequences = 1) {
     if (window < 1) detail::fail("KVCache::rolling: window must be >= 1, got ", window);
-    // Its room, window + window/8 rows, must be a number of rows.
+    // Its room, window + max(window/8, 16) rows, must be a number of rows.
     if (window > std::numeric_limits<Index>::max() / 2)
       detail::fail("KVCache::rolling: window ", window, " is too large");
     return KVCache(config, sequences, 0, window);

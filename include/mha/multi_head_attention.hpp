@@ -6,6 +6,7 @@
 #include <mha/attention.hpp>
 #include <mha/config.hpp>
 #include <mha/detail/batch.hpp>
+#include <mha/detail/cache_reads.hpp>
 #include <mha/detail/checks.hpp>
 #include <mha/detail/products.hpp>
 #include <mha/detail/visibility.hpp>
@@ -361,10 +362,10 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   /// mask is needed; its keys are split into parts of kKeyBlock, one task per key/value head and
   /// part, merged afterwards in log-sum-exp fashion in a fixed order, so that one token over a long
   /// cache uses every thread and the result does not depend on the thread count. A part's task
-  /// runs the query heads that share its key/value head one after the other, while the part's keys
-  /// and values are still in cache: they are read from memory once per group, not once per head.
-  /// A cache of bfloat16 or half is converted to Scalar a part (or, for several new tokens, a
-  /// head) at a time, into the task's scratch.
+  /// (detail::attend_to_part) runs the query heads that share its key/value head together: the
+  /// part's keys and values are read from memory once per group, not once per head, and a cache of
+  /// bfloat16 or half is converted to Scalar a few rows at a time, in L1. For several new tokens, a
+  /// reduced cache is converted a head at a time into the task's scratch.
   template <typename Storage>
   Matrix attend_to_cache(const Matrix& q, const detail::Batch& batch, const KVCache<Scalar, Storage>& cache,
                          Scalar scale, Index window, bool causal = true) const;
@@ -851,19 +852,19 @@ auto MultiHeadAttention<Scalar_>::attend_to_cache(const Matrix& q, const detail:
   }
   Matrix concat(q.rows(), h * d_v());  // ΣL_new × h·d_v: [head_1 … head_h]
   const Index tasks = static_cast<Index>(blocks.size() + parts.size());
-  // A task's scratch: the kernel's, and room for the keys and values it reads, converted to
-  // Scalar, when the cache stores another type: a part of them, or a head's for several tokens.
+  // A task's scratch: the kernels', and, for several new tokens of a cache that stores another
+  // type than Scalar, room for a head's keys and values converted to Scalar.
   struct Scratch {
     detail::AttentionScratch<Scalar> attention;
+    detail::PartScratch<Scalar> part;
     detail::Column<Scalar> keys, values;  // uninitialised: written before read
   };
-  const Index converted_rows = std::is_same<Storage, Scalar>::value ? 0
-                               : batch.max_L > 1                    ? batch.max_S
-                                                                    : std::min(detail::kKeyBlock, batch.max_S);
+  const Index converted_rows = std::is_same<Storage, Scalar>::value || batch.max_L == 1 ? 0 : batch.max_S;
   detail::parallel_tasks(
       tasks, batch.attention_flops(h, d_k(), d_v()),
       [&] {
         return Scratch{detail::AttentionScratch<Scalar>::for_problem(batch.max_L, batch.max_S, d_k()),
+                       detail::PartScratch<Scalar>::template of<Storage>(group, d_k(), d_v()),
                        detail::Column<Scalar>(converted_rows * d_k()), detail::Column<Scalar>(converted_rows * d_v())};
       },
       [&](Index t, Scratch& scratch) {
@@ -878,20 +879,17 @@ auto MultiHeadAttention<Scalar_>::attend_to_cache(const Matrix& q, const detail:
                                                 concat.block(batch.q_offset[b], i * d_v(), L, d_v()));
           return;
         }
-        // Key/value head j's part c: keys first … first + keys − 1, for each of its query heads.
+        // Key/value head j's part c, keys first … first + keys − 1, for each of its query heads.
         const auto [b, j, c] = parts[static_cast<std::size_t>(t) - blocks.size()];
         const Index n = part_count[b], first = first_key[b] + c * detail::kKeyBlock;
         const Index keys = std::min(detail::kKeyBlock, batch.key_lengths[b] - first);
-        const auto visibility = detail::key_visibility(AttentionOptions{}, no_masks, 1, keys);
-        const detail::Operand<Scalar> part_keys =
-                                          detail::cached_rows(cache.keys(b, j).middleRows(first, keys), scratch.keys),
-                                      part_values = detail::cached_rows(cache.values(b, j).middleRows(first, keys),
-                                                                        scratch.values);
-        for (Index i = j * group; i < (j + 1) * group; ++i)
-          detail::attention_query_block<Scalar>(q.block(batch.q_offset[b], i * d_k(), 1, d_k()), part_keys, part_values,
-                                                scale, visibility, 0, scratch.attention,
-                                                part_outs[b].middleCols((i * n + c) * d_v(), d_v()), nullptr,
-                                                part_lses[b].col(i * n + c).data());
+        for (Index g = 0; g < group; ++g)
+          for (Index e = 0; e < d_k(); ++e)
+            scratch.part.queries(g * d_k() + e) = scale * q(batch.q_offset[b], (j * group + g) * d_k() + e);
+        detail::attend_to_part<Scalar>(group, cache.keys(b, j).row(first).data(), cache.values(b, j).row(first).data(),
+                                       keys, d_k(), d_v(), scratch.part,
+                                       part_outs[b].data() + (j * group * n + c) * d_v(), n * d_v(),
+                                       part_lses[b].data() + j * group * n + c, n);
       });
   detail::parallel_tasks(
       batch.size() * h, 0, [] { return 0; },
@@ -938,6 +936,13 @@ struct ModuleSteps {
                              const std::vector<Eigen::Index>& key_positions, Matrix<Scalar>& q, Matrix<Scalar>& k,
                              Matrix<Scalar>& v) {
     module.project_inputs(query, key, value, query_positions, key_positions, q, k, v);
+  }
+  /// The attention of a decode step's queries over a cache, no causal rule, no window
+  /// (MultiHeadAttention::attend_to_cache): what bench_decode times alone.
+  template <typename Scalar, typename Storage>
+  static Matrix<Scalar> attend_to_cache(const MultiHeadAttention<Scalar>& module, const Matrix<Scalar>& q,
+                                        const Batch& batch, const KVCache<Scalar, Storage>& cache, Scalar scale) {
+    return module.attend_to_cache(q, batch, cache, scale, 0, false);
   }
   /// concat W^O + b^O (MultiHeadAttention::project_output).
   template <typename Scalar>
