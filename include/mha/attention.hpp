@@ -140,13 +140,15 @@ void attention_query_block(const ConstMatrixRef<Scalar>& q, const Rows<Scalar>& 
 /// not depend on which thread computed which part. A row that no part let see a key gets zeros.
 /// When `log_sum_exp` is given (L entries), each row's lse of the whole is written into it (−∞ for a
 /// row that sees no key), so that the merged output can be merged again (ring attention does).
+/// `weights`, when given, is room for `parts` numbers the merge works in (else it allocates it).
 template <typename Scalar>
 void merge_key_parts(const ConstMatrixRef<Scalar>& outs, const ConstMatrixRef<Scalar>& lses, MatrixRef<Scalar> out,
-                     Scalar* log_sum_exp = nullptr) {
+                     Scalar* log_sum_exp = nullptr, Scalar* weights = nullptr) {
   // Plain loops: a merge touches parts × d_v numbers per row, and Eigen's array expressions here
   // cost half a second of every user's compile.
   const Eigen::Index parts = lses.cols(), d_v = out.cols();
-  Column<Scalar> weight(parts);
+  Column<Scalar> own(weights ? 0 : parts);
+  ColumnMap<Scalar> weight(weights ? weights : own.data(), parts);
   for (Eigen::Index r = 0; r < lses.rows(); ++r) {
     Scalar shift = -std::numeric_limits<Scalar>::infinity();
     for (Eigen::Index c = 0; c < parts; ++c) shift = std::max(shift, weight(c) = lses(r, c));

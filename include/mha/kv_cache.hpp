@@ -3,6 +3,7 @@
 #pragma once
 
 #include <mha/config.hpp>
+#include <mha/detail/decode_workspace.hpp>
 
 #include <Eigen/Core>
 
@@ -14,6 +15,9 @@
 #include <vector>
 
 namespace mha {
+
+template <typename Scalar>
+class MultiHeadAttention;
 
 namespace detail {
 
@@ -91,6 +95,9 @@ class KVCache {
   /// \returns the number of tokens of `sequence` the cache holds, the last ones decoded: length()
   /// but in a rolling cache, which forgets tokens no window can see any more.
   Index held(Index sequence = 0) const { return held_[checked(sequence, "held")]; }
+  /// \returns the tokens `sequence` can hold before its storage grows (a decode step that fits
+  /// allocates nothing).
+  Index capacity(Index sequence = 0) const { return keys_[slot(sequence, 0, "capacity")].rows(); }
   /// \returns the most tokens a sequence may hold, 0 for no limit.
   Index max_length() const { return max_length_; }
   /// \returns the window of a rolling cache, 0 for a cache that keeps every token.
@@ -113,7 +120,8 @@ class KVCache {
     return values_[slot(sequence, kv_head, "values")].topRows(held_[static_cast<std::size_t>(sequence)]);
   }
 
-  /// \returns the bytes the cache has allocated (its capacity, not only its length).
+  /// \returns the bytes the cache has allocated for keys and values (its capacity, not only its
+  /// length; not the few its decode steps work in).
   std::size_t bytes() const {
     std::size_t n = 0;
     for (std::size_t s = 0; s < keys_.size(); ++s)
@@ -252,6 +260,8 @@ class KVCache {
   }
 
  private:
+  friend class MultiHeadAttention<Scalar>;
+
   KVCache(const MultiHeadAttentionConfig& config, Index sequences, Index max_length, Index window)
       : config_(config.resolved()), max_length_(max_length), window_(window) {
     if (sequences < 1) detail::fail("KVCache: sequences must be >= 1, got ", sequences);
@@ -302,6 +312,8 @@ class KVCache {
   std::vector<Matrix> keys_, values_;
   std::vector<Index> lengths_;  ///< tokens decoded per sequence
   std::vector<Index> held_;     ///< of which held: the last ones
+  /// What decode steps into the cache work in (MultiHeadAttention::run_decode).
+  detail::DecodeWorkspace<Scalar> workspace_;
 };
 
 }  // namespace mha

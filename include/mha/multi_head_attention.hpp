@@ -253,10 +253,23 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   template <typename Derived, typename Storage>
   Matrix decode(const Eigen::MatrixBase<Derived>& x, KVCache<Scalar, Storage>& cache,
                 const AttentionOptions& options = {}) const {
+    Matrix out;
+    decode(x, cache, out, options);
+    return out;
+  }
+  /// decode(x, cache, options), its outputs written into `out` (resized to L_new × d_model unless it
+  /// is already): a step into a cache with room (capacity()) then allocates nothing, once a first
+  /// step has sized what the cache keeps for its steps to work in (KVCache: workspace), as long as
+  /// x is a matrix or a block of one with contiguous columns (a row of a column-major matrix is
+  /// copied first: take x as a 1 × d_model matrix) and the thread count does not grow.
+  template <typename Derived, typename Storage>
+  void decode(const Eigen::MatrixBase<Derived>& x, KVCache<Scalar, Storage>& cache, Matrix& out,
+              const AttentionOptions& options = {}) const {
     if (cache.sequences() != 1)
       detail::fail("MultiHeadAttention::decode: the cache holds ", cache.sequences(),
                    " sequences; decode_batch takes the new tokens of each");
-    return run_decode(x, {x.rows()}, cache, options, "MultiHeadAttention::decode");
+    cache.workspace_.new_lengths.assign(1, x.rows());
+    run_decode(x, cache.workspace_.new_lengths, cache, options, out, "MultiHeadAttention::decode");
   }
 
   /// A decode step for every sequence of a batch cache: sequence b's new tokens are the next
@@ -265,7 +278,16 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   template <typename Derived, typename Storage>
   Matrix decode_batch(const Eigen::MatrixBase<Derived>& x, const std::vector<Index>& new_lengths,
                       KVCache<Scalar, Storage>& cache, const AttentionOptions& options = {}) const {
-    return run_decode(x, new_lengths, cache, options, "MultiHeadAttention::decode_batch");
+    Matrix out;
+    run_decode(x, new_lengths, cache, options, out, "MultiHeadAttention::decode_batch");
+    return out;
+  }
+  /// decode_batch(x, new_lengths, cache, options) into `out`, allocating nothing as decode(x,
+  /// cache, out, options) does.
+  template <typename Derived, typename Storage>
+  void decode_batch(const Eigen::MatrixBase<Derived>& x, const std::vector<Index>& new_lengths,
+                    KVCache<Scalar, Storage>& cache, Matrix& out, const AttentionOptions& options = {}) const {
+    run_decode(x, new_lengths, cache, options, out, "MultiHeadAttention::decode_batch");
   }
 
   /// A cross-attention memory for decoding, as encoder-decoder generation uses it: the keys
@@ -349,13 +371,14 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
 
   /// The decode step of decode() and decode_batch().
   template <typename Storage>
-  Matrix run_decode(const detail::Input<Scalar>& x, const std::vector<Index>& new_lengths,
-                    KVCache<Scalar, Storage>& cache, const AttentionOptions& options, const char* caller,
-                    Abi = {}) const;
+  void run_decode(const detail::Input<Scalar>& x, const std::vector<Index>& new_lengths,
+                  KVCache<Scalar, Storage>& cache, const AttentionOptions& options, Matrix& out, const char* caller,
+                  Abi = {}) const;
 
   /// The attention of a decode step: the new tokens' queries q (ΣL_new × h·d_k) over their
   /// sequences' cached keys and values (batch: the new lengths, and the cache's lengths after the
-  /// step). \returns the concatenated heads, ΣL_new × h·d_v.
+  /// step). Writes the concatenated heads, ΣL_new × h·d_v, into workspace.concat, working in the
+  /// workspace's memory (which run_decode keeps in the cache, so that its steps allocate nothing).
   ///
   /// Several new tokens of a sequence (a prompt, draft tokens) run by query blocks, one task per
   /// head and block, bottom-right causal. One new token sees every cached key of its window, so no
@@ -367,8 +390,8 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   /// bfloat16 or half is converted to Scalar a few rows at a time, in L1. For several new tokens, a
   /// reduced cache is converted a head at a time into the task's scratch.
   template <typename Storage>
-  Matrix attend_to_cache(const Matrix& q, const detail::Batch& batch, const KVCache<Scalar, Storage>& cache,
-                         Scalar scale, Index window, bool causal = true) const;
+  void attend_to_cache(const Matrix& q, const detail::Batch& batch, const KVCache<Scalar, Storage>& cache, Scalar scale,
+                       Index window, bool causal, detail::DecodeWorkspace<Scalar>& workspace) const;
 
   /// make_cross_cache and decode_cross, once their inputs are views.
   template <typename Storage>
@@ -403,11 +426,16 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
 
   /// \returns concat · W^O + b^O, in row blocks in parallel.
   Matrix project_output(const Matrix& concat) const {
-    Matrix output(concat.rows(), d_model());
+    Matrix output;
+    project_output(concat, output);
+    return output;
+  }
+  /// output = concat · W^O + b^O, output resized unless it has the shape already.
+  void project_output(const Matrix& concat, Matrix& output) const {
+    output.resize(concat.rows(), d_model());
     detail::RowBlockJobs<Scalar> jobs;
     jobs.product(detail::operand(concat), detail::operand(w_o_), output, false, &b_o_);
     jobs.run();
-    return output;
   }
 
   // ---- Checks: every argument before any work, so that a throw leaves everything unchanged ----
@@ -712,36 +740,39 @@ auto MultiHeadAttention<Scalar_>::run_forward(const detail::Input<Scalar>& query
   return output;
 }
 
-/// A decode step: the new tokens' keys and values appended to the cache, their queries attending to it.
+/// A decode step: the new tokens' keys and values appended to the cache, their queries attending to
+/// it, in the memory the cache keeps for its steps.
 template <typename Scalar_>
 template <typename Storage>
-auto MultiHeadAttention<Scalar_>::run_decode(const detail::Input<Scalar>& x, const std::vector<Index>& new_lengths,
+void MultiHeadAttention<Scalar_>::run_decode(const detail::Input<Scalar>& x, const std::vector<Index>& new_lengths,
                                              KVCache<Scalar, Storage>& cache, const AttentionOptions& options,
-                                             const char* caller, Abi) const -> Matrix {
+                                             Matrix& out, const char* caller, Abi) const {
   const detail::CacheOwner owner = check_decode(x, new_lengths, cache, options, caller);
+  detail::DecodeWorkspace<Scalar>& work = cache.workspace_;
   // New token i of sequence b, which had n tokens, is at position n + i: the bottom-right
   // alignment of the new tokens over all the sequence's tokens (the positions rotary turns by).
-  std::vector<Index> lengths_after(new_lengths.size());
+  work.lengths_after.resize(new_lengths.size());
   for (std::size_t b = 0; b < new_lengths.size(); ++b)
-    lengths_after[b] = cache.length(static_cast<Index>(b)) + new_lengths[b];
-  const auto positions =
-      detail::query_positions(detail::Batch(new_lengths, lengths_after), CausalAlignment::bottom_right);
+    work.lengths_after[b] = cache.length(static_cast<Index>(b)) + new_lengths[b];
+  work.batch.assign(new_lengths, work.lengths_after);
+  detail::query_positions(work.batch, CausalAlignment::bottom_right, work.positions);
 
   // 1. Project the new tokens, and append their keys and values to the cache. If anything
   //    throws from here on (std::bad_alloc, say), the cache is rolled back to the tokens it held.
-  Matrix q, k, v;  // ΣL_new × h·d_k, × h_kv·d_k, × h_kv·d_v
-  project_inputs(x, x, x, positions, positions, q, k, v);
-  cache.append(owner, new_lengths, k, v);
+  project_inputs(x, x, x, work.positions, work.positions, work.q, work.k, work.v);
+  cache.append(owner, new_lengths, work.k, work.v);
   // The keys attended are those held: all of them, or a rolling cache's last ones, which are
   // still aligned bottom-right with the new tokens.
-  std::vector<Index> held(new_lengths.size());
-  for (std::size_t b = 0; b < new_lengths.size(); ++b) held[b] = cache.held(static_cast<Index>(b));
-  const detail::Batch batch(new_lengths, held);
+  work.held.resize(new_lengths.size());
+  for (std::size_t b = 0; b < new_lengths.size(); ++b) work.held[b] = cache.held(static_cast<Index>(b));
+  work.batch.assign(new_lengths, work.held);
   try {
     // 2. Attend over the cache, 3. concatenate and project with W^O.
-    return project_output(attend_to_cache(q, batch, cache, static_cast<Scalar>(owner.scale), options.window));
+    attend_to_cache(work.q, work.batch, cache, static_cast<Scalar>(owner.scale), options.window, true, work);
+    project_output(work.concat, out);
   } catch (...) {
-    for (Index b = 0; b < batch.size(); ++b) cache.truncate(b, lengths_after[b] - new_lengths[b]);
+    for (std::size_t b = 0; b < new_lengths.size(); ++b)
+      cache.truncate(static_cast<Index>(b), work.lengths_after[b] - new_lengths[b]);
     throw;
   }
 }
@@ -816,91 +847,112 @@ auto MultiHeadAttention<Scalar_>::run_decode_cross(const detail::Input<Scalar>& 
   const Matrix no_key(0, kdim()), no_value(0, vdim());
   project_inputs(x, no_key, no_value, {}, {}, q, k, v);
   const auto scale = detail::resolve_scale<Scalar>(options, d_k());
-  return project_output(attend_to_cache(q, batch, memory, scale, 0, false));
+  // A workspace of its own: the memory is read only, and may be read by several threads at once.
+  detail::DecodeWorkspace<Scalar> work;
+  attend_to_cache(q, batch, memory, scale, 0, false, work);
+  return project_output(work.concat);
 }
 
 template <typename Scalar_>
 template <typename Storage>
-auto MultiHeadAttention<Scalar_>::attend_to_cache(const Matrix& q, const detail::Batch& batch,
+void MultiHeadAttention<Scalar_>::attend_to_cache(const Matrix& q, const detail::Batch& batch,
                                                   const KVCache<Scalar, Storage>& cache, Scalar scale, Index window,
-                                                  bool causal) const -> Matrix {
+                                                  bool causal, detail::DecodeWorkspace<Scalar>& work) const {
   const Index h = num_heads(), h_kv = num_kv_heads(), group = h / h_kv;
-  const std::vector<detail::QueryBlock> blocks = detail::query_block_tasks(batch, h, 2);
-  struct Part {
-    Index sequence, kv_head, part;
-  };
+  detail::query_block_tasks(batch, h, 2, work.blocks);
   AttentionOptions bottom_right;
   bottom_right.causal = causal;
   bottom_right.alignment = CausalAlignment::bottom_right;
   bottom_right.window = window;
   const detail::AdditiveMasks<Scalar> no_masks(bottom_right);
-  std::vector<Part> parts;
-  std::vector<Index> first_key(static_cast<std::size_t>(batch.size()), 0), part_count(first_key.size(), 0);
-  std::vector<Matrix> part_outs(first_key.size()), part_lses(first_key.size());
+  const auto sequences = static_cast<std::size_t>(batch.size());
+  work.first_key.assign(sequences, 0);
+  work.part_count.assign(sequences, 0);
+  if (work.part_outs.size() < sequences) {
+    work.part_outs.resize(sequences);
+    work.part_lses.resize(sequences);
+  }
+  // Room for the parts of as many keys as the cache holds without growing: the next steps then
+  // find it there.
+  const auto room = [&](Index b) {
+    return (std::max(cache.capacity(b), batch.key_lengths[b]) + detail::kKeyBlock - 1) / detail::kKeyBlock;
+  };
+  Index most_parts = 0;
+  for (Index b = 0; b < batch.size(); ++b)
+    if (batch.query_lengths[b] == 1) most_parts += h_kv * room(b);
+  work.parts.clear();
+  work.parts.reserve(static_cast<std::size_t>(most_parts));
   for (Index b = 0; b < batch.size(); ++b) {
     if (batch.query_lengths[b] != 1) continue;
     // The keys the one token sees (all, without a window): no key in them needs a mask.
     const Index S = batch.key_lengths[b];
     const detail::KeyRanges visible = detail::key_ranges(detail::key_visibility(bottom_right, no_masks, 1, S), 0, 0, S);
-    first_key[b] = visible.masked_begin;
-    const Index n = (visible.masked_end - first_key[b] + detail::kKeyBlock - 1) / detail::kKeyBlock;
-    part_count[b] = n;
-    part_outs[b].resize(1, n * h * d_v());  // query head i's part c in column block i·n + c
-    part_lses[b].resize(1, n * h);
+    work.first_key[b] = visible.masked_begin;
+    const Index n = (visible.masked_end - work.first_key[b] + detail::kKeyBlock - 1) / detail::kKeyBlock;
+    work.part_count[b] = n;
+    detail::reserve(work.part_outs[b], room(b) * h * d_v());
+    detail::reserve(work.part_lses[b], room(b) * h);
     for (Index j = 0; j < h_kv; ++j)
-      for (Index c = 0; c < n; ++c) parts.push_back({b, j, c});
+      for (Index c = 0; c < n; ++c) work.parts.push_back({b, j, c});
   }
-  Matrix concat(q.rows(), h * d_v());  // ΣL_new × h·d_v: [head_1 … head_h]
-  const Index tasks = static_cast<Index>(blocks.size() + parts.size());
-  // A task's scratch: the kernels', and, for several new tokens of a cache that stores another
-  // type than Scalar, room for a head's keys and values converted to Scalar.
-  struct Scratch {
-    detail::AttentionScratch<Scalar> attention;
-    detail::PartScratch<Scalar> part;
-    detail::Column<Scalar> keys, values;  // uninitialised: written before read
-  };
-  const Index converted_rows = std::is_same<Storage, Scalar>::value || batch.max_L == 1 ? 0 : batch.max_S;
+  work.concat.resize(q.rows(), h * d_v());  // ΣL_new × h·d_v: [head_1 … head_h]
+  const Index tasks = static_cast<Index>(work.blocks.size() + work.parts.size());
+  if (work.threads.size() < static_cast<std::size_t>(detail::thread_count()))
+    work.threads.resize(static_cast<std::size_t>(detail::thread_count()));
+  // Every thread's room for the parts, made here: a thread that got no task in one step (the tasks
+  // are handed out as threads come) may get one in the next.
+  Index most_room = 0;
+  for (Index b = 0; b < batch.size(); ++b) most_room = std::max(most_room, room(b));
+  for (detail::DecodeThreadScratch<Scalar>& scratch : work.threads) {
+    scratch.part.template reserve_for<Storage>(group, d_k(), d_v());
+    detail::reserve(scratch.merge, most_room);
+  }
+  // Each thread's scratch, kept in the workspace: grown where this step needs more, else as it is.
+  const auto thread_scratch = [&] { return &work.threads[static_cast<std::size_t>(detail::thread_index())]; };
   detail::parallel_tasks(
-      tasks, batch.attention_flops(h, d_k(), d_v()),
-      [&] {
-        return Scratch{detail::AttentionScratch<Scalar>::for_problem(batch.max_L, batch.max_S, d_k()),
-                       detail::PartScratch<Scalar>::template of<Storage>(group, d_k(), d_v()),
-                       detail::Column<Scalar>(converted_rows * d_k()), detail::Column<Scalar>(converted_rows * d_v())};
-      },
-      [&](Index t, Scratch& scratch) {
-        if (t < static_cast<Index>(blocks.size())) {
-          const auto [b, i, block] = blocks[static_cast<std::size_t>(t)];
+      tasks, batch.attention_flops(h, d_k(), d_v()), thread_scratch,
+      [&](Index t, detail::DecodeThreadScratch<Scalar>* scratch) {
+        if (t < static_cast<Index>(work.blocks.size())) {
+          const auto [b, i, block] = work.blocks[static_cast<std::size_t>(t)];
           const Index L = batch.query_lengths[b], S = batch.key_lengths[b], j = i / group;
+          auto& attention = scratch->attention;
+          if (!attention || attention->scaled_q.cols() != d_k() ||
+              attention->scaled_q.rows() < std::min(detail::kQueryBlock, batch.max_L) ||
+              attention->scores.cols() < std::min(detail::kKeyBlock, batch.max_S))
+            attention.emplace(detail::AttentionScratch<Scalar>::for_problem(batch.max_L, batch.max_S, d_k()));
+          // A cache of another type than Scalar: the head's keys and values converted, S rows.
+          if (!std::is_same<Storage, Scalar>::value) {
+            detail::reserve(scratch->keys, S * d_k());
+            detail::reserve(scratch->values, S * d_v());
+          }
           detail::attention_query_block<Scalar>(q.block(batch.q_offset[b], i * d_k(), L, d_k()),
-                                                detail::cached_rows(cache.keys(b, j).topRows(S), scratch.keys),
-                                                detail::cached_rows(cache.values(b, j).topRows(S), scratch.values),
+                                                detail::cached_rows(cache.keys(b, j).topRows(S), scratch->keys),
+                                                detail::cached_rows(cache.values(b, j).topRows(S), scratch->values),
                                                 scale, detail::key_visibility(bottom_right, no_masks, L, S), block,
-                                                scratch.attention,
-                                                concat.block(batch.q_offset[b], i * d_v(), L, d_v()));
+                                                *attention, work.concat.block(batch.q_offset[b], i * d_v(), L, d_v()));
           return;
         }
         // Key/value head j's part c, keys first … first + keys − 1, for each of its query heads.
-        const auto [b, j, c] = parts[static_cast<std::size_t>(t) - blocks.size()];
-        const Index n = part_count[b], first = first_key[b] + c * detail::kKeyBlock;
+        const auto [b, j, c] = work.parts[static_cast<std::size_t>(t) - work.blocks.size()];
+        const Index n = work.part_count[b], first = work.first_key[b] + c * detail::kKeyBlock;
         const Index keys = std::min(detail::kKeyBlock, batch.key_lengths[b] - first);
         for (Index g = 0; g < group; ++g)
           for (Index e = 0; e < d_k(); ++e)
-            scratch.part.queries(g * d_k() + e) = scale * q(batch.q_offset[b], (j * group + g) * d_k() + e);
+            scratch->part.queries(g * d_k() + e) = scale * q(batch.q_offset[b], (j * group + g) * d_k() + e);
         detail::attend_to_part<Scalar>(group, cache.keys(b, j).row(first).data(), cache.values(b, j).row(first).data(),
-                                       keys, d_k(), d_v(), scratch.part,
-                                       part_outs[b].data() + (j * group * n + c) * d_v(), n * d_v(),
-                                       part_lses[b].data() + j * group * n + c, n);
+                                       keys, d_k(), d_v(), scratch->part,
+                                       work.part_outs[b].data() + (j * group * n + c) * d_v(), n * d_v(),
+                                       work.part_lses[b].data() + j * group * n + c, n);
       });
   detail::parallel_tasks(
-      batch.size() * h, 0, [] { return 0; },
-      [&](Index t, int) {
-        const Index b = t / h, i = t % h, n = part_count[b];
+      batch.size() * h, 0, thread_scratch, [&](Index t, detail::DecodeThreadScratch<Scalar>* scratch) {
+        const Index b = t / h, i = t % h, n = work.part_count[b];
         if (batch.query_lengths[b] != 1) return;
-        detail::merge_key_parts<Scalar>(part_outs[b].middleCols(i * n * d_v(), n * d_v()),
-                                        part_lses[b].middleCols(i * n, n),
-                                        concat.block(batch.q_offset[b], i * d_v(), 1, d_v()));
+        using Row = Eigen::Map<const Matrix>;
+        detail::merge_key_parts<Scalar>(
+            Row(work.part_outs[b].data() + i * n * d_v(), 1, n * d_v()), Row(work.part_lses[b].data() + i * n, 1, n),
+            work.concat.block(batch.q_offset[b], i * d_v(), 1, d_v()), nullptr, scratch->merge.data());
       });
-  return concat;
 }
 
 template <typename Scalar_>
@@ -940,9 +992,11 @@ struct ModuleSteps {
   /// The attention of a decode step's queries over a cache, no causal rule, no window
   /// (MultiHeadAttention::attend_to_cache): what bench_decode times alone.
   template <typename Scalar, typename Storage>
-  static Matrix<Scalar> attend_to_cache(const MultiHeadAttention<Scalar>& module, const Matrix<Scalar>& q,
-                                        const Batch& batch, const KVCache<Scalar, Storage>& cache, Scalar scale) {
-    return module.attend_to_cache(q, batch, cache, scale, 0, false);
+  static const Matrix<Scalar>& attend_to_cache(const MultiHeadAttention<Scalar>& module, const Matrix<Scalar>& q,
+                                               const Batch& batch, const KVCache<Scalar, Storage>& cache, Scalar scale,
+                                               DecodeWorkspace<Scalar>& workspace) {
+    module.attend_to_cache(q, batch, cache, scale, 0, false, workspace);
+    return workspace.concat;
   }
   /// concat W^O + b^O (MultiHeadAttention::project_output).
   template <typename Scalar>
@@ -962,9 +1016,9 @@ struct ModuleSteps {
 // instantiation does not cover: MHA_DECODING_PASSES names them for a scalar and a storage type,
 // declared extern here and instantiated there, for each scalar's three storage types.
 #define MHA_DECODING_PASSES(EXTERN, S, STORAGE)                                                                       \
-  EXTERN template MultiHeadAttention<S>::Matrix MultiHeadAttention<S>::run_decode<STORAGE>(                           \
+  EXTERN template void MultiHeadAttention<S>::run_decode<STORAGE>(                                                    \
       const detail::Input<S>&, const std::vector<Eigen::Index>&, KVCache<S, STORAGE>&, const AttentionOptions&,       \
-      const char*, detail::EigenAlignment<EIGEN_MAX_ALIGN_BYTES>) const;                                              \
+      MultiHeadAttention<S>::Matrix&, const char*, detail::EigenAlignment<EIGEN_MAX_ALIGN_BYTES>) const;              \
   EXTERN template KVCache<S, STORAGE> MultiHeadAttention<S>::run_make_cross_cache<STORAGE>(                           \
       const detail::Input<S>&, const detail::Input<S>&, std::vector<Eigen::Index>,                                    \
       detail::EigenAlignment<EIGEN_MAX_ALIGN_BYTES>) const;                                                           \

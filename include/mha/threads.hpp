@@ -9,6 +9,7 @@
 #include <atomic>
 #include <exception>
 #include <optional>
+#include <utility>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -68,6 +69,18 @@ inline int& largest_team() {
   return threads;
 }
 
+/// The number of the calling thread in the team of the parallel_tasks loop it runs (0 on the calling
+/// thread).
+inline int& thread_slot() {
+  thread_local int slot = 0;
+  return slot;
+}
+/// \returns the number of the calling thread among those of the parallel_tasks loop it runs, 0 …
+/// threads − 1 (0 when it runs on the calling thread alone): what a scratch kept across calls, one
+/// per thread, is indexed by. Not OpenMP's thread number, which inside a user's own parallel region
+/// would be the user's.
+inline int thread_index() { return thread_slot(); }
+
 /// Flops below which a thread is not worth starting: about 30 µs of work. Small problems stay on
 /// the calling thread, where waking and joining threads would cost more than it saves (and where,
 /// on a machine busy with other threads, OpenMP's spinning barriers cost far more).
@@ -95,6 +108,21 @@ void parallel_tasks(Eigen::Index count, double flops, const MakeScratch& make_sc
   const int threads =
       static_cast<int>(std::max<Eigen::Index>(1, std::min<Eigen::Index>({num_threads(), count, worth})));
   largest_team() = std::max(largest_team(), threads);
+  if (threads == 1) {
+    // On the calling thread: an OpenMP region of one thread would cost a team, which libgomp
+    // allocates for each region (a decode step into a cache with room allocates nothing).
+    const int slot = std::exchange(thread_slot(), 0);
+    try {
+      auto scratch = make_scratch();
+      for (Eigen::Index t = 0; t < count; ++t) task(t, scratch);
+    } catch (...) {
+      thread_slot() = slot;
+      throw;
+    }
+    thread_slot() = slot;
+    return;
+  }
+  const int outer_slot = thread_slot();  // the calling thread's, restored after the region
   std::exception_ptr error;
   std::atomic<bool> failed{false};
   const auto keep_first_error = [&] {
@@ -105,6 +133,7 @@ void parallel_tasks(Eigen::Index count, double flops, const MakeScratch& make_sc
 #pragma omp parallel num_threads(threads)
   {
     omp_set_num_threads(1);  // the nested thread count of this implicit task only
+    thread_slot() = omp_get_thread_num();
     std::optional<decltype(make_scratch())> scratch;
     try {
       scratch.emplace(make_scratch());
@@ -123,10 +152,12 @@ void parallel_tasks(Eigen::Index count, double flops, const MakeScratch& make_sc
       }
     }
   }
+  thread_slot() = outer_slot;
   if (error) std::rethrow_exception(error);
 #else
   (void)flops;
   largest_team() = std::max(largest_team(), 1);
+  thread_slot() = 0;
   auto scratch = make_scratch();
   for (Eigen::Index t = 0; t < count; ++t) task(t, scratch);
 #endif

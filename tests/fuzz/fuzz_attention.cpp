@@ -502,8 +502,17 @@ bool self_decoding(Bytes& in, const mha::MultiHeadAttention<Scalar>& attn, int s
     const bool finite_expected = cached_moderate && (!half || cached_small);
     const bool plain = cached_moderate && cached_plain && plain_scale;
     const bool unit = plain && in.plain();  // every number of the input at most 1
+    // Every other step through the form that writes into a matrix (of another shape, to be resized),
+    // which must give what the returning form gives.
+    const bool into = step % 2 == 0;
     const auto decode = [&](auto& c) -> Matrix<Scalar> {
-      return sequences == 1 ? attn.decode(x, c, o) : attn.decode_batch(x, lengths, c, o);
+      if (!into) return sequences == 1 ? attn.decode(x, c, o) : attn.decode_batch(x, lengths, c, o);
+      Matrix<Scalar> y = Matrix<Scalar>::Constant(3, 2, Scalar(7));
+      if (sequences == 1)
+        attn.decode(x, c, y, o);
+      else
+        attn.decode_batch(x, lengths, c, y, o);
+      return y;
     };
     Matrix<Scalar> out;
     bool accepted = false;

@@ -18,13 +18,20 @@ namespace detail {
 /// Sequence b's queries are rows q_offset[b] … of the stacked queries; its keys, with the
 /// extra_keys rows appended to each sequence, rows k_offset[b] … of the stacked keys.
 struct Batch {
+  Batch() = default;
   Batch(const std::vector<Eigen::Index>& query_lengths_, const std::vector<Eigen::Index>& key_lengths_,
-        Eigen::Index extra = 0)
-      : query_lengths(query_lengths_),
-        key_lengths(key_lengths_),
-        q_offset(query_lengths.size() + 1, 0),
-        k_offset(query_lengths.size() + 1, 0),
-        extra_keys(extra) {
+        Eigen::Index extra = 0) {
+    assign(query_lengths_, key_lengths_, extra);
+  }
+  /// Makes this the batch of these lengths, in the memory it has (a decode step's, kept by its cache).
+  void assign(const std::vector<Eigen::Index>& query_lengths_, const std::vector<Eigen::Index>& key_lengths_,
+              Eigen::Index extra = 0) {
+    query_lengths.assign(query_lengths_.begin(), query_lengths_.end());
+    key_lengths.assign(key_lengths_.begin(), key_lengths_.end());
+    q_offset.assign(query_lengths.size() + 1, 0);
+    k_offset.assign(query_lengths.size() + 1, 0);
+    extra_keys = extra;
+    max_L = max_S = 0;
     for (Eigen::Index b = 0; b < size(); ++b) {
       q_offset[b + 1] = q_offset[b] + query_lengths[b];
       k_offset[b + 1] = k_offset[b] + key_lengths[b] + extra;
@@ -44,18 +51,22 @@ struct Batch {
 
   std::vector<Eigen::Index> query_lengths, key_lengths;
   std::vector<Eigen::Index> q_offset, k_offset;  ///< first row of each sequence's queries; keys (with extras)
-  Eigen::Index extra_keys;                       ///< add_bias_kv's and add_zero_attn's rows per sequence
+  Eigen::Index extra_keys = 0;                   ///< add_bias_kv's and add_zero_attn's rows per sequence
   Eigen::Index max_L = 0, max_S = 0;
 };
 
 /// The positions of a batch's query rows, for rotary embeddings: query i of a sequence of L
 /// queries over S keys is at i + query_position_offset(alignment, L, S).
-inline std::vector<Eigen::Index> query_positions(const Batch& batch, CausalAlignment alignment) {
-  std::vector<Eigen::Index> positions;
+inline void query_positions(const Batch& batch, CausalAlignment alignment, std::vector<Eigen::Index>& positions) {
+  positions.clear();
   for (Eigen::Index b = 0; b < batch.size(); ++b) {
     const Eigen::Index L = batch.query_lengths[b], offset = query_position_offset(alignment, L, batch.key_lengths[b]);
     for (Eigen::Index i = 0; i < L; ++i) positions.push_back(i + offset);
   }
+}
+inline std::vector<Eigen::Index> query_positions(const Batch& batch, CausalAlignment alignment) {
+  std::vector<Eigen::Index> positions;
+  query_positions(batch, alignment, positions);
   return positions;
 }
 
@@ -73,13 +84,18 @@ struct QueryBlock {
 };
 
 /// Every query block of `heads` heads of the sequences with at least `min_rows` queries.
-inline std::vector<QueryBlock> query_block_tasks(const Batch& batch, Eigen::Index heads, Eigen::Index min_rows = 1) {
-  std::vector<QueryBlock> blocks;
+inline void query_block_tasks(const Batch& batch, Eigen::Index heads, Eigen::Index min_rows,
+                              std::vector<QueryBlock>& blocks) {
+  blocks.clear();
   for (Eigen::Index b = 0; b < batch.size(); ++b)
     if (batch.query_lengths[b] >= min_rows)
       for (Eigen::Index i = 0; i < heads; ++i)
         for (Eigen::Index block = 0; block < query_blocks(batch.query_lengths[b]); ++block)
           blocks.push_back({b, i, block});
+}
+inline std::vector<QueryBlock> query_block_tasks(const Batch& batch, Eigen::Index heads, Eigen::Index min_rows = 1) {
+  std::vector<QueryBlock> blocks;
+  query_block_tasks(batch, heads, min_rows, blocks);
   return blocks;
 }
 

@@ -150,14 +150,22 @@ void add_weighted_rows(const Scalar* weights, const Scalar* rows, Eigen::Index c
   }
 }
 
-/// The working memory of attend_to_part, for up to `group` query heads of width d_k over parts of
-/// kKeyBlock keys, in a cache of Storage.
+/// Makes `buffer` hold at least `size` numbers, keeping it when it does (its contents are lost when not).
+template <typename Buffer>
+void reserve(Buffer& buffer, Eigen::Index size) {
+  if (buffer.size() < size) buffer.resize(size);
+}
+
+/// The working memory of attend_to_part.
 template <typename Scalar>
 struct PartScratch {
+  /// Makes room for up to `group` query heads of width d_k over parts of kKeyBlock keys of a cache
+  /// of Storage (nothing changes when there is).
   template <typename Storage>
-  static PartScratch of(Eigen::Index group, Eigen::Index d_k, Eigen::Index d_v) {
-    const Eigen::Index converted = std::is_same<Storage, Scalar>::value ? 0 : kChunkRows * std::max(d_k, d_v);
-    return {Column<Scalar>(group * d_k), Column<Scalar>(group * kKeyBlock), Column<Scalar>(converted)};
+  void reserve_for(Eigen::Index group, Eigen::Index d_k, Eigen::Index d_v) {
+    reserve(queries, group * d_k);
+    reserve(scores, group * kKeyBlock);
+    if (!std::is_same<Storage, Scalar>::value) reserve(rows, kChunkRows * std::max(d_k, d_v));
   }
   Column<Scalar> queries;  ///< group × d_k: scale · each head's query
   Column<Scalar> scores;   ///< group × kKeyBlock: each head's scores, then their weights

@@ -9,7 +9,6 @@
 #include <Eigen/Core>
 
 #include <algorithm>
-#include <functional>
 #include <vector>
 
 namespace mha {
@@ -24,7 +23,8 @@ struct RowRotation {
 /// Independent products and rotations, collected and then run together on mha's threads. Each is
 /// cut into blocks of kRows rows of its output, a fixed count, so that every row is computed the
 /// same way whatever the thread count (bit-identical results). The operands of a job must outlive
-/// run(): they are kept as views (Operand).
+/// run(): they are kept as views (Operand). Collecting the jobs of a decode step (a handful) does
+/// not allocate: they are plain values, the first kInline of them kept in the object itself.
 template <typename Scalar>
 class RowBlockJobs {
  public:
@@ -41,39 +41,68 @@ class RowBlockJobs {
     flops_ +=
         2.0 * static_cast<double>(out.rows()) * static_cast<double>(out.cols()) * static_cast<double>(lhs.op_cols());
     for (Eigen::Index first = 0; first < out.rows(); first += kRows)
-      jobs_.push_back([lhs, rhs, out, first, accumulate, bias, rotation]() mutable {
-        const Eigen::Index rows = std::min(kRows, out.rows() - first);
-        auto out_rows = out.middleRows(first, rows);
-        gemm(lhs.middle_rows(first, rows), rhs, out_rows, accumulate);
-        if (bias)  // a loop per column: the bias is O(rows · cols), beside a product's O(rows · cols · depth)
-          for (Eigen::Index c = 0; c < out_rows.cols(); ++c) {
-            Scalar* column = out_rows.data() + c * out_rows.outerStride();
-            for (Eigen::Index r = 0; r < rows; ++r) column[r] += (*bias)(c);
-          }
-        if (rotation.rotary) rotation.rotary->rotate(out_rows, rotation.positions + first);
-      });
+      add({true, lhs, rhs, out.data(), out.rows(), out.cols(), out.outerStride(), first, accumulate, bias, rotation});
   }
 
   /// Turns the rows of x back by `rotation` (the backward of a rotated product).
   void rotate_back(Eigen::Ref<Matrix> x, RowRotation rotation) {
     for (Eigen::Index first = 0; first < x.rows(); first += kRows)
-      jobs_.push_back([x, first, rotation]() mutable {
-        const Eigen::Index rows = std::min(kRows, x.rows() - first);
-        rotation.rotary->rotate_back(x.middleRows(first, rows), rotation.positions + first);
-      });
+      add({false, {}, {}, x.data(), x.rows(), x.cols(), x.outerStride(), first, false, nullptr, rotation});
   }
 
   /// Runs every job collected so far, in parallel, and empties the list.
   void run() {
     parallel_tasks(
-        static_cast<Eigen::Index>(jobs_.size()), flops_, [] { return 0; },
-        [&](Eigen::Index t, int) { jobs_[static_cast<std::size_t>(t)](); });
-    jobs_.clear();
+        count_, flops_, [] { return 0; }, [&](Eigen::Index t, int) { run(job(t)); });
+    count_ = 0;
+    more_.clear();
     flops_ = 0;
   }
 
  private:
-  std::vector<std::function<void()>> jobs_;
+  /// A product's block of output rows, or a block of rows to turn back.
+  struct Job {
+    bool product;
+    Operand<Scalar> lhs, rhs;
+    Scalar* out;
+    Eigen::Index out_rows, out_cols, out_stride, first;
+    bool accumulate;
+    const RowVector* bias;
+    RowRotation rotation;
+  };
+  static constexpr Eigen::Index kInline = 8;
+
+  void add(const Job& job) {
+    if (count_ < kInline)
+      inline_[count_] = job;
+    else
+      more_.push_back(job);
+    ++count_;
+  }
+  const Job& job(Eigen::Index t) const {
+    return t < kInline ? inline_[t] : more_[static_cast<std::size_t>(t - kInline)];
+  }
+
+  static void run(const Job& job) {
+    using Map = Eigen::Map<Matrix, 0, Eigen::OuterStride<>>;
+    const Eigen::Index rows = std::min(kRows, job.out_rows - job.first);
+    Map out_rows(job.out + job.first, rows, job.out_cols, Eigen::OuterStride<>(job.out_stride));
+    if (!job.product) {
+      job.rotation.rotary->rotate_back(out_rows, job.rotation.positions + job.first);
+      return;
+    }
+    gemm(job.lhs.middle_rows(job.first, rows), job.rhs, out_rows, job.accumulate);
+    if (job.bias)  // a loop per column: the bias is O(rows · cols), beside a product's O(rows · cols · depth)
+      for (Eigen::Index c = 0; c < out_rows.cols(); ++c) {
+        Scalar* column = out_rows.data() + c * out_rows.outerStride();
+        for (Eigen::Index r = 0; r < rows; ++r) column[r] += (*job.bias)(c);
+      }
+    if (job.rotation.rotary) job.rotation.rotary->rotate(out_rows, job.rotation.positions + job.first);
+  }
+
+  Job inline_[kInline] = {};
+  std::vector<Job> more_;
+  Eigen::Index count_ = 0;
   double flops_ = 0;
 };
 

@@ -1,0 +1,185 @@
+// A decode step into a cache with room allocates nothing: every call to the heap (malloc and its
+// kin, which operator new and Eigen call too) is counted while steps run, after a first step has
+// sized what the cache keeps for its steps to work in. A server decoding for hours then neither
+// fragments its heap nor waits on its lock. Not built under the sanitizers, which replace malloc.
+#include "test_util.hpp"
+
+#include <mha/mha.hpp>
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstddef>
+#include <cstdlib>
+
+// glibc's own entry points, which the counting ones below forward to.
+extern "C" {
+void* __libc_malloc(std::size_t size);
+void* __libc_calloc(std::size_t count, std::size_t size);
+void* __libc_realloc(void* pointer, std::size_t size);
+void* __libc_memalign(std::size_t alignment, std::size_t size);
+}
+
+namespace {
+std::atomic<bool> counting{false};
+std::atomic<long> allocations{0};
+void count() {
+  if (counting.load(std::memory_order_relaxed)) allocations.fetch_add(1, std::memory_order_relaxed);
+}
+}  // namespace
+
+// Every allocation of the program goes through these (the executable's definitions come first).
+extern "C" {
+void* malloc(std::size_t size) {
+  count();
+  return __libc_malloc(size);
+}
+void* calloc(std::size_t count_, std::size_t size) {
+  count();
+  return __libc_calloc(count_, size);
+}
+void* realloc(void* pointer, std::size_t size) {
+  count();
+  return __libc_realloc(pointer, size);
+}
+void* memalign(std::size_t alignment, std::size_t size) {
+  count();
+  return __libc_memalign(alignment, size);
+}
+void* aligned_alloc(std::size_t alignment, std::size_t size) {
+  count();
+  return __libc_memalign(alignment, size);
+}
+int posix_memalign(void** pointer, std::size_t alignment, std::size_t size) {
+  count();
+  *pointer = __libc_memalign(alignment, size);
+  return *pointer || size == 0 ? 0 : ENOMEM;
+}
+}
+
+namespace {
+
+using mha_test::decoder_config;
+using mha_test::random_matrix;
+using mha_test::rotary;
+using Index = Eigen::Index;
+
+/// The heap allocations of `steps` calls of step(t), t = 0 … steps − 1.
+template <typename Step>
+long allocations_of(Index steps, const Step& step) {
+  allocations = 0;
+  counting = true;
+  for (Index t = 0; t < steps; ++t) step(t);
+  counting = false;
+  return allocations.load();
+}
+
+template <typename Scalar>
+class DecodeAllocations : public ::testing::Test {
+ protected:
+  void TearDown() override { mha::set_num_threads(0); }
+};
+using Scalars = ::testing::Types<float, double>;
+TYPED_TEST_SUITE(DecodeAllocations, Scalars);
+
+/// The counter counts: a step that returns a new matrix, and a cache that grows, allocate.
+TYPED_TEST(DecodeAllocations, TheCounterSeesAllocations) {
+  using Matrix = Eigen::Matrix<TypeParam, Eigen::Dynamic, Eigen::Dynamic>;
+  const mha::MultiHeadAttention<TypeParam> attn(decoder_config(32, 4, 2, 0, 0, 1));
+  auto cache = attn.make_cache();  // no max_length: grows by doubling
+  const Matrix x = random_matrix<TypeParam>(1, 32, 2);
+  EXPECT_GT(allocations_of(1, [&](Index) { Matrix y(1, 32); }), 0);
+  EXPECT_GT(allocations_of(40, [&](Index) { attn.decode(x, cache); }), 40);
+}
+
+/// One token a step, into caches with room: multi-head, grouped-query with rotary and biases, a
+/// window, caches of bfloat16 and half, a rolling cache, a batch of two sequences; on one thread
+/// and on two, over more than a part of keys (the parts of 512 keys grow in number as it fills).
+TYPED_TEST(DecodeAllocations, DecodeStepsIntoACacheWithRoomAllocateNothing) {
+  using Matrix = Eigen::Matrix<TypeParam, Eigen::Dynamic, Eigen::Dynamic>;
+  auto grouped = rotary(decoder_config(64, 8, 2, 0, 0, 3), mha::RotaryPairs::halves);
+  grouped.bias = true;
+  const mha::MultiHeadAttention<TypeParam> plain(decoder_config(64, 4, 0, 0, 0, 2)), gqa(grouped);
+  const Matrix prompt = random_matrix<TypeParam>(600, 64, 4), token = random_matrix<TypeParam>(1, 64, 5),
+               pair = random_matrix<TypeParam>(2, 64, 6);
+  constexpr Index kSteps = 500, kRoom = 600 + kSteps + 1;
+  for (const int threads : {1, 2}) {
+    mha::set_num_threads(threads);
+    SCOPED_TRACE(std::to_string(threads) + " threads");
+    Matrix y;
+    const auto expect_none = [&](const char* what, auto& attn, auto& cache, const mha::AttentionOptions& options) {
+      attn.decode(prompt, cache, y, options);  // the prefill, and a first step, size what the steps keep
+      attn.decode(token, cache, y, options);
+      EXPECT_EQ(allocations_of(kSteps, [&](Index) { attn.decode(token, cache, y, options); }), 0) << what;
+      EXPECT_EQ(y.rows(), 1);
+      EXPECT_TRUE(y.allFinite()) << what;
+    };
+    {
+      auto cache = plain.make_cache(1, kRoom);
+      expect_none("multi-head", plain, cache, {});
+    }
+    {
+      auto cache = gqa.make_cache(1, kRoom);
+      expect_none("grouped-query, rotary, biases", gqa, cache, {});
+    }
+    {
+      mha::AttentionOptions window;
+      window.window = 100;
+      auto cache = gqa.make_cache(1, kRoom);
+      expect_none("a window of 100", gqa, cache, window);
+      auto rolling = gqa.make_rolling_cache(100);
+      expect_none("a rolling cache", gqa, rolling, window);
+    }
+    {
+      auto bf16 = gqa.template make_cache<Eigen::bfloat16>(1, kRoom);
+      expect_none("bfloat16", gqa, bf16, {});
+      auto half = gqa.template make_cache<Eigen::half>(1, kRoom);
+      expect_none("half", gqa, half, {});
+    }
+    {
+      auto cache = gqa.make_cache(2, kRoom);
+      const std::vector<Index> ones{1, 1};
+      gqa.decode_batch(pair, ones, cache, y);
+      gqa.decode_batch(pair, ones, cache, y);
+      EXPECT_EQ(allocations_of(kSteps, [&](Index) { gqa.decode_batch(pair, ones, cache, y); }), 0) << "a batch";
+      EXPECT_EQ(y.rows(), 2);
+    }
+  }
+}
+
+/// Steps that run on two threads (wide heads: one token over 1600 keys is three threads' worth, as
+/// in test_kv_cache) allocate nothing either: OpenMP keeps a team of two or more threads from one
+/// region to the next (it is the team of one that it allocates each time, which is why a step that
+/// runs on one thread never opens a region).
+TYPED_TEST(DecodeAllocations, StepsOnTwoThreadsAllocateNothing) {
+  MHA_TEST_SKIP_WITHOUT_OPENMP();
+  using Matrix = Eigen::Matrix<TypeParam, Eigen::Dynamic, Eigen::Dynamic>;
+  const mha::MultiHeadAttention<TypeParam> attn(decoder_config(64, 8, 2, 256, 256, 9));
+  auto cache = attn.make_cache(1, 1700);
+  const Matrix prompt = random_matrix<TypeParam>(1600, 64, 10), token = random_matrix<TypeParam>(1, 64, 11);
+  Matrix y;
+  mha::set_num_threads(2);
+  attn.decode(prompt, cache, y);
+  attn.decode(token, cache, y);
+  mha::detail::largest_team() = 0;
+  EXPECT_EQ(allocations_of(50, [&](Index) { attn.decode(token, cache, y); }), 0);
+  EXPECT_EQ(mha::detail::largest_team(), 2);
+}
+
+/// What the steps keep changes no result: steps into the out form equal the returning form's.
+TYPED_TEST(DecodeAllocations, TheOutFormGivesTheSameRows) {
+  using Matrix = Eigen::Matrix<TypeParam, Eigen::Dynamic, Eigen::Dynamic>;
+  const mha::MultiHeadAttention<TypeParam> attn(decoder_config(32, 4, 2, 0, 0, 7));
+  auto a = attn.make_cache(), b = attn.make_cache();
+  const Matrix x = random_matrix<TypeParam>(40, 32, 8);
+  Matrix out;
+  for (Index t = 0; t < x.rows(); ++t) {
+    const Matrix token = x.row(t);
+    const Matrix y = attn.decode(token, a);
+    attn.decode(token, b, out);
+    ASSERT_TRUE((y.array() == out.array()).all()) << "token " << t;
+  }
+}
+
+}  // namespace
