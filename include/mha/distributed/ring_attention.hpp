@@ -33,8 +33,10 @@ namespace distributed {
 /// One step of the ring, as a rank saw it.
 struct RingStep {
   double compute_seconds = 0;  ///< attending to the block held
-  double wait_seconds = 0;     ///< waiting, after the compute, for the step's messages to complete
-  std::size_t bytes_sent = 0;  ///< sent to the next rank this step
+  /// Waiting, after the compute, for the step's messages to complete (in the backward's last step,
+  /// also for this rank's gradient to come home).
+  double wait_seconds = 0;
+  std::size_t bytes_sent = 0;  ///< sent this step: to the next rank, or a gradient home
 };
 
 /// What a rank's last call (forward or backward) did, step by step: where the time went.
