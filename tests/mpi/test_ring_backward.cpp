@@ -1,6 +1,7 @@
-// Ring attention's backward pass equals the single-process backward pass of the whole sequence: on
-// every rank's rows of ∂loss/∂query, ∂loss/∂key and ∂loss/∂value, and in the parameters' gradients,
-// which every rank holds, bit for bit the same, for every layout, option and module the ring supports.
+// Ring attention's forward pass (with and without a tape) and backward pass equal the single-process
+// passes of the whole sequence: on every rank's rows of the output and of ∂loss/∂query, ∂loss/∂key
+// and ∂loss/∂value, and in the parameters' gradients, which every rank holds, bit for bit the same,
+// for every layout, option and module the ring supports.
 #include <mha/distributed/ring_attention.hpp>
 #include <mha/mha.hpp>
 
@@ -25,8 +26,8 @@ using mha_test::LayoutKind;
 using mha_test::Matrix;
 
 template <typename Scalar>
-class RingBackward : public ::testing::Test {};
-TYPED_TEST_SUITE(RingBackward, mha_test::Scalars, mha_test::ScalarNames);
+class RingPasses : public ::testing::Test {};
+TYPED_TEST_SUITE(RingPasses, mha_test::Scalars, mha_test::ScalarNames);
 
 /// Gradients of `module`'s shape, not zero (the backward adds into them): the same on every rank.
 template <typename Scalar>
@@ -69,6 +70,9 @@ template <typename Scalar>
 
   RingAttention<Scalar> ring(module, MPI_COMM_WORLD);
   const int rank = ring.rank();
+  const Matrix<Scalar> untaped = self ? ring.forward(queries.local_rows(query, rank), queries, options)
+                                      : ring.forward(queries.local_rows(query, rank), keys.local_rows(key, rank),
+                                                     keys.local_rows(value, rank), queries, keys, options);
   RingTape<Scalar> ring_tape;
   const Matrix<Scalar> local_output =
       self ? ring.forward(queries.local_rows(query, rank), queries, options, ring_tape)
@@ -80,8 +84,10 @@ template <typename Scalar>
   // The gradients' agreement first: it is collective, so every rank must reach it.
   auto result = same_on_every_rank<Scalar>(gradients);
   if (!result) return result;
+  if (!(result = mha_test::close(untaped, queries.local_rows(output, rank), tol)))
+    return result << " (the forward's output, without a tape)";
   if (!(result = mha_test::close(local_output, queries.local_rows(output, rank), tol)))
-    return result << " (the forward's output)";
+    return result << " (the forward's output, with a tape)";
   if (self &&
       !(result = mha_test::close(d_local.self_attention(), queries.local_rows(d_expected.self_attention(), rank), tol)))
     return result << " (d_x)";
@@ -113,7 +119,7 @@ SequenceLayout layout_of(LayoutKind kind, Eigen::Index N) {
   return mha_test::make_layout(kind, N, mha_test::world_size());
 }
 
-TYPED_TEST(RingBackward, SelfAttentionEqualsOneProcessForEveryLayout) {
+TYPED_TEST(RingPasses, SelfAttentionEqualsOneProcessForEveryLayout) {
   using Scalar = TypeParam;
   const MultiHeadAttention<Scalar> module(mha_test::config(16, 4, 0, 0, 7));
   // N = 1100: several query blocks (256) and key tiles (512) per rank at P = 1 and 2.
@@ -126,7 +132,7 @@ TYPED_TEST(RingBackward, SelfAttentionEqualsOneProcessForEveryLayout) {
       }
 }
 
-TYPED_TEST(RingBackward, SlidingWindowsEqualOneProcess) {
+TYPED_TEST(RingPasses, SlidingWindowsEqualOneProcess) {
   using Scalar = TypeParam;
   const MultiHeadAttention<Scalar> module(mha_test::config(16, 2, 0, 0, 3));
   const Eigen::Index N = 700;
@@ -134,16 +140,25 @@ TYPED_TEST(RingBackward, SlidingWindowsEqualOneProcess) {
   for (const LayoutKind kind : {LayoutKind::even, LayoutKind::uneven, LayoutKind::zigzag})
     for (const bool causal : {false, true})
       for (const Eigen::Index window : {1, 2, 40, 300}) {
-        // Causal with a window of 1, each query sees its own key alone: its weight is 1 whatever
-        // the scores, so ∂loss/∂Q and ∂loss/∂K are exactly zero, and only rounding noise to compare.
-        if (causal && window == 1) continue;
         const AttentionOptions options = mha_test::options_of(causal, CausalAlignment::top_left, window);
-        EXPECT_TRUE(self_backward_matches(module, x, layout_of(kind, N), options))
+        const SequenceLayout layout = layout_of(kind, N);
+        // Causal with a window of 1, each query sees its own key alone: its weight is 1 whatever
+        // the scores, so ∂loss/∂Q and ∂loss/∂K are exactly zero, and only rounding noise to
+        // compare; the forward is compared alone.
+        if (causal && window == 1) {
+          RingAttention<Scalar> ring(module, MPI_COMM_WORLD);
+          EXPECT_TRUE(mha_test::close(ring.forward(layout.local_rows(x, ring.rank()), layout, options),
+                                      layout.local_rows(module.forward(x, options), ring.rank()),
+                                      mha_test::ring_tolerance<Scalar>()))
+              << "layout " << mha_test::name_of(kind) << ", causal window 1";
+          continue;
+        }
+        EXPECT_TRUE(self_backward_matches(module, x, layout, options))
             << "layout " << mha_test::name_of(kind) << ", causal " << causal << ", window " << window;
       }
 }
 
-TYPED_TEST(RingBackward, KeyPaddingEqualsOneProcess) {
+TYPED_TEST(RingPasses, KeyPaddingEqualsOneProcess) {
   using Scalar = TypeParam;
   const MultiHeadAttention<Scalar> module(mha_test::config(16, 4, 0, 0, 9));
   const Eigen::Index N = 600;
@@ -161,7 +176,7 @@ TYPED_TEST(RingBackward, KeyPaddingEqualsOneProcess) {
     }
 }
 
-TYPED_TEST(RingBackward, GroupedQueryRotaryAndBiasesEqualOneProcess) {
+TYPED_TEST(RingPasses, GroupedQueryRotaryAndBiasesEqualOneProcess) {
   using Scalar = TypeParam;
   // Rotary positions are global, in the backward's rotation of the gradients too.
   for (const mha::RotaryPairs pairs : {mha::RotaryPairs::interleaved, mha::RotaryPairs::halves}) {
@@ -179,29 +194,31 @@ TYPED_TEST(RingBackward, GroupedQueryRotaryAndBiasesEqualOneProcess) {
   }
 }
 
-TYPED_TEST(RingBackward, CrossAttentionEqualsOneProcessInBothAlignments) {
+TYPED_TEST(RingPasses, CrossAttentionEqualsOneProcessInBothAlignments) {
   using Scalar = TypeParam;
-  mha::MultiHeadAttentionConfig c = mha_test::decoder_config(16, 4, 2, 6, 5, 13);
-  c.kdim = 12;
-  c.vdim = 10;
-  c.bias = true;
-  const MultiHeadAttention<Scalar> module(c);
-  for (const auto& [L, S] : {std::pair<Eigen::Index, Eigen::Index>{300, 700}, {700, 300}}) {
-    const Matrix<Scalar> query = mha_test::random_matrix<Scalar>(L, 16, 1);
-    const Matrix<Scalar> key = mha_test::random_matrix<Scalar>(S, 12, 2);
-    const Matrix<Scalar> value = mha_test::random_matrix<Scalar>(S, 10, 3);
-    for (const CausalAlignment alignment : {CausalAlignment::top_left, CausalAlignment::bottom_right})
-      for (const bool causal : {false, true}) {
-        const AttentionOptions options = mha_test::options_of(causal, alignment, causal ? 0 : 90);
-        EXPECT_TRUE(backward_matches_one_process(module, query, key, value, layout_of(LayoutKind::zigzag, L),
-                                                 layout_of(LayoutKind::uneven, S), options))
-            << "L = " << L << ", S = " << S << ", bottom-right " << (alignment == CausalAlignment::bottom_right)
-            << ", causal " << causal;
-      }
+  for (const bool grouped_with_biases : {false, true}) {
+    mha::MultiHeadAttentionConfig c = mha_test::decoder_config(16, 4, grouped_with_biases ? 2 : 4, 6, 5, 13);
+    c.kdim = 12;
+    c.vdim = 10;
+    c.bias = grouped_with_biases;
+    const MultiHeadAttention<Scalar> module(c);
+    for (const auto& [L, S] : {std::pair<Eigen::Index, Eigen::Index>{300, 700}, {700, 300}}) {
+      const Matrix<Scalar> query = mha_test::random_matrix<Scalar>(L, 16, 1);
+      const Matrix<Scalar> key = mha_test::random_matrix<Scalar>(S, 12, 2);
+      const Matrix<Scalar> value = mha_test::random_matrix<Scalar>(S, 10, 3);
+      for (const CausalAlignment alignment : {CausalAlignment::top_left, CausalAlignment::bottom_right})
+        for (const bool causal : {false, true}) {
+          const AttentionOptions options = mha_test::options_of(causal, alignment, causal ? 0 : 90);
+          EXPECT_TRUE(backward_matches_one_process(module, query, key, value, layout_of(LayoutKind::zigzag, L),
+                                                   layout_of(LayoutKind::uneven, S), options))
+              << "L = " << L << ", S = " << S << ", bottom-right " << (alignment == CausalAlignment::bottom_right)
+              << ", causal " << causal << ", grouped with biases " << grouped_with_biases;
+        }
+    }
   }
 }
 
-TYPED_TEST(RingBackward, DropoutDrawsTheSinglePatternOfOneProcess) {
+TYPED_TEST(RingPasses, DropoutDrawsTheSinglePatternOfOneProcess) {
   using Scalar = TypeParam;
   // The pattern is a function of (seed, head, global row, global key): each rank draws its own
   // rows' part of it, in the forward and again in the backward.

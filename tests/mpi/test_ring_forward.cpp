@@ -1,5 +1,6 @@
-// Ring attention's forward pass equals the single-process forward pass of the whole sequence, on
-// every rank's rows, for every layout, option and module the ring supports.
+// Ring attention's layouts, its schedule of messages, and gathering a whole output. That the forward
+// pass equals one process's for every layout, option and module is checked beside the backward's,
+// on the same cases, in test_ring_backward.cpp.
 #include <mha/distributed/ring_attention.hpp>
 #include <mha/mha.hpp>
 
@@ -12,8 +13,6 @@
 
 namespace {
 
-using mha::AttentionOptions;
-using mha::CausalAlignment;
 using mha::MultiHeadAttention;
 using mha::distributed::RingAttention;
 using mha::distributed::SequenceLayout;
@@ -23,111 +22,6 @@ using mha_test::Matrix;
 template <typename Scalar>
 class RingForward : public ::testing::Test {};
 TYPED_TEST_SUITE(RingForward, mha_test::Scalars, mha_test::ScalarNames);
-
-/// Runs self-attention of x (N × d_model, the same on every rank) through the ring in `layout` and
-/// in one process, and checks this rank's rows.
-template <typename Scalar>
-::testing::AssertionResult ring_matches_one_process(const MultiHeadAttention<Scalar>& module, const Matrix<Scalar>& x,
-                                                    const SequenceLayout& layout, const AttentionOptions& options) {
-  RingAttention<Scalar> ring(module, MPI_COMM_WORLD);
-  const Matrix<Scalar> local = ring.forward(layout.local_rows(x, ring.rank()), layout, options);
-  const Matrix<Scalar> expected = layout.local_rows(module.forward(x, options), ring.rank());
-  return mha_test::close(local, expected, mha_test::ring_tolerance<Scalar>());
-}
-
-TYPED_TEST(RingForward, SelfAttentionEqualsOneProcessForEveryLayout) {
-  using Scalar = TypeParam;
-  const MultiHeadAttention<Scalar> module(mha_test::config(16, 4, 0, 0, 7));
-  // N = 1100: several query blocks (256) and key tiles (512) per rank at P = 1 and 2.
-  for (const Eigen::Index N : {1100, 37})
-    for (const LayoutKind kind : {LayoutKind::even, LayoutKind::uneven, LayoutKind::zigzag})
-      for (const bool causal : {false, true}) {
-        const Matrix<Scalar> x = mha_test::random_matrix<Scalar>(N, 16, 11);
-        EXPECT_TRUE(ring_matches_one_process(module, x, mha_test::make_layout(kind, N, mha_test::world_size()),
-                                             mha_test::causal_if(causal)))
-            << "N = " << N << ", layout " << mha_test::name_of(kind) << ", causal " << causal;
-      }
-}
-
-TYPED_TEST(RingForward, SlidingWindowsEqualOneProcess) {
-  using Scalar = TypeParam;
-  const MultiHeadAttention<Scalar> module(mha_test::config(16, 2, 0, 0, 3));
-  const Eigen::Index N = 700;
-  const Matrix<Scalar> x = mha_test::random_matrix<Scalar>(N, 16, 5);
-  for (const LayoutKind kind : {LayoutKind::even, LayoutKind::uneven, LayoutKind::zigzag})
-    for (const bool causal : {false, true})
-      for (const Eigen::Index window : {1, 40, 300}) {
-        const AttentionOptions options = mha_test::options_of(causal, CausalAlignment::top_left, window);
-        EXPECT_TRUE(
-            ring_matches_one_process(module, x, mha_test::make_layout(kind, N, mha_test::world_size()), options))
-            << "layout " << mha_test::name_of(kind) << ", causal " << causal << ", window " << window;
-      }
-}
-
-TYPED_TEST(RingForward, KeyPaddingEqualsOneProcess) {
-  using Scalar = TypeParam;
-  const MultiHeadAttention<Scalar> module(mha_test::config(16, 4, 0, 0, 9));
-  const Eigen::Index N = 600;
-  const Matrix<Scalar> x = mha_test::random_matrix<Scalar>(N, 16, 6);
-  // Padding scattered over the sequence, and a run of 300 keys that hides whole tiles and ranks.
-  Eigen::Matrix<bool, 1, Eigen::Dynamic> padded = Eigen::Matrix<bool, 1, Eigen::Dynamic>::Constant(N, false);
-  for (Eigen::Index j = 0; j < N; j += 7) padded(j) = true;
-  padded.segment(200, 300).setConstant(true);
-  for (const LayoutKind kind : {LayoutKind::even, LayoutKind::uneven, LayoutKind::zigzag})
-    for (const bool causal : {false, true}) {
-      AttentionOptions options = mha_test::causal_if(causal);
-      options.key_padding_mask = mha::AttentionMask::blocked(padded);
-      EXPECT_TRUE(ring_matches_one_process(module, x, mha_test::make_layout(kind, N, mha_test::world_size()), options))
-          << "layout " << mha_test::name_of(kind) << ", causal " << causal;
-    }
-}
-
-TYPED_TEST(RingForward, GroupedQueryRotaryAndBiasesEqualOneProcess) {
-  using Scalar = TypeParam;
-  // Rotary positions must be the global ones: a rank's first row is not at position 0.
-  for (const mha::RotaryPairs pairs : {mha::RotaryPairs::interleaved, mha::RotaryPairs::halves}) {
-    mha::MultiHeadAttentionConfig c = mha_test::rotary(mha_test::decoder_config(32, 4, 2, 0, 0, 21), pairs);
-    c.bias = true;
-    MultiHeadAttention<Scalar> module(c);
-    for (auto& p : module.parameters())
-      if (p.name[0] == 'b') p.value = mha_test::random_matrix<Scalar>(p.value.rows(), p.value.cols(), 4);
-    const Eigen::Index N = 530;
-    const Matrix<Scalar> x = mha_test::random_matrix<Scalar>(N, 32, 8);
-    for (const LayoutKind kind : {LayoutKind::uneven, LayoutKind::zigzag})
-      for (const bool causal : {false, true})
-        EXPECT_TRUE(ring_matches_one_process(module, x, mha_test::make_layout(kind, N, mha_test::world_size()),
-                                             mha_test::causal_if(causal)))
-            << "layout " << mha_test::name_of(kind) << ", causal " << causal;
-  }
-}
-
-TYPED_TEST(RingForward, CrossAttentionEqualsOneProcessInBothAlignments) {
-  using Scalar = TypeParam;
-  mha::MultiHeadAttentionConfig c = mha_test::config(16, 4, 6, 5, 13);
-  c.kdim = 12;
-  c.vdim = 10;
-  const MultiHeadAttention<Scalar> module(c);
-  const int P = mha_test::world_size();
-  for (const auto& [L, S] : {std::pair<Eigen::Index, Eigen::Index>{300, 700}, {700, 300}}) {
-    const Matrix<Scalar> query = mha_test::random_matrix<Scalar>(L, 16, 1);
-    const Matrix<Scalar> key = mha_test::random_matrix<Scalar>(S, 12, 2);
-    const Matrix<Scalar> value = mha_test::random_matrix<Scalar>(S, 10, 3);
-    for (const CausalAlignment alignment : {CausalAlignment::top_left, CausalAlignment::bottom_right})
-      for (const bool causal : {false, true}) {
-        const AttentionOptions options = mha_test::options_of(causal, alignment, causal ? 0 : 90);
-        const SequenceLayout queries = mha_test::make_layout(LayoutKind::zigzag, L, P);
-        const SequenceLayout keys = mha_test::make_layout(LayoutKind::uneven, S, P);
-        RingAttention<Scalar> ring(module, MPI_COMM_WORLD);
-        const Matrix<Scalar> local =
-            ring.forward(queries.local_rows(query, ring.rank()), keys.local_rows(key, ring.rank()),
-                         keys.local_rows(value, ring.rank()), queries, keys, options);
-        const Matrix<Scalar> expected = queries.local_rows(module.forward(query, key, value, options), ring.rank());
-        EXPECT_TRUE(mha_test::close(local, expected, mha_test::ring_tolerance<Scalar>()))
-            << "L = " << L << ", S = " << S << ", bottom-right " << (alignment == CausalAlignment::bottom_right)
-            << ", causal " << causal;
-      }
-  }
-}
 
 TYPED_TEST(RingForward, EveryRankGathersTheWholeOutput) {
   using Scalar = TypeParam;
