@@ -80,8 +80,7 @@ class DecodeAllocations : public ::testing::Test {
  protected:
   void TearDown() override { mha::set_num_threads(0); }
 };
-using Scalars = ::testing::Types<float, double>;
-TYPED_TEST_SUITE(DecodeAllocations, Scalars);
+TYPED_TEST_SUITE(DecodeAllocations, mha_test::Scalars, mha_test::ScalarNames);
 
 /// The counter counts: a step that returns a new matrix, and a cache that grows, allocate.
 TYPED_TEST(DecodeAllocations, TheCounterSeesAllocations) {
