@@ -9,6 +9,7 @@
 #include <mha/detail/cache_reads.hpp>
 #include <mha/detail/checks.hpp>
 #include <mha/detail/products.hpp>
+#include <mha/detail/projection_backward.hpp>
 #include <mha/detail/visibility.hpp>
 #include <mha/kv_cache.hpp>
 #include <mha/mask.hpp>
@@ -580,14 +581,9 @@ auto MultiHeadAttention<Scalar_>::run_backward(const Tape<Scalar>& tape, const d
   const detail::Batch batch(f.query_lengths, f.key_lengths, extra_keys());
   const Matrix& key = f.self_attention ? f.query : f.key;
   const Matrix& value = f.self_attention ? f.query : f.value;
-  detail::RowBlockJobs<Scalar> jobs;
 
   // In the forward pass this was: output = concat · W^O + b^O.
-  Matrix d_concat(f.concat.rows(), h * d_v());  // ΣL × h·d_v
-  jobs.product(detail::operand(dy), detail::operand(w_o_).t(), d_concat);
-  jobs.product(detail::operand(f.concat).t(), detail::operand(dy), gradients.w_o(), true);
-  jobs.run();
-  if (config_.bias) detail::add_column_sums(detail::operand(dy), gradients.b_o().data());
+  const Matrix d_concat = detail::output_projection_backward<Scalar>(*this, f.concat, dy, gradients);  // ΣL × h·d_v
 
   // In the forward pass this was: head_i = attention(Q W_i^Q, K W_j^K, V W_j^V), j = i / group.
   // One task per sequence and key/value head, owning its rows of ∂loss/∂(K W^K) and
@@ -632,35 +628,16 @@ auto MultiHeadAttention<Scalar_>::run_backward(const Tape<Scalar>& tape, const d
     d_values = std::move(d_v_rows);  // ΣS × h_kv·d_v
   }
 
-  // In the forward pass this was: the rows of Q W^Q + b^Q and K W^K + b^K turned by their
-  // positions. A rotation's inverse is its transpose: the gradients turn back by the same angles.
+  // In the forward pass this was: Q W^Q + b^Q, K W^K + b^K, V W^V + b^V, the rows of the first two
+  // turned by their positions (a rotation's inverse is its transpose: the gradients turn back by
+  // the same angles).
+  std::vector<Index> query_positions, key_positions;
   if (config_.rotary) {
-    const RotaryEmbedding rotary(config_);
-    const auto query_positions = detail::query_positions(batch, f.options.alignment);
-    const auto key_positions = detail::key_positions(batch);
-    jobs.rotate_back(d_q, {&rotary, query_positions.data()});
-    jobs.rotate_back(d_keys, {&rotary, key_positions.data()});
-    jobs.run();
+    query_positions = detail::query_positions(batch, f.options.alignment);
+    key_positions = detail::key_positions(batch);
   }
-
-  // In the forward pass this was: Q W^Q + b^Q, K W^K + b^K, V W^V + b^V.
-  InputGradients<Scalar> d_inputs;
-  d_inputs.query.resize(f.query.rows(), d_model());
-  d_inputs.key.resize(key.rows(), kdim());
-  d_inputs.value.resize(value.rows(), vdim());
-  jobs.product(detail::operand(d_q), detail::operand(w_q_).t(), d_inputs.query);
-  jobs.product(detail::operand(d_keys), detail::operand(w_k_).t(), d_inputs.key);
-  jobs.product(detail::operand(d_values), detail::operand(w_v_).t(), d_inputs.value);
-  jobs.product(detail::operand(f.query).t(), detail::operand(d_q), gradients.w_q(), true);
-  jobs.product(detail::operand(key).t(), detail::operand(d_keys), gradients.w_k(), true);
-  jobs.product(detail::operand(value).t(), detail::operand(d_values), gradients.w_v(), true);
-  jobs.run();
-  if (config_.bias) {
-    detail::add_column_sums(detail::operand(d_q), gradients.b_q().data());
-    detail::add_column_sums(detail::operand(d_keys), gradients.b_k().data());
-    detail::add_column_sums(detail::operand(d_values), gradients.b_v().data());
-  }
-  return d_inputs;
+  return detail::input_projections_backward<Scalar>(*this, f.query, key, value, query_positions, key_positions, d_q,
+                                                    d_keys, d_values, gradients);
 }
 
 /// The forward pass over a batch of sequences (one, for forward()), in the lecture's steps.
