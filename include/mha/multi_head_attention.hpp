@@ -247,7 +247,7 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   /// Its rows equal the rows of forward(all tokens so far, causal) at the same positions, for the
   /// cost of the new tokens alone. One new token over a long cache is split across threads by
   /// parts of 512 keys, merged in log-sum-exp fashion; results do not depend on the thread count.
-  /// The query heads that share a key/value head read its cached keys and values in turn, from cache.
+  /// The query heads that share a key/value head read its cached keys and values together, once.
   /// Options: scale and window; decoding is causal by construction (options.causal and alignment
   /// are not read) and rejects masks, training, add_bias_kv and add_zero_attn.
   /// \returns the new tokens' outputs, L_new × d_model.

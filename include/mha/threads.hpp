@@ -96,10 +96,11 @@ constexpr double kMinFlopsPerThread = 4e6;
 /// started are skipped, and it is rethrown on the calling thread once the region has ended, as
 /// the serial loop would have thrown it.
 ///
-/// Eigen's matrix products inside the tasks run serially. With OpenMP enabled, Eigen parallelises a
-/// product whenever it is not inside a parallel region of two or more threads: in a region of one
-/// thread it would spread the product over threads mha was told not to use. So each thread of the
-/// region sets its own nested thread count to one (this lasts only as long as the region).
+/// Eigen's matrix products inside the tasks run serially: every product goes through detail::gemm,
+/// which calls Eigen's kernels on the calling thread (no product expression, which Eigen would
+/// parallelise outside a region of two or more threads). A loop worth one thread runs on the
+/// calling thread without a region; in a region, each thread also sets its own nested thread count
+/// to one (this lasts only as long as the region).
 template <typename MakeScratch, typename Task>
 void parallel_tasks(Eigen::Index count, double flops, const MakeScratch& make_scratch, const Task& task) {
   if (count <= 0) return;
