@@ -3,10 +3,12 @@
 #pragma once
 
 #include <mha/distributed/layout.hpp>
+#include <mha/error.hpp>
 
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include <functional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -63,5 +65,35 @@ inline bool on_every_rank(bool ok) {
   MPI_Allreduce(&mine, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
   return all == 1;
 }
+
+/// The message f() throws on this rank ("no exception" if none), and whether every rank threw an
+/// mha::invalid_argument with the same message.
+struct Outcome {
+  std::string message;
+  bool same_everywhere = false;
+};
+
+inline Outcome outcome_of(const std::function<void()>& f) {
+  Outcome o;
+  bool threw = false;
+  try {
+    f();
+    o.message = "no exception";
+  } catch (const mha::invalid_argument& e) {
+    o.message = e.what();
+    threw = true;
+  }
+  // Rank 0's message against everyone's.
+  int length = static_cast<int>(o.message.size());
+  MPI_Bcast(&length, 1, MPI_INT, 0, MPI_COMM_WORLD);
+  std::string first(static_cast<std::size_t>(length), '\0');
+  if (mha_test::world_rank() == 0) first = o.message;
+  MPI_Bcast(first.data(), length, MPI_CHAR, 0, MPI_COMM_WORLD);
+  o.same_everywhere = mha_test::on_every_rank(threw && first == o.message);
+  return o;
+}
+
+/// The last rank: the one that passes the bad argument in the tests of bad input.
+inline bool is_odd_one_out() { return world_rank() == world_size() - 1; }
 
 }  // namespace mha_test

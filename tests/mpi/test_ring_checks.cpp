@@ -8,7 +8,6 @@
 
 #include <gtest/gtest.h>
 
-#include <functional>
 #include <string>
 
 namespace {
@@ -17,37 +16,10 @@ using mha::AttentionOptions;
 using mha::MultiHeadAttention;
 using mha::distributed::RingAttention;
 using mha::distributed::SequenceLayout;
+using mha_test::is_odd_one_out;
 using mha_test::Matrix;
-
-/// The message f() throws on this rank ("no exception" if none), and whether every rank threw an
-/// mha::invalid_argument with the same message.
-struct Outcome {
-  std::string message;
-  bool same_everywhere = false;
-};
-
-Outcome outcome_of(const std::function<void()>& f) {
-  Outcome o;
-  bool threw = false;
-  try {
-    f();
-    o.message = "no exception";
-  } catch (const mha::invalid_argument& e) {
-    o.message = e.what();
-    threw = true;
-  }
-  // Rank 0's message against everyone's.
-  int length = static_cast<int>(o.message.size());
-  MPI_Bcast(&length, 1, MPI_INT, 0, MPI_COMM_WORLD);
-  std::string first(static_cast<std::size_t>(length), '\0');
-  if (mha_test::world_rank() == 0) first = o.message;
-  MPI_Bcast(first.data(), length, MPI_CHAR, 0, MPI_COMM_WORLD);
-  o.same_everywhere = mha_test::on_every_rank(threw && first == o.message);
-  return o;
-}
-
-/// The last rank: the one that passes the bad argument.
-bool is_odd_one_out() { return mha_test::world_rank() == mha_test::world_size() - 1; }
+using mha_test::Outcome;
+using mha_test::outcome_of;
 
 class RingChecks : public ::testing::Test {
  protected:

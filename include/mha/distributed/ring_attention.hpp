@@ -59,6 +59,8 @@ struct RingStatistics {
 
 template <typename Scalar>
 class RingAttention;
+template <typename Scalar>
+class ShardedCache;
 
 namespace detail {
 
@@ -319,19 +321,28 @@ class RingAttention {
     Matrix d_q;
   };
 
+  /// ShardedCache::prefill runs the forward of its checked arguments and keeps the keys and values.
+  friend class ShardedCache<Scalar>;
+
   Matrix run_forward(const Input& query, const Input& key, const Input& value, const SequenceLayout& query_layout,
                      const SequenceLayout& key_layout, const AttentionOptions& options, RingTape<Scalar>* tape,
                      bool self_attention);
+  /// The forward of arguments check_forward has checked on every rank, from time `start`; with
+  /// `keys_values` (and no tape), this rank's [K W^K | V W^V] (n_k × h_kv·(d_k + d_v)) is moved into it.
+  Matrix checked_forward(const Input& query, const Input& key, const Input& value, const SequenceLayout& query_layout,
+                         const SequenceLayout& key_layout, const AttentionOptions& options, RingTape<Scalar>* tape,
+                         bool self_attention, Matrix* keys_values, double start);
   InputGradients<Scalar> run_backward(const RingTape<Scalar>& tape, const Input& d_output, Gradients& gradients);
   /// Checks a backward's arguments on all ranks together.
   void check_backward(const RingTape<Scalar>& tape, const Input& d_output, const Gradients& gradients) const;
   /// Sums `partial` over the ranks (one MPI_Allreduce of all of it) and adds the sum into `gradients`.
   void add_summed_over_ranks(Gradients& partial, Gradients& gradients) const;
 
-  /// Checks a forward's arguments on all ranks together (see CollectiveCheck).
-  void check_forward(const Input& query, const Input& key, const Input& value, const SequenceLayout& query_layout,
-                     const SequenceLayout& key_layout, const AttentionOptions& options, bool self_attention,
-                     const char* caller) const;
+  /// Adds a forward's checks to `check`, which the caller finishes on all ranks together (see
+  /// CollectiveCheck): this rank's own, then the values every rank must share.
+  void check_forward(mha::distributed::detail::CollectiveCheck& check, const Input& query, const Input& key,
+                     const Input& value, const SequenceLayout& query_layout, const SequenceLayout& key_layout,
+                     const AttentionOptions& options, bool self_attention, const char* caller) const;
   /// The values every rank must share: the module's shape, the layouts, the options.
   void agree_on(mha::distributed::detail::CollectiveCheck& check, const SequenceLayout& query_layout,
                 const SequenceLayout& key_layout, const AttentionOptions& options, bool self_attention) const;
@@ -423,12 +434,11 @@ void RingAttention<Scalar>::agree_on(mha::distributed::detail::CollectiveCheck& 
 }
 
 template <typename Scalar>
-void RingAttention<Scalar>::check_forward(const Input& query, const Input& key, const Input& value,
-                                          const SequenceLayout& query_layout, const SequenceLayout& key_layout,
-                                          const AttentionOptions& options, bool self_attention,
-                                          const char* caller) const {
+void RingAttention<Scalar>::check_forward(mha::distributed::detail::CollectiveCheck& check, const Input& query,
+                                          const Input& key, const Input& value, const SequenceLayout& query_layout,
+                                          const SequenceLayout& key_layout, const AttentionOptions& options,
+                                          bool self_attention, const char* caller) const {
   namespace md = mha::detail;
-  mha::distributed::detail::CollectiveCheck check(comm_, caller);
   check.local([&] {
     md::check_width(query, self_attention ? "x_local" : "query_local", module_.d_model(), "d_model", caller);
     md::check_width(key, "key_local", module_.kdim(), module_.kdim() == module_.d_model() ? "d_model" : "kdim", caller);
@@ -466,7 +476,6 @@ void RingAttention<Scalar>::check_forward(const Input& query, const Input& key, 
     md::resolve_window(options);
   });
   agree_on(check, query_layout, key_layout, options, self_attention);
-  check.finish();
 }
 
 template <typename Scalar>
@@ -514,10 +523,21 @@ auto RingAttention<Scalar>::run_forward(const Input& query, const Input& key, co
                                         const SequenceLayout& query_layout, const SequenceLayout& key_layout,
                                         const AttentionOptions& options, RingTape<Scalar>* tape, bool self_attention)
     -> Matrix {
-  namespace md = mha::detail;
   const double start = MPI_Wtime();
+  const char* caller = "RingAttention::forward";
+  mha::distributed::detail::CollectiveCheck check(comm_, caller);
+  check_forward(check, query, key, value, query_layout, key_layout, options, self_attention, caller);
+  check.finish();
+  return checked_forward(query, key, value, query_layout, key_layout, options, tape, self_attention, nullptr, start);
+}
+
+template <typename Scalar>
+auto RingAttention<Scalar>::checked_forward(const Input& query, const Input& key, const Input& value,
+                                            const SequenceLayout& query_layout, const SequenceLayout& key_layout,
+                                            const AttentionOptions& options, RingTape<Scalar>* tape,
+                                            bool self_attention, Matrix* keys_values, double start) -> Matrix {
+  namespace md = mha::detail;
   statistics_ = RingStatistics();
-  check_forward(query, key, value, query_layout, key_layout, options, self_attention, "RingAttention::forward");
   ++calls_;  // after the collective check: on every rank, or on none
   const Plan plan = make_plan(query_layout, key_layout, options);
   const int P = plan.P, rank = comm_.rank();
@@ -584,6 +604,7 @@ auto RingAttention<Scalar>::run_forward(const Input& query, const Input& key, co
 
   // 3. Concatenate (done: each head merged into its own columns) and project with W^O, locally.
   Matrix output = mha::detail::ModuleSteps::project_output(module_, concat);
+  if (keys_values) *keys_values = std::move(kv);  // no longer in flight: every step waited for its messages
   if (tape) {
     detail::RingRecord<Scalar> r{identity_,
                                  calls_,
