@@ -638,16 +638,23 @@ template <typename Scalar, typename A, typename B>
   return ::testing::AssertionFailure() << what << ": relative error " << error << " > " << bound;
 }
 
-/// A prefill of 1500 tokens (three parts of 512 keys), a chunk of 3, then 40 single tokens, decoded
-/// into caches of Scalar and of Storage: their outputs stay within `bound` of each other at every
-/// step, and the reduced cache holds exactly the Scalar cache's numbers rounded to Storage, in
-/// half its bytes.
+/// The configurations reduced storage is checked with: narrow heads (d_k = 8, fewer numbers than a
+/// packet) with rotary halves and biases, and heads of 64 and of 40 numbers (whole packets, and
+/// packets with a tail, on every instruction set) with two query heads a group.
+std::vector<mha::MultiHeadAttentionConfig> reduced_storage_cases() {
+  auto narrow = rotary(decoder_config(64, 8, 2, 0, 0, 31), mha::RotaryPairs::halves);
+  narrow.bias = true;
+  return {narrow, decoder_config(128, 2, 1, 0, 0, 32), decoder_config(64, 4, 2, 40, 40, 33)};
+}
+
+/// For a module of configuration c: a prefill of 1500 tokens (three parts of 512 keys), a chunk of
+/// 3, then 40 single tokens, decoded into caches of Scalar and of Storage: their outputs stay within `bound` of each
+/// other at every step, and the reduced cache holds exactly the Scalar cache's numbers rounded to Storage, in half its
+/// bytes.
 template <typename Scalar, typename Storage>
-void expect_reduced_storage_close(double bound, const char* what) {
-  auto c = rotary(decoder_config(64, 8, 2, 0, 0, 31), mha::RotaryPairs::halves);
-  c.bias = true;
+void expect_reduced_storage_close(const mha::MultiHeadAttentionConfig& c, double bound, const char* what) {
   const auto attn = make_module<Scalar>(c);
-  const Matrix<Scalar> x = random_matrix<Scalar>(1543, 64, 7);
+  const Matrix<Scalar> x = random_matrix<Scalar>(1543, c.d_model, 7);
   auto exact = attn.make_cache();
   auto reduced = attn.template make_cache<Storage>();
   static_assert(std::is_same<typename decltype(reduced)::StorageType, Storage>::value);
@@ -672,6 +679,15 @@ void expect_reduced_storage_close(double bound, const char* what) {
       }
   }
   EXPECT_EQ(reduced.bytes() * sizeof(Scalar), exact.bytes() * sizeof(Storage));
+}
+
+/// The same, for each of reduced_storage_cases().
+template <typename Scalar, typename Storage>
+void expect_reduced_storage_close(double bound, const char* what) {
+  for (const mha::MultiHeadAttentionConfig& c : reduced_storage_cases()) {
+    SCOPED_TRACE(describe(c));
+    expect_reduced_storage_close<Scalar, Storage>(c, bound, what);
+  }
 }
 
 TYPED_TEST(KVCache, BFloat16CacheStaysWithinItsRoundingOfTheExactCache) {
@@ -727,6 +743,66 @@ TEST(KVCacheStorage, ConversionRoundsToNearestAndConvertsBackExactly) {
   std::vector<double> wide(from.size());
   mha::detail::convert(bf16.data(), static_cast<Index>(bf16.size()), wide.data());
   for (std::size_t i = 0; i < from.size(); ++i) EXPECT_EQ(wide[i], static_cast<double>(static_cast<float>(bf16[i])));
+}
+
+/// attend_to_part over rows of Storage (converted as they are loaded) gives what it gives over the
+/// same rows converted to Scalar first, to a few units of Scalar's last place (the packets agree bit
+/// for bit; in the leftover numbers the compiler may fuse a multiply-add in one instantiation and
+/// not in the other), for head widths of whole packets, packets
+/// with tails and less than a packet, parts of 1 to 512 keys, and one to three query heads a group.
+template <typename Scalar, typename Storage>
+void expect_part_reads_rows_as_converted() {
+  struct Shape {
+    Index group, d_k, d_v;
+  };
+  for (const Shape shape : {Shape{1, 64, 64}, Shape{3, 37, 87}, Shape{2, 16, 128}, Shape{1, 5, 3}})
+    for (const Index n : {1, 3, 63, 64, 65, 512}) {
+      SCOPED_TRACE(::testing::Message() << "group " << shape.group << ", d_k " << shape.d_k << ", d_v " << shape.d_v
+                                        << ", " << n << " keys");
+      const Matrix<Scalar> k = random_matrix<Scalar>(n, shape.d_k, 1), v = random_matrix<Scalar>(n, shape.d_v, 2);
+      // Row-major rows of Storage, and the same numbers as Scalar.
+      std::vector<Storage> keys(static_cast<std::size_t>(n * shape.d_k)),
+          values(static_cast<std::size_t>(n * shape.d_v));
+      std::vector<Scalar> exact_keys(keys.size()), exact_values(values.size());
+      for (Index r = 0; r < n; ++r) {
+        for (Index c = 0; c < shape.d_k; ++c) {
+          keys[static_cast<std::size_t>(r * shape.d_k + c)] = static_cast<Storage>(k(r, c));
+          exact_keys[static_cast<std::size_t>(r * shape.d_k + c)] =
+              static_cast<Scalar>(static_cast<float>(keys[static_cast<std::size_t>(r * shape.d_k + c)]));
+        }
+        for (Index c = 0; c < shape.d_v; ++c) {
+          values[static_cast<std::size_t>(r * shape.d_v + c)] = static_cast<Storage>(v(r, c));
+          exact_values[static_cast<std::size_t>(r * shape.d_v + c)] =
+              static_cast<Scalar>(static_cast<float>(values[static_cast<std::size_t>(r * shape.d_v + c)]));
+        }
+      }
+      const auto attend = [&](const auto* key_rows, const auto* value_rows, Matrix<Scalar>& out, Matrix<Scalar>& lse) {
+        mha::detail::PartScratch<Scalar> scratch;
+        scratch.reserve_for(shape.group, shape.d_k);
+        const Matrix<Scalar> q = random_matrix<Scalar>(1, shape.group * shape.d_k, 3);
+        for (Index e = 0; e < q.cols(); ++e) scratch.queries(e) = q(0, e);
+        out.resize(shape.group, shape.d_v);
+        lse.resize(shape.group, 1);
+        Matrix<Scalar> by_rows(shape.d_v, shape.group);
+        mha::detail::attend_to_part<Scalar>(shape.group, key_rows, value_rows, n, shape.d_k, shape.d_v, scratch,
+                                            by_rows.data(), shape.d_v, lse.data(), 1);
+        out = by_rows.transpose();
+      };
+      Matrix<Scalar> out, lse, expected_out, expected_lse;
+      attend(keys.data(), values.data(), out, lse);
+      attend(exact_keys.data(), exact_values.data(), expected_out, expected_lse);
+      const double ulps = 8 * std::numeric_limits<Scalar>::epsilon();
+      ASSERT_TRUE(expected_out.allFinite());
+      EXPECT_LE(mha_test::relative_error(out, expected_out), ulps);
+      EXPECT_LE(mha_test::relative_error(lse, expected_lse), ulps);
+    }
+}
+
+TEST(KVCacheStorage, OneTokenKernelReadsReducedRowsAsTheirConvertedNumbers) {
+  expect_part_reads_rows_as_converted<float, Eigen::bfloat16>();
+  expect_part_reads_rows_as_converted<float, Eigen::half>();
+  expect_part_reads_rows_as_converted<double, Eigen::bfloat16>();
+  expect_part_reads_rows_as_converted<double, Eigen::half>();
 }
 
 // ---- The rolling cache of a sliding window ----

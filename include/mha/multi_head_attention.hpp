@@ -388,7 +388,7 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   /// cache uses every thread and the result does not depend on the thread count. A part's task
   /// (detail::attend_to_part) runs the query heads that share its key/value head together: the
   /// part's keys and values are read from memory once per group, not once per head, and a cache of
-  /// bfloat16 or half is converted to Scalar a few rows at a time, in L1. For several new tokens, a
+  /// bfloat16 or half is converted to Scalar in registers as it is read. For several new tokens, a
   /// reduced cache is converted a head at a time into the task's scratch.
   template <typename Storage>
   void attend_to_cache(const Matrix& q, const detail::Batch& batch, const KVCache<Scalar, Storage>& cache, Scalar scale,
@@ -881,7 +881,7 @@ void MultiHeadAttention<Scalar_>::attend_to_cache(const Matrix& q, const detail:
   Index most_room = 0;
   for (Index b = 0; b < batch.size(); ++b) most_room = std::max(most_room, room(b));
   for (detail::DecodeThreadScratch<Scalar>& scratch : work.threads) {
-    scratch.part.template reserve_for<Storage>(group, d_k(), d_v());
+    scratch.part.reserve_for(group, d_k());
     detail::reserve(scratch.merge, most_room);
   }
   // Each thread's scratch, kept in the workspace: grown where this step needs more, else as it is.

@@ -14,7 +14,7 @@
 #include <limits>
 #include <type_traits>
 
-#ifdef __F16C__
+#ifdef __SSE2__
 #include <immintrin.h>
 #endif
 
@@ -72,10 +72,7 @@ Operand<Scalar> cached_rows(const Rows& rows, Eigen::Array<Scalar, Eigen::Dynami
 }
 
 /// Rows of a cache that a decode step reads at once: 64 rows of 64 floats are 16 KiB, which stay
-/// in L1 while every query head of a group reads them (and a cache of bfloat16 or half is converted
-/// into that much room). Converting a whole part (512 rows, 256 KiB of keys and values) before
-/// reading it cost more than the halved bytes saved: the conversion waited on memory and the
-/// products on L2, one after the other.
+/// in L1 while every query head of a group reads them.
 constexpr Eigen::Index kChunkRows = 64;
 
 /// The rows a pass over a cache asks the memory for before it reads them, when it reads them from
@@ -83,18 +80,66 @@ constexpr Eigen::Index kChunkRows = 64;
 constexpr Eigen::Index kPrefetchRows = 8;
 
 /// Asks for rows `row` … row + count − 1 (of `width` numbers) to be brought into cache.
-template <typename Scalar>
-void prefetch_rows(const Scalar* row, Eigen::Index count, Eigen::Index width) {
-  constexpr Eigen::Index line = 64 / static_cast<Eigen::Index>(sizeof(Scalar));  // numbers per cache line
+template <typename Storage>
+void prefetch_rows(const Storage* row, Eigen::Index count, Eigen::Index width) {
+  constexpr Eigen::Index line = 64 / static_cast<Eigen::Index>(sizeof(Storage));  // numbers per cache line
   for (Eigen::Index l = 0; l < count * width; l += line) Eigen::internal::prefetch(row + l);
+}
+
+/// A packet of Scalar from the packet's count of contiguous Storage numbers at `from`, converted in
+/// registers: bfloat16 to float is a shift of each number into the upper half of its lane (AVX-512,
+/// AVX2, SSE2), half to float the F16C instruction (AVX-512, F16C); other pairs (and machines
+/// without them) convert one number at a time. So a cache of bfloat16 or half is read as it is,
+/// half the bytes of a float cache, with no store and reload of converted rows.
+template <typename Scalar, typename Storage>
+typename Eigen::internal::packet_traits<Scalar>::type load_packet(const Storage* from) {
+  using namespace Eigen::internal;
+  using Packet = typename packet_traits<Scalar>::type;
+  // The packet's lanes tell its type (16: __m512, 8: __m256, 4: __m128, where float is vectorised).
+  [[maybe_unused]] constexpr int lanes = packet_traits<Scalar>::size;
+  if constexpr (std::is_same<Storage, Scalar>::value) {
+    return ploadu<Packet>(from);
+  } else {
+    [[maybe_unused]] const auto* bits = reinterpret_cast<const unsigned char*>(from);
+    if constexpr (std::is_same<Scalar, float>::value && std::is_same<Storage, Eigen::bfloat16>::value) {
+#if defined(__AVX512F__)
+      if constexpr (lanes == 16)
+        return _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits))), 16));
+#endif
+#if defined(__AVX2__)
+      if constexpr (lanes == 8)
+        return _mm256_castsi256_ps(
+            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bits))), 16));
+#endif
+#if defined(__SSE2__)
+      if constexpr (lanes == 4)
+        return _mm_castsi128_ps(
+            _mm_unpacklo_epi16(_mm_setzero_si128(), _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bits))));
+#endif
+    }
+    if constexpr (std::is_same<Scalar, float>::value && std::is_same<Storage, Eigen::half>::value) {
+#if defined(__AVX512F__)
+      if constexpr (lanes == 16) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits)));
+#endif
+#if defined(__F16C__)
+      if constexpr (lanes == 8) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bits)));
+      if constexpr (lanes == 4) return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bits)));
+#endif
+    }
+    Scalar numbers[packet_traits<Scalar>::size];
+    for (int i = 0; i < packet_traits<Scalar>::size; ++i) numbers[i] = static_cast<Scalar>(from[i]);
+    return ploadu<Packet>(numbers);
+  }
 }
 
 /// scores[j] = query · row j, for the `count` rows of `width` contiguous numbers at `rows`: four
 /// rows at a time, each a sum of packets reduced once at the end. (Eigen's row-major GEMV, on rows
-/// as short as a head's 64 numbers, spent 27 cycles a row; this spends about 6.) With `stream`, the
-/// rows come from memory: each block of four asks for the rows kPrefetchRows further on.
-template <typename Scalar>
-void dot_rows(const Scalar* query, const Scalar* rows, Eigen::Index count, Eigen::Index width, Scalar* scores,
+/// as short as a head's 64 numbers, spent 27 cycles a row; this spends about 6.) The rows are of
+/// Storage, converted as they are loaded (load_packet). With `stream`, the rows come from memory:
+/// each block of four asks for the rows kPrefetchRows further on.
+template <typename Scalar, typename Storage>
+void dot_rows(const Scalar* query, const Storage* rows, Eigen::Index count, Eigen::Index width, Scalar* scores,
               bool stream) {
   using namespace Eigen::internal;
   using Packet = typename packet_traits<Scalar>::type;
@@ -102,36 +147,37 @@ void dot_rows(const Scalar* query, const Scalar* rows, Eigen::Index count, Eigen
   const Eigen::Index packed = width / n * n;
   Eigen::Index j = 0;
   for (; j + 4 <= count; j += 4) {
-    const Scalar* row = rows + j * width;
+    const Storage* row = rows + j * width;
     if (stream) prefetch_rows(row + kPrefetchRows * width, 4, width);
     Packet sum0 = pset1<Packet>(Scalar(0)), sum1 = sum0, sum2 = sum0, sum3 = sum0;
     for (Eigen::Index e = 0; e < packed; e += n) {
       const Packet q = ploadu<Packet>(query + e);
-      sum0 = pmadd(ploadu<Packet>(row + e), q, sum0);
-      sum1 = pmadd(ploadu<Packet>(row + width + e), q, sum1);
-      sum2 = pmadd(ploadu<Packet>(row + 2 * width + e), q, sum2);
-      sum3 = pmadd(ploadu<Packet>(row + 3 * width + e), q, sum3);
+      sum0 = pmadd(load_packet<Scalar>(row + e), q, sum0);
+      sum1 = pmadd(load_packet<Scalar>(row + width + e), q, sum1);
+      sum2 = pmadd(load_packet<Scalar>(row + 2 * width + e), q, sum2);
+      sum3 = pmadd(load_packet<Scalar>(row + 3 * width + e), q, sum3);
     }
     Scalar tail[4] = {predux(sum0), predux(sum1), predux(sum2), predux(sum3)};
     for (Eigen::Index e = packed; e < width; ++e)
-      for (int r = 0; r < 4; ++r) tail[r] += row[r * width + e] * query[e];
+      for (int r = 0; r < 4; ++r) tail[r] += static_cast<Scalar>(row[r * width + e]) * query[e];
     std::copy_n(tail, 4, scores + j);
   }
   for (; j < count; ++j) {
-    const Scalar* row = rows + j * width;
+    const Storage* row = rows + j * width;
     Packet sum = pset1<Packet>(Scalar(0));
-    for (Eigen::Index e = 0; e < packed; e += n) sum = pmadd(ploadu<Packet>(row + e), ploadu<Packet>(query + e), sum);
+    for (Eigen::Index e = 0; e < packed; e += n)
+      sum = pmadd(load_packet<Scalar>(row + e), ploadu<Packet>(query + e), sum);
     Scalar total = predux(sum);
-    for (Eigen::Index e = packed; e < width; ++e) total += row[e] * query[e];
+    for (Eigen::Index e = packed; e < width; ++e) total += static_cast<Scalar>(row[e]) * query[e];
     scores[j] = total;
   }
 }
 
 /// out += Σ_j weights[j] · row j, for the `count` rows of `width` contiguous numbers at `rows`: a
-/// block of up to four packets of out kept in registers across all the rows. With `stream`, as
-/// dot_rows.
-template <typename Scalar>
-void add_weighted_rows(const Scalar* weights, const Scalar* rows, Eigen::Index count, Eigen::Index width, Scalar* out,
+/// block of up to four packets of out kept in registers across all the rows. Storage and `stream`
+/// as for dot_rows.
+template <typename Scalar, typename Storage>
+void add_weighted_rows(const Scalar* weights, const Storage* rows, Eigen::Index count, Eigen::Index width, Scalar* out,
                        bool stream) {
   using namespace Eigen::internal;
   using Packet = typename packet_traits<Scalar>::type;
@@ -142,12 +188,12 @@ void add_weighted_rows(const Scalar* weights, const Scalar* rows, Eigen::Index c
            sum3 = ploadu<Packet>(out + e + 3 * n);
     for (Eigen::Index j = 0; j < count; ++j) {
       const Packet w = pset1<Packet>(weights[j]);
-      const Scalar* row = rows + j * width + e;
+      const Storage* row = rows + j * width + e;
       if (stream) prefetch_rows(row + kPrefetchRows * width, 1, std::min<Eigen::Index>(4 * n, width));
-      sum0 = pmadd(ploadu<Packet>(row), w, sum0);
-      sum1 = pmadd(ploadu<Packet>(row + n), w, sum1);
-      sum2 = pmadd(ploadu<Packet>(row + 2 * n), w, sum2);
-      sum3 = pmadd(ploadu<Packet>(row + 3 * n), w, sum3);
+      sum0 = pmadd(load_packet<Scalar>(row), w, sum0);
+      sum1 = pmadd(load_packet<Scalar>(row + n), w, sum1);
+      sum2 = pmadd(load_packet<Scalar>(row + 2 * n), w, sum2);
+      sum3 = pmadd(load_packet<Scalar>(row + 3 * n), w, sum3);
     }
     pstoreu(out + e, sum0);
     pstoreu(out + e + n, sum1);
@@ -157,12 +203,12 @@ void add_weighted_rows(const Scalar* weights, const Scalar* rows, Eigen::Index c
   for (; e + n <= width; e += n) {
     Packet sum = ploadu<Packet>(out + e);
     for (Eigen::Index j = 0; j < count; ++j)
-      sum = pmadd(ploadu<Packet>(rows + j * width + e), pset1<Packet>(weights[j]), sum);
+      sum = pmadd(load_packet<Scalar>(rows + j * width + e), pset1<Packet>(weights[j]), sum);
     pstoreu(out + e, sum);
   }
   for (; e < width; ++e) {
     Scalar sum = out[e];
-    for (Eigen::Index j = 0; j < count; ++j) sum += weights[j] * rows[j * width + e];
+    for (Eigen::Index j = 0; j < count; ++j) sum += weights[j] * static_cast<Scalar>(rows[j * width + e]);
     out[e] = sum;
   }
 }
@@ -176,17 +222,14 @@ void reserve(Buffer& buffer, Eigen::Index size) {
 /// The working memory of attend_to_part.
 template <typename Scalar>
 struct PartScratch {
-  /// Makes room for up to `group` query heads of width d_k over parts of kKeyBlock keys of a cache
-  /// of Storage (nothing changes when there is).
-  template <typename Storage>
-  void reserve_for(Eigen::Index group, Eigen::Index d_k, Eigen::Index d_v) {
+  /// Makes room for up to `group` query heads of width d_k over parts of kKeyBlock keys (nothing
+  /// changes when there is).
+  void reserve_for(Eigen::Index group, Eigen::Index d_k) {
     reserve(queries, group * d_k);
     reserve(scores, group * kKeyBlock);
-    if (!std::is_same<Storage, Scalar>::value) reserve(rows, kChunkRows * std::max(d_k, d_v));
   }
   Column<Scalar> queries;  ///< group × d_k: scale · each head's query
   Column<Scalar> scores;   ///< group × kKeyBlock: each head's scores, then their weights
-  Column<Scalar> rows;     ///< kChunkRows × max(d_k, d_v): cached rows converted to Scalar
 };
 
 /// The attention of one new token over one part of a cache, for the `group` query heads that share
@@ -199,35 +242,21 @@ struct PartScratch {
 ///
 /// Two passes over the part instead of the online softmax: the scores of all n keys, their
 /// exponentials and sum, then the weighted sum of the values. Each pass reads kChunkRows rows at a
-/// time, for every head of the group while they are in L1; a cache of bfloat16 or half is converted
-/// to Scalar a chunk at a time, just before the products read it, so that its reads stream from
-/// memory while the products run. Computes and accumulates in Scalar.
+/// time, for every head of the group while they are in L1: the first head's reads come from memory
+/// and ask for the rows ahead, the others' from L1. A cache of bfloat16 or half is converted to
+/// Scalar in registers as it is read. Computes and accumulates in Scalar.
 template <typename Scalar, typename Storage>
 void attend_to_part(Eigen::Index group, const Storage* keys, const Storage* values, Eigen::Index n, Eigen::Index d_k,
                     Eigen::Index d_v, PartScratch<Scalar>& scratch, Scalar* out, Eigen::Index out_step,
                     Scalar* log_sum_exp, Eigen::Index lse_step) {
   using Index = Eigen::Index;
   assert(n >= 1 && n <= kKeyBlock && scratch.queries.size() >= group * d_k && scratch.scores.size() >= group * n);
-  // Rows first … first + count − 1 of `from` (width numbers each) as Scalar numbers.
-  const auto rows = [&](const Storage* from, Index first, Index count, Index width) -> const Scalar* {
-    if constexpr (std::is_same<Storage, Scalar>::value) {
-      return from + first * width;
-    } else {
-      assert(scratch.rows.size() >= count * width);
-      convert(from + first * width, count * width, scratch.rows.data());
-      return scratch.rows.data();
-    }
-  };
-  // The first head of the group reads a cache of Scalar from memory (later ones from L1, and a
-  // reduced cache's rows are converted into L1): it asks for the rows ahead.
-  constexpr bool from_memory = std::is_same<Storage, Scalar>::value;
   // 1. Each head's scores, query · keyᵀ (the queries are scaled already).
   for (Index first = 0; first < n; first += kChunkRows) {
     const Index count = std::min(kChunkRows, n - first);
-    const Scalar* chunk = rows(keys, first, count, d_k);
     for (Index g = 0; g < group; ++g)
-      dot_rows(scratch.queries.data() + g * d_k, chunk, count, d_k, scratch.scores.data() + g * n + first,
-               from_memory && g == 0);
+      dot_rows(scratch.queries.data() + g * d_k, keys + first * d_k, count, d_k, scratch.scores.data() + g * n + first,
+               g == 0);
   }
   // 2. Their exponentials, relative to each head's largest score, and their sum.
   for (Index g = 0; g < group; ++g) {
@@ -244,10 +273,9 @@ void attend_to_part(Eigen::Index group, const Storage* keys, const Storage* valu
   // 3. Each head's output, weights · values.
   for (Index first = 0; first < n; first += kChunkRows) {
     const Index count = std::min(kChunkRows, n - first);
-    const Scalar* chunk = rows(values, first, count, d_v);
     for (Index g = 0; g < group; ++g)
-      add_weighted_rows(scratch.scores.data() + g * n + first, chunk, count, d_v, out + g * out_step,
-                        from_memory && g == 0);
+      add_weighted_rows(scratch.scores.data() + g * n + first, values + first * d_v, count, d_v, out + g * out_step,
+                        g == 0);
   }
 }
 
