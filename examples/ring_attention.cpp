@@ -17,11 +17,18 @@
 // values, every rank adding its queries' part, until it is home; one MPI_Allreduce then sums the
 // weights' gradients, so that every rank can take the same optimiser step.
 //
+// Generation prefills a cache with the prompt through the same ring: each rank keeps the keys and
+// values it projected for its own rows, a shard of the cache (ShardedCache), and every new token
+// then attends to each shard on its rank, one collective merging the parts by log-sum-exp.
+//
 // This program computes causal self-attention over 1000 tokens on every rank of the ring in the
 // zigzag layout, and its backward pass; it gathers the output and ∂loss/∂x and prints their
-// difference, and that of the weights' gradients, to the single-process passes.
+// difference, and that of the weights' gradients, to the single-process passes. Then it prefills a
+// sharded cache with the first 992 tokens and decodes the last 8 one at a time, and prints the
+// difference to one process's decoding with one whole cache (KVCache).
 
 #include <mha/distributed/ring_attention.hpp>
+#include <mha/distributed/sharded_cache.hpp>
 #include <mha/mha.hpp>
 
 #include <mpi.h>
@@ -78,6 +85,22 @@ int main(int argc, char** argv) {
   const double dx_difference =
       max_difference(mha::distributed::gather_rows(my_dx, layout, MPI_COMM_WORLD), expected_dx);
   const double dw_difference = max_difference(gradients.w_q(), expected_gradients.w_q());
+
+  // Generation: a prompt of 992 tokens prefilled through the ring, in the zigzag layout; each rank
+  // keeps its rows' keys and values. Then 8 tokens decoded one at a time, every rank passing the
+  // same token and getting the same output.
+  const Eigen::Index prompt_length = N - 8;
+  const Eigen::MatrixXd prompt = x.topRows(prompt_length);
+  const auto prompt_layout = mha::distributed::SequenceLayout::zigzag(prompt_length, ranks);
+  mha::distributed::ShardedCache<double> cache(attention, MPI_COMM_WORLD);
+  const Eigen::MatrixXd my_prompt_output = cache.prefill(prompt_layout.local_rows(prompt, rank), prompt_layout);
+  auto whole_cache = attention.make_cache();  // one process: one cache of every token
+  double decode_difference =
+      max_difference(mha::distributed::gather_rows(my_prompt_output, prompt_layout, MPI_COMM_WORLD),
+                     attention.decode(prompt, whole_cache));
+  for (Eigen::Index t = prompt_length; t < N; ++t)
+    decode_difference =
+        std::max(decode_difference, max_difference(cache.decode(x.row(t)), attention.decode(x.row(t), whole_cache)));
   if (rank == 0) {
     std::printf("ring attention over %d ranks, N = %ld tokens, causal, zigzag layout\n", ranks, static_cast<long>(N));
     for (int r = 0; r < ranks; ++r) {
@@ -88,7 +111,11 @@ int main(int argc, char** argv) {
     }
     std::printf("max |ring - single process|: output %.3g, d_x %.3g, d_W^Q %.3g\n", difference, dx_difference,
                 dw_difference);
+    std::printf("prefill of %ld tokens, %ld decoded; tokens per rank:", static_cast<long>(prompt_length),
+                static_cast<long>(N - prompt_length));
+    for (const Eigen::Index n : cache.shard_lengths()) std::printf(" %ld", static_cast<long>(n));
+    std::printf("; max |sharded cache - one cache| %.3g\n", decode_difference);
   }
   MPI_Finalize();
-  return std::max({difference, dx_difference, dw_difference}) < 1e-12 ? 0 : 1;
+  return std::max({difference, dx_difference, dw_difference, decode_difference}) < 1e-12 ? 0 : 1;
 }
