@@ -273,4 +273,34 @@ TEST(RingBackwardSchedule, GradientsTravelWithTheirBlocksAndTheLastRankThatNeeds
   EXPECT_EQ(sent_by_backward(SequenceLayout::zigzag(N, P)), P == 1 ? 0 : static_cast<std::size_t>(2 * P - 1) * block);
 }
 
+TEST(RingBackwardBuffers, ABackwardAfterAnotherEqualsOneOnAFreshRingBitForBit) {
+  // The ring keeps the buffer its block's gradient comes home into from one backward to the next:
+  // nothing of the first call may remain in the second.
+  const int P = mha_test::world_size();
+  const MultiHeadAttention<double> module(mha_test::config(8, 2, 0, 0, 1));
+  const Eigen::Index N = 64 * P + 5;
+  const Matrix<double> x = mha_test::random_matrix<double>(N, 8, 2);
+  const Matrix<double> first = mha_test::random_matrix<double>(N, 8, 3);
+  const Matrix<double> second = mha_test::random_matrix<double>(N, 8, 4);
+  for (const LayoutKind kind : {LayoutKind::even, LayoutKind::zigzag}) {
+    // Contiguous causal: the last rank's block goes nowhere, its gradient stays home.
+    const SequenceLayout layout = layout_of(kind, N);
+    const AttentionOptions options = mha_test::causal_if(true);
+    RingAttention<double> used(module, MPI_COMM_WORLD), fresh(module, MPI_COMM_WORLD);
+    const int r = used.rank();
+    RingTape<double> tape, fresh_tape;
+    used.forward(layout.local_rows(x, r), layout, options, tape);
+    fresh.forward(layout.local_rows(x, r), layout, options, fresh_tape);
+    auto ignored = module.zero_gradients();
+    used.backward(tape, layout.local_rows(first, r), ignored);
+    auto g = module.zero_gradients(), expected = module.zero_gradients();
+    const auto d = used.backward(tape, layout.local_rows(second, r), g);
+    const auto d_expected = fresh.backward(fresh_tape, layout.local_rows(second, r), expected);
+    bool same = d.query == d_expected.query && d.key == d_expected.key && d.value == d_expected.value;
+    const auto ps = g.parameters(), expected_ps = expected.parameters();
+    for (std::size_t i = 0; i < ps.size(); ++i) same = same && ps[i].value == expected_ps[i].value;
+    EXPECT_TRUE(mha_test::on_every_rank(same)) << mha_test::name_of(kind);
+  }
+}
+
 }  // namespace
