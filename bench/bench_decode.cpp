@@ -10,7 +10,9 @@
 //                                      filled before the timing, truncated back after each step),
 //                                      h_kv = 8 (multi-head), 2 (grouped-query), 1 (multi-query)
 //   BM_DecodeStepStorage/h_kv/cache/storage   one decode step over a cache of float (storage 0),
-//                                      bfloat16 (1) or half (2), caches of 1k to 32k tokens
+//                                      bfloat16 (1) or half (2), caches of 1k to 32k tokens; and
+//                                      with the projection weights rounded too (make_decode_weights):
+//                                      bfloat16 cache and weights (3), half cache and weights (4)
 //   BM_DecodeStepThreads/h_kv/cache/threads   the same, h_kv = 8, on 1 and 2 threads (wall clock)
 //   BM_DecodeAttention/h_kv/cache/storage     the attention alone of one decode step (one query per
 //                                      head over the cached keys and values, no projection)
@@ -59,6 +61,7 @@
 #include <cstdint>
 #include <set>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -86,11 +89,11 @@ double step_flops(double p, double kv_heads) {
   return 2.0 * d * q_width + 4.0 * d * kv_width + 2.0 * q_width * d + 4.0 * (p + 1.0) * q_width;
 }
 
-/// Bytes a decode step at position p must read: the four projection matrices (float) and p + 1
-/// cached keys and values of `stored` bytes each.
-double step_bytes(double p, double kv_heads, double stored = sizeof(float)) {
+/// Bytes a decode step at position p must read: the four projection matrices (numbers of `weight`
+/// bytes) and p + 1 cached keys and values of `stored` bytes each.
+double step_bytes(double p, double kv_heads, double stored = sizeof(float), double weight = sizeof(float)) {
   const double d = kDModel, q_width = kHeads * kHeadWidth, kv_width = kv_heads * kHeadWidth;
-  return sizeof(float) * (2.0 * d * q_width + 2.0 * d * kv_width) + stored * (p + 1.0) * 2.0 * kv_width;
+  return weight * (2.0 * d * q_width + 2.0 * d * kv_width) + stored * (p + 1.0) * 2.0 * kv_width;
 }
 
 /// Useful flops of the causal forward pass over n tokens (bench_forward's formula).
@@ -158,35 +161,46 @@ mha::KVCache<float, Storage> filled_cache(const mha::MultiHeadAttention<float>& 
 }
 
 /// One decode step over a cache of `length` tokens, with `kv_heads` heads of keys and values, the
-/// cache's numbers kept as Storage.
-template <typename Storage = float>
+/// cache's numbers kept as Storage, the projection weights the module's (float) or rounded to
+/// WeightStorage.
+template <typename Storage = float, typename WeightStorage = float>
 void run_decode_step(benchmark::State& state, Index kv_heads, Index length) {
   const auto attn = make_module(kv_heads);
   auto cache = filled_cache<Storage>(attn, length);
   const mha::AttentionOptions options;
   const Matrix token = random_matrix(1, kDModel, 3);  // 1 × d_model
   Matrix y;                                           // 1 × d_model
-  for (auto _ : state) {
-    attn.decode(token, cache, y, options);  // allocates nothing
-    benchmark::DoNotOptimize(y.data());
-    cache.truncate(length);  // back to `length`: every iteration decodes at the same position
-    benchmark::ClobberMemory();
-  }
+  const auto step = [&](const auto&... weights) {
+    for (auto _ : state) {
+      attn.decode(token, cache, weights..., y, options);  // allocates nothing
+      benchmark::DoNotOptimize(y.data());
+      cache.truncate(length);  // back to `length`: every iteration decodes at the same position
+      benchmark::ClobberMemory();
+    }
+  };
+  if constexpr (std::is_same<WeightStorage, float>::value)
+    step();
+  else
+    step(attn.make_decode_weights<WeightStorage>());
   const double p = static_cast<double>(length), h_kv = static_cast<double>(kv_heads);
   set_rate(state, "FLOPS", step_flops(p, h_kv));
-  state.SetBytesProcessed(static_cast<std::int64_t>(step_bytes(p, h_kv, sizeof(Storage))) * state.iterations());
+  state.SetBytesProcessed(static_cast<std::int64_t>(step_bytes(p, h_kv, sizeof(Storage), sizeof(WeightStorage))) *
+                          state.iterations());
   state.counters["cache_MiB"] = static_cast<double>(cache.bytes()) / (1 << 20);
 }
 
 /// Args {h_kv, cache}.
 void BM_DecodeStep(benchmark::State& state) { run_decode_step(state, state.range(0), state.range(1)); }
 
-/// Args {h_kv, cache, storage}: storage 0 float, 1 bfloat16, 2 half (the same run as float, to compare).
+/// Args {h_kv, cache, storage}: storage 0 float, 1 bfloat16, 2 half (the same run as float, to
+/// compare); 3 bfloat16 and 4 half for the weights as well.
 void BM_DecodeStepStorage(benchmark::State& state) {
   const Index storage = state.range(2);
   if (storage == 0) run_decode_step<float>(state, state.range(0), state.range(1));
   if (storage == 1) run_decode_step<Eigen::bfloat16>(state, state.range(0), state.range(1));
   if (storage == 2) run_decode_step<Eigen::half>(state, state.range(0), state.range(1));
+  if (storage == 3) run_decode_step<Eigen::bfloat16, Eigen::bfloat16>(state, state.range(0), state.range(1));
+  if (storage == 4) run_decode_step<Eigen::half, Eigen::half>(state, state.range(0), state.range(1));
 }
 
 /// The attention alone of one decode step over a cache of `length` tokens of Storage.
@@ -254,6 +268,12 @@ void storage_grid(benchmark::internal::Benchmark* b) {
       for (int storage : {0, 1, 2}) b->Args({kv_heads, length, storage});
 }
 
+void step_storage_grid(benchmark::internal::Benchmark* b) {
+  for (int length : {1024, 4096, 8192, 32768})
+    for (int kv_heads : {8, 2, 1})
+      for (int storage : {0, 1, 2, 3, 4}) b->Args({kv_heads, length, storage});
+}
+
 /// The bytes of the keys and values of a cache of `length` tokens with `kv_heads` heads, each number `width` bytes.
 std::int64_t cache_bytes(int kv_heads, int length, int width) {
   return std::int64_t{2} * length * kv_heads * kHeadWidth * width;
@@ -276,7 +296,7 @@ BENCHMARK(BM_GenerateCached)->ArgName("tokens")->Arg(1024)->Unit(benchmark::kMil
 BENCHMARK(BM_GenerateRecompute)->ArgName("tokens")->Arg(1024)->Iterations(1)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_DecodeStep)->Apply(decode_grid)->ArgNames({"h_kv", "cache"})->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_DecodeStepStorage)
-    ->Apply(storage_grid)
+    ->Apply(step_storage_grid)
     ->ArgNames({"h_kv", "cache", "storage"})
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_DecodeAttention)

@@ -93,7 +93,8 @@ TYPED_TEST(DecodeAllocations, TheCounterSeesAllocations) {
 }
 
 /// One token a step, into caches with room: multi-head, grouped-query with rotary and biases, a
-/// window, caches of bfloat16 and half, a rolling cache, a batch of two sequences; on one thread
+/// window, caches of bfloat16 and half, a rolling cache, projection weights of bfloat16, a batch of
+/// two sequences; on one thread
 /// and on two, over more than a part of keys (the parts of 512 keys grow in number as it fills).
 TYPED_TEST(DecodeAllocations, DecodeStepsIntoACacheWithRoomAllocateNothing) {
   using Matrix = Eigen::Matrix<TypeParam, Eigen::Dynamic, Eigen::Dynamic>;
@@ -135,6 +136,22 @@ TYPED_TEST(DecodeAllocations, DecodeStepsIntoACacheWithRoomAllocateNothing) {
       expect_none("bfloat16", gqa, bf16, {});
       auto half = gqa.template make_cache<Eigen::half>(1, kRoom);
       expect_none("half", gqa, half, {});
+    }
+    {
+      // Projection weights of bfloat16 (make_decode_weights), with a bfloat16 cache: one token
+      // and a batch of two.
+      const auto weights = gqa.template make_decode_weights<Eigen::bfloat16>();
+      auto bf16 = gqa.template make_cache<Eigen::bfloat16>(1, kRoom);
+      gqa.decode(prompt, bf16, weights, y);
+      gqa.decode(token, bf16, weights, y);
+      EXPECT_EQ(allocations_of(kSteps, [&](Index) { gqa.decode(token, bf16, weights, y); }), 0) << "bfloat16 weights";
+      auto two = gqa.template make_cache<Eigen::bfloat16>(2, kRoom);
+      const std::vector<Index> ones{1, 1};
+      gqa.decode_batch(pair, ones, two, weights, y);
+      gqa.decode_batch(pair, ones, two, weights, y);
+      EXPECT_EQ(allocations_of(kSteps, [&](Index) { gqa.decode_batch(pair, ones, two, weights, y); }), 0)
+          << "bfloat16 weights, a batch";
+      EXPECT_TRUE(y.allFinite());
     }
     {
       auto cache = gqa.make_cache(2, kRoom);

@@ -3,6 +3,7 @@
 
 #include <mha/attention.hpp>
 #include <mha/config.hpp>
+#include <mha/decode_weights.hpp>
 #include <mha/error.hpp>
 #include <mha/kv_cache.hpp>
 #include <mha/mask.hpp>

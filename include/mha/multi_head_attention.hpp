@@ -5,11 +5,13 @@
 
 #include <mha/attention.hpp>
 #include <mha/config.hpp>
+#include <mha/decode_weights.hpp>
 #include <mha/detail/batch.hpp>
 #include <mha/detail/cache_reads.hpp>
 #include <mha/detail/checks.hpp>
 #include <mha/detail/products.hpp>
 #include <mha/detail/projection_backward.hpp>
+#include <mha/detail/stored_products.hpp>
 #include <mha/detail/visibility.hpp>
 #include <mha/kv_cache.hpp>
 #include <mha/mask.hpp>
@@ -240,6 +242,16 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     return KVCache<Scalar, Storage>::rolling(config_, window, sequences);
   }
 
+  /// \returns this module's W^Q, W^K, W^V and W^O rounded to Storage (Eigen::bfloat16 or
+  /// Eigen::half), for decode steps that read half the bytes of float weights:
+  /// decode(x, cache, weights). A snapshot of the weights as they are now. See DecodeWeights.
+  template <typename Storage>
+  DecodeWeights<Scalar, Storage> make_decode_weights() const {
+    static_assert(std::is_same<Storage, Eigen::bfloat16>::value || std::is_same<Storage, Eigen::half>::value,
+                  "mha::MultiHeadAttention::make_decode_weights: Storage is Eigen::bfloat16 or Eigen::half");
+    return DecodeWeights<Scalar, Storage>(identity_, w_q_, w_k_, w_v_, w_o_);
+  }
+
   /// A decode step of causal self-attention: the new tokens x (L_new × d_model) of the cache's one
   /// sequence are projected, their keys and values appended to the cache, and their queries
   /// attend to everything cached, new token i of a sequence that held n tokens at position n + i
@@ -289,6 +301,41 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   void decode_batch(const Eigen::MatrixBase<Derived>& x, const std::vector<Index>& new_lengths,
                     KVCache<Scalar, Storage>& cache, Matrix& out, const AttentionOptions& options = {}) const {
     run_decode(x, new_lengths, cache, options, out, "MultiHeadAttention::decode_batch");
+  }
+
+  /// decode() and decode_batch() with the projection weights `weights` (make_decode_weights) in
+  /// place of the module's own: each step reads them, half the bytes of float weights. In every
+  /// other way the same steps, with the same caches.
+  template <typename Derived, typename Storage, typename WeightStorage>
+  Matrix decode(const Eigen::MatrixBase<Derived>& x, KVCache<Scalar, Storage>& cache,
+                const DecodeWeights<Scalar, WeightStorage>& weights, const AttentionOptions& options = {}) const {
+    Matrix out;
+    decode(x, cache, weights, out, options);
+    return out;
+  }
+  template <typename Derived, typename Storage, typename WeightStorage>
+  void decode(const Eigen::MatrixBase<Derived>& x, KVCache<Scalar, Storage>& cache,
+              const DecodeWeights<Scalar, WeightStorage>& weights, Matrix& out,
+              const AttentionOptions& options = {}) const {
+    if (cache.sequences() != 1)
+      detail::fail("MultiHeadAttention::decode: the cache holds ", cache.sequences(),
+                   " sequences; decode_batch takes the new tokens of each");
+    cache.workspace_.new_lengths.assign(1, x.rows());
+    run_decode(x, cache.workspace_.new_lengths, cache, options, out, "MultiHeadAttention::decode", &weights);
+  }
+  template <typename Derived, typename Storage, typename WeightStorage>
+  Matrix decode_batch(const Eigen::MatrixBase<Derived>& x, const std::vector<Index>& new_lengths,
+                      KVCache<Scalar, Storage>& cache, const DecodeWeights<Scalar, WeightStorage>& weights,
+                      const AttentionOptions& options = {}) const {
+    Matrix out;
+    run_decode(x, new_lengths, cache, options, out, "MultiHeadAttention::decode_batch", &weights);
+    return out;
+  }
+  template <typename Derived, typename Storage, typename WeightStorage>
+  void decode_batch(const Eigen::MatrixBase<Derived>& x, const std::vector<Index>& new_lengths,
+                    KVCache<Scalar, Storage>& cache, const DecodeWeights<Scalar, WeightStorage>& weights, Matrix& out,
+                    const AttentionOptions& options = {}) const {
+    run_decode(x, new_lengths, cache, options, out, "MultiHeadAttention::decode_batch", &weights);
   }
 
   /// A cross-attention memory for decoding, as encoder-decoder generation uses it: the keys
@@ -370,11 +417,12 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
                      const std::vector<Index>& key_lengths, const AttentionOptions& options, Record record,
                      const char* caller, Abi = {}) const;
 
-  /// The decode step of decode() and decode_batch().
-  template <typename Storage>
+  /// The decode step of decode() and decode_batch(), with the module's weights, or with `weights`
+  /// where they are given.
+  template <typename Storage, typename WeightStorage = Scalar>
   void run_decode(const detail::Input<Scalar>& x, const std::vector<Index>& new_lengths,
                   KVCache<Scalar, Storage>& cache, const AttentionOptions& options, Matrix& out, const char* caller,
-                  Abi = {}) const;
+                  const DecodeWeights<Scalar, WeightStorage>* weights = nullptr, Abi = {}) const;
 
   /// The attention of a decode step: the new tokens' queries q (ΣL_new × h·d_k) over their
   /// sequences' cached keys and values (batch: the new lengths, and the cache's lengths after the
@@ -423,7 +471,58 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   /// are then turned by their positions.
   void project_inputs(const detail::ConstMatrixRef<Scalar>& query, const detail::ConstMatrixRef<Scalar>& key,
                       const detail::ConstMatrixRef<Scalar>& value, const std::vector<Index>& query_positions,
-                      const std::vector<Index>& key_positions, Matrix& q, Matrix& k, Matrix& v) const;
+                      const std::vector<Index>& key_positions, Matrix& q, Matrix& k, Matrix& v) const {
+    project_inputs(query, key, value, query_positions, key_positions, q, k, v, w_q_, w_k_, w_v_);
+  }
+  /// The same with other weights of the same shapes in place of W^Q, W^K and W^V.
+  void project_inputs(const detail::ConstMatrixRef<Scalar>& query, const detail::ConstMatrixRef<Scalar>& key,
+                      const detail::ConstMatrixRef<Scalar>& value, const std::vector<Index>& query_positions,
+                      const std::vector<Index>& key_positions, Matrix& q, Matrix& k, Matrix& v, const Matrix& w_q,
+                      const Matrix& w_k, const Matrix& w_v) const;
+
+  /// A decode step's projections of its new tokens x into work.q, work.k and work.v, at
+  /// work.positions: with the module's weights, or with `weights` where they are given (a step of
+  /// a few tokens reading them in place, a longer one converting them first).
+  template <typename WeightStorage>
+  void project_step_inputs(const detail::Input<Scalar>& x, const DecodeWeights<Scalar, WeightStorage>* weights,
+                           detail::DecodeWorkspace<Scalar>& work) const {
+    if constexpr (!std::is_same<WeightStorage, Scalar>::value) {
+      if (weights && x.rows() <= detail::kStoredProductRows) {
+        work.q.resize(x.rows(), w_q_.cols());
+        work.k.resize(x.rows(), w_k_.cols());
+        work.v.resize(x.rows(), w_v_.cols());
+        detail::stored_products<Scalar, WeightStorage>(
+            x, {{&weights->w_q_, &b_q_, &work.q}, {&weights->w_k_, &b_k_, &work.k}, {&weights->w_v_, &b_v_, &work.v}},
+            work.stored);
+        if (config_.rotary) {
+          const RotaryEmbedding rotary(config_);
+          rotary.rotate(work.q, work.positions.data());
+          rotary.rotate(work.k, work.positions.data());
+        }
+      } else if (weights) {
+        project_inputs(x, x, x, work.positions, work.positions, work.q, work.k, work.v,
+                       weights->w_q_.template cast<Scalar>(), weights->w_k_.template cast<Scalar>(),
+                       weights->w_v_.template cast<Scalar>());
+      }
+      if (weights) return;
+    }
+    project_inputs(x, x, x, work.positions, work.positions, work.q, work.k, work.v);
+  }
+  /// A decode step's out = work.concat · W^O + b^O, as project_step_inputs.
+  template <typename WeightStorage>
+  void project_step_output(const DecodeWeights<Scalar, WeightStorage>* weights, detail::DecodeWorkspace<Scalar>& work,
+                           Matrix& out) const {
+    if constexpr (!std::is_same<WeightStorage, Scalar>::value) {
+      if (weights && work.concat.rows() <= detail::kStoredProductRows) {
+        out.resize(work.concat.rows(), d_model());
+        detail::stored_products<Scalar, WeightStorage>(work.concat, {{&weights->w_o_, &b_o_, &out}}, work.stored);
+      } else if (weights) {
+        project_output(work.concat, out, weights->w_o_.template cast<Scalar>());
+      }
+      if (weights) return;
+    }
+    project_output(work.concat, out);
+  }
 
   /// \returns concat · W^O + b^O, in row blocks in parallel.
   Matrix project_output(const Matrix& concat) const {
@@ -431,11 +530,13 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     project_output(concat, output);
     return output;
   }
-  /// output = concat · W^O + b^O, output resized unless it has the shape already.
-  void project_output(const Matrix& concat, Matrix& output) const {
+  /// output = concat · W^O + b^O, output resized unless it has the shape already; with `w_o`, that
+  /// matrix in place of W^O.
+  void project_output(const Matrix& concat, Matrix& output) const { project_output(concat, output, w_o_); }
+  void project_output(const Matrix& concat, Matrix& output, const Matrix& w_o) const {
     output.resize(concat.rows(), d_model());
     detail::RowBlockJobs<Scalar> jobs;
-    jobs.product(detail::operand(concat), detail::operand(w_o_), output, false, &b_o_);
+    jobs.product(detail::operand(concat), detail::operand(w_o), output, false, &b_o_);
     jobs.run();
   }
 
@@ -720,11 +821,16 @@ auto MultiHeadAttention<Scalar_>::run_forward(const detail::Input<Scalar>& query
 /// A decode step: the new tokens' keys and values appended to the cache, their queries attending to
 /// it, in the memory the cache keeps for its steps.
 template <typename Scalar_>
-template <typename Storage>
+template <typename Storage, typename WeightStorage>
 void MultiHeadAttention<Scalar_>::run_decode(const detail::Input<Scalar>& x, const std::vector<Index>& new_lengths,
                                              KVCache<Scalar, Storage>& cache, const AttentionOptions& options,
-                                             Matrix& out, const char* caller, Abi) const {
+                                             Matrix& out, const char* caller,
+                                             const DecodeWeights<Scalar, WeightStorage>* weights, Abi) const {
   const detail::CacheOwner owner = check_decode(x, new_lengths, cache, options, caller);
+  if (weights && weights->module_ != identity_)
+    detail::fail(caller,
+                 ": the weights were made by another module (or by this one before it was assigned to); use "
+                 "make_decode_weights()");
   detail::DecodeWorkspace<Scalar>& work = cache.workspace_;
   // New token i of sequence b, which had n tokens, is at position n + i: the bottom-right
   // alignment of the new tokens over all the sequence's tokens (the positions rotary turns by).
@@ -736,7 +842,7 @@ void MultiHeadAttention<Scalar_>::run_decode(const detail::Input<Scalar>& x, con
 
   // 1. Project the new tokens, and append their keys and values to the cache. If anything
   //    throws from here on (std::bad_alloc, say), the cache is rolled back to the tokens it held.
-  project_inputs(x, x, x, work.positions, work.positions, work.q, work.k, work.v);
+  project_step_inputs(x, weights, work);
   cache.append(owner, new_lengths, work.k, work.v);
   // The keys attended are those held: all of them, or a rolling cache's last ones, which are
   // still aligned bottom-right with the new tokens.
@@ -746,7 +852,7 @@ void MultiHeadAttention<Scalar_>::run_decode(const detail::Input<Scalar>& x, con
   try {
     // 2. Attend over the cache, 3. concatenate and project with W^O.
     attend_to_cache(work.q, work.batch, cache, static_cast<Scalar>(owner.scale), options.window, true, work);
-    project_output(work.concat, out);
+    project_step_output(weights, work, out);
   } catch (...) {
     for (std::size_t b = 0; b < new_lengths.size(); ++b)
       cache.truncate(static_cast<Index>(b), work.lengths_after[b] - new_lengths[b]);
@@ -938,7 +1044,8 @@ void MultiHeadAttention<Scalar_>::project_inputs(const detail::ConstMatrixRef<Sc
                                                  const detail::ConstMatrixRef<Scalar>& value,
                                                  const std::vector<Index>& query_positions,
                                                  const std::vector<Index>& key_positions, Matrix& q, Matrix& k,
-                                                 Matrix& v) const {
+                                                 Matrix& v, const Matrix& w_q, const Matrix& w_k,
+                                                 const Matrix& w_v) const {
   q.resize(query.rows(), w_q_.cols());
   k.resize(key.rows(), w_k_.cols());
   v.resize(value.rows(), w_v_.cols());
@@ -947,9 +1054,9 @@ void MultiHeadAttention<Scalar_>::project_inputs(const detail::ConstMatrixRef<Sc
     return detail::RowRotation{rotary ? &*rotary : nullptr, positions.data()};
   };
   detail::RowBlockJobs<Scalar> jobs;
-  jobs.product(detail::operand(query), detail::operand(w_q_), q, false, &b_q_, rotation(query_positions));
-  jobs.product(detail::operand(key), detail::operand(w_k_), k, false, &b_k_, rotation(key_positions));
-  jobs.product(detail::operand(value), detail::operand(w_v_), v, false, &b_v_);
+  jobs.product(detail::operand(query), detail::operand(w_q), q, false, &b_q_, rotation(query_positions));
+  jobs.product(detail::operand(key), detail::operand(w_k), k, false, &b_k_, rotation(key_positions));
+  jobs.product(detail::operand(value), detail::operand(w_v), v, false, &b_v_);
   jobs.run();
 }
 
@@ -995,7 +1102,8 @@ struct ModuleSteps {
 #define MHA_DECODING_PASSES(EXTERN, S, STORAGE)                                                                       \
   EXTERN template void MultiHeadAttention<S>::run_decode<STORAGE>(                                                    \
       const detail::Input<S>&, const std::vector<Eigen::Index>&, KVCache<S, STORAGE>&, const AttentionOptions&,       \
-      MultiHeadAttention<S>::Matrix&, const char*, detail::EigenAlignment<EIGEN_MAX_ALIGN_BYTES>) const;              \
+      MultiHeadAttention<S>::Matrix&, const char*, const DecodeWeights<S, S>*,                                        \
+      detail::EigenAlignment<EIGEN_MAX_ALIGN_BYTES>) const;                                                           \
   EXTERN template KVCache<S, STORAGE> MultiHeadAttention<S>::run_make_cross_cache<STORAGE>(                           \
       const detail::Input<S>&, const detail::Input<S>&, std::vector<Eigen::Index>,                                    \
       detail::EigenAlignment<EIGEN_MAX_ALIGN_BYTES>) const;                                                           \

@@ -5,6 +5,7 @@
 #include <mha/attention.hpp>
 #include <mha/detail/batch.hpp>
 #include <mha/detail/cache_reads.hpp>
+#include <mha/detail/stored_products.hpp>
 
 #include <Eigen/Core>
 
@@ -54,6 +55,7 @@ struct DecodeWorkspace {
   /// Per sequence: query head i's part c's output at (i·parts + c)·d_v, its log-sum-exp at i·parts + c.
   std::vector<Column<Scalar>> part_outs, part_lses;
   std::vector<DecodeThreadScratch<Scalar>> threads;  ///< indexed by thread_index()
+  StoredProductScratch<Scalar> stored;               ///< the projections with DecodeWeights
 };
 
 }  // namespace detail
