@@ -9,7 +9,7 @@
 Reads the families of bench/bench_decode.cpp: BM_GenerateCached/tokens:…,
 BM_GenerateRecompute/tokens:…/iterations:1, BM_DecodeStep/h_kv:…/cache:… and
 BM_DecodeStepThreads/h_kv:…/cache:…/threads:…/real_time, and by storage (K = 0 f32, 1 bf16,
-2 half) BM_DecodeStepStorage/h_kv:…/cache:…/storage:K, BM_DecodeAttention/h_kv:…/cache:…/storage:K
+2 half; 3, 4 bf16, half with the weights rounded too) BM_DecodeStepStorage/h_kv:…/cache:…/storage:K, BM_DecodeAttention/h_kv:…/cache:…/storage:K
 and BM_StreamRead/bytes:B; families missing from the JSON leave their tables or cells out. For every case it takes the median
 aggregate when the run had repetitions, else the mean of the iteration runs; CPU time, except for
 names ending in /real_time (wall clock).
@@ -48,7 +48,8 @@ STEP_THREADS = "BM_DecodeStepThreads"
 STEP_STORAGE = "BM_DecodeStepStorage"
 ATTENTION = "BM_DecodeAttention"
 STREAM = "BM_StreamRead"
-STORAGES = {0: ("f32", 4), 1: ("bf16", 2), 2: ("half", 2)}  # storage argument: name, bytes per number
+# storage argument: name, bytes per cached number, bytes per weight (3, 4: make_decode_weights too)
+STORAGES = {0: ("f32", 4, 4), 1: ("bf16", 2, 4), 2: ("half", 2, 4), 3: ("bf16+W", 2, 2), 4: ("half+W", 2, 2)}
 README_LENGTHS = (1024, 4096, 8192, 32768)
 README_KV_HEADS = (8, 2, 1)
 TO_US = {"ns": 1e-3, "us": 1.0, "ms": 1e3, "s": 1e6}
@@ -153,9 +154,10 @@ class Decode:
         """The cached keys and values a step over `length` tokens reads: 2·S·h_kv·d_k numbers."""
         return 2 * length * kv_heads * self.d_k * STORAGES[storage][1]
 
-    def weight_bytes(self, kv_heads):
-        """The float projection weights of a decode step: W^Q, W^O (d × h·d_k), W^K, W^V (d × h_kv·d_k)."""
-        return 4 * (2 * self.d * self.heads * self.d_k + 2 * self.d * kv_heads * self.d_k)
+    def weight_bytes(self, kv_heads, storage=0):
+        """The projection weights of a decode step: W^Q, W^O (d × h·d_k), W^K, W^V (d × h_kv·d_k), of
+        float, or of bfloat16 or half for the storages that round them too."""
+        return STORAGES[storage][2] * (2 * self.d * self.heads * self.d_k + 2 * self.d * kv_heads * self.d_k)
 
     def kv_name(self, kv_heads):
         return "MHA" if kv_heads == self.heads else KV_NAMES.get(kv_heads, "GQA")
@@ -260,7 +262,11 @@ def storage_tables(m):
         attention = family == ATTENTION
         header = ["S", "h_kv"]
         for s in storages:
-            header += [f"{STORAGES[s][0]} µs", f"{STORAGES[s][0]} GB/s"] + ([f"{STORAGES[s][0]} ÷ stream"] if attention else [])
+            header += [f"{STORAGES[s][0]} µs", f"{STORAGES[s][0]} GB/s"]
+            if attention:
+                header.append(f"{STORAGES[s][0]} ÷ stream")
+            elif s != 0 and 0 in storages:
+                header.append(f"f32 ÷ {STORAGES[s][0]}")
         if attention:
             header.append("stream GB/s (f32 bytes)")
         rows = []
@@ -269,7 +275,7 @@ def storage_tables(m):
                 row, any_run = [str(length), str(h_kv)], False
                 for s in storages:
                     run = m.by_storage(family, h_kv, length, s)
-                    nbytes = m.kv_bytes(h_kv, length, s) + (0 if attention else m.weight_bytes(h_kv))
+                    nbytes = m.kv_bytes(h_kv, length, s) + (0 if attention else m.weight_bytes(h_kv, s))
                     if run:
                         any_run = True
                         row += [fmt_us(run["us"]), f"{gbps(nbytes, run):.1f}"]
@@ -278,6 +284,9 @@ def storage_tables(m):
                     if attention:
                         stream = m.stream(nbytes)
                         row.append(f"{gbps(nbytes, run) / gbps(nbytes, stream):.2f}" if run and stream else "–")
+                    elif s != 0 and 0 in storages:
+                        exact = m.by_storage(family, h_kv, length, 0)
+                        row.append(f"{exact['us'] / run['us']:.2f}×" if run and exact else "–")
                 if attention:
                     stream_bytes = m.kv_bytes(h_kv, length, 0)
                     stream = m.stream(stream_bytes)
@@ -296,8 +305,9 @@ def storage_tables(m):
             lines.append(f"### One decode step by storage, d_model = {m.d}, h = {m.heads}, one thread\n")
             lines.append("A whole layer: one new token projected, its key and value appended, its query "
                          "attending to S cached tokens, W^O. GB/s: the bytes a step must read, the cached keys "
-                         f"and values (2·S·h_kv·{m.d_k} numbers of 4 or 2 bytes) and the float weights "
-                         f"(4 B × (2·{m.d}·{m.heads * m.d_k} + 2·{m.d}·h_kv·{m.d_k})), per second.\n")
+                         f"and values (2·S·h_kv·{m.d_k} numbers of 4 or 2 bytes) and the weights "
+                         f"(2·{m.d}·{m.heads * m.d_k} + 2·{m.d}·h_kv·{m.d_k} numbers of 4 bytes, or of 2 for "
+                         "+W: make_decode_weights), per second; f32 ÷ x: the f32 step's time over this one's.\n")
         lines.append(markdown(header, rows, ["r"] * len(header)) + "\n")
     return lines
 
