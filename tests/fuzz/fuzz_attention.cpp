@@ -19,8 +19,9 @@
 //   - oracles, for plain input (every number 0 or normal with |x| ≤ 4, the scale at most 1): a
 //     rolling cache's outputs equal those of a cache that keeps every token (same module, steps and
 //     window) within 1e-4 (float) or 1e-10 (double), relative (max |difference| / max |output|), and
-//     a bfloat16 (half) cache's or memory's outputs are within 1e-2 (2e-3) of a Scalar one's; the
-//     cache compared against accepts and rejects the same steps.
+//     a bfloat16 (half) cache's or memory's outputs are within 1e-2 (2e-3) of a Scalar one's, also
+//     on the steps (every third) that read the projection weights rounded to the cache's storage
+//     (make_decode_weights); the cache compared against accepts and rejects the same steps.
 // Built with clang's -fsanitize=fuzzer; fuzz_replay.cpp runs the same function over the committed
 // corpus in every build, so each input the fuzzer ever found becomes a regression test.
 #include <mha/mha.hpp>
@@ -445,6 +446,13 @@ bool self_decoding(Bytes& in, const mha::MultiHeadAttention<Scalar>& attn, int s
     exact.emplace(rolling ? attn.make_rolling_cache(window, sequences) : attn.make_cache(sequences, max_length));
   std::optional<mha::KVCache<Scalar, Storage>> full;  // keeps every token, for the rolling cache
   if (rolling) full.emplace(attn.template make_cache<Storage>(sequences));
+  // A reduced cache's steps read, every third, the projection weights rounded to its storage too.
+  const auto weights = [&] {
+    if constexpr (reduced)
+      return std::optional(attn.template make_decode_weights<Storage>());
+    else
+      return 0;
+  }();
   // The rows a rolling cache's sequence has room for, allocated at once (1.1 × window; 16 more at
   // least), and the largest step so far, which may make a sequence's room larger.
   const auto per_row =
@@ -505,7 +513,22 @@ bool self_decoding(Bytes& in, const mha::MultiHeadAttention<Scalar>& attn, int s
     // Every other step through the form that writes into a matrix (of another shape, to be resized),
     // which must give what the returning form gives.
     const bool into = step % 2 == 0;
+    const bool with_weights = reduced && step % 3 == 0;
     const auto decode = [&](auto& c) -> Matrix<Scalar> {
+      if constexpr (reduced) {
+        // The caches of Storage (the one checked, and the full cache it is compared with): with the
+        // rounded weights; the Scalar cache, as ever.
+        if (with_weights && std::is_same<std::decay_t<decltype(c)>, mha::KVCache<Scalar, Storage>>::value) {
+          if (!into)
+            return sequences == 1 ? attn.decode(x, c, *weights, o) : attn.decode_batch(x, lengths, c, *weights, o);
+          Matrix<Scalar> y = Matrix<Scalar>::Constant(3, 2, Scalar(7));
+          if (sequences == 1)
+            attn.decode(x, c, *weights, y, o);
+          else
+            attn.decode_batch(x, lengths, c, *weights, y, o);
+          return y;
+        }
+      }
       if (!into) return sequences == 1 ? attn.decode(x, c, o) : attn.decode_batch(x, lengths, c, o);
       Matrix<Scalar> y = Matrix<Scalar>::Constant(3, 2, Scalar(7));
       if (sequences == 1)
