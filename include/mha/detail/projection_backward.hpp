@@ -32,6 +32,17 @@ Matrix<Scalar> output_projection_backward(const AttentionParameters<Scalar>& wei
   return d_concat;
 }
 
+/// With rotary embeddings, turns the rows of ∂loss/∂q (or ∂loss/∂k) back in place by their
+/// positions: the rotation's transpose, the backward of turning them.
+template <typename Scalar>
+void turn_back(const MultiHeadAttentionConfig& config, Matrix<Scalar>& d, const std::vector<Eigen::Index>& positions) {
+  if (!config.rotary) return;
+  const RotaryEmbedding rotary(config);
+  RowBlockJobs<Scalar> jobs;
+  jobs.rotate_back(d, {&rotary, positions.data()});
+  jobs.run();
+}
+
 /// The backward of q = query · W^Q + b^Q, its rows turned at their positions with rotary
 /// embeddings: given ∂loss/∂q (turned back in place by the rotation's transpose), \returns
 /// ∂loss/∂query and adds W^Q's and b^Q's gradients into `gradients`.
@@ -41,12 +52,8 @@ Matrix<Scalar> query_projection_backward(const AttentionParameters<Scalar>& weig
                                          const std::vector<Eigen::Index>& query_positions, Matrix<Scalar>& d_q,
                                          AttentionParameters<Scalar>& gradients) {
   const MultiHeadAttentionConfig& config = weights.config();
+  turn_back(config, d_q, query_positions);
   RowBlockJobs<Scalar> jobs;
-  if (config.rotary) {
-    const RotaryEmbedding rotary(config);
-    jobs.rotate_back(d_q, {&rotary, query_positions.data()});
-    jobs.run();
-  }
   Matrix<Scalar> d_query(query.rows(), config.d_model);
   jobs.product(operand(d_q), operand(weights.w_q()).t(), d_query);
   jobs.product(operand(query).t(), operand(d_q), gradients.w_q(), true);
@@ -65,12 +72,8 @@ void key_value_projections_backward(const AttentionParameters<Scalar>& weights, 
                                     Matrix<Scalar>& d_k, Matrix<Scalar>& d_v, AttentionParameters<Scalar>& gradients,
                                     Matrix<Scalar>& d_key, Matrix<Scalar>& d_value) {
   const MultiHeadAttentionConfig& config = weights.config();
+  turn_back(config, d_k, key_positions);
   RowBlockJobs<Scalar> jobs;
-  if (config.rotary) {
-    const RotaryEmbedding rotary(config);
-    jobs.rotate_back(d_k, {&rotary, key_positions.data()});
-    jobs.run();
-  }
   d_key.resize(key.rows(), config.kdim);
   d_value.resize(value.rows(), config.vdim);
   jobs.product(operand(d_k), operand(weights.w_k()).t(), d_key);
