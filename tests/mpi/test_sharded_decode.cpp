@@ -36,6 +36,23 @@ bool same_on_every_rank(const Matrix<Scalar>& m) {
   return mha_test::on_every_rank(first == m);
 }
 
+/// Decodes rows first … last − 1 of x, one a step, with one whole cache and with the sharded one:
+/// a failure for each step whose outputs differ by more than `tolerance` (relative), all_close
+/// false after any, and all_same false after any step whose output differs between ranks.
+template <typename Scalar>
+void decode_both(const MultiHeadAttention<Scalar>& module, mha::KVCache<Scalar>& whole, ShardedCache<Scalar>& sharded,
+                 const Matrix<Scalar>& x, Eigen::Index first, Eigen::Index last, const mha::AttentionOptions& options,
+                 double tolerance, bool& all_close, bool& all_same) {
+  for (Eigen::Index t = first; t < last; ++t) {
+    const Matrix<Scalar> expected = module.decode(x.row(t), whole, options);
+    const Matrix<Scalar> got = sharded.decode(x.row(t), options);
+    const auto close = mha_test::close(got, expected, tolerance);
+    if (!close) ADD_FAILURE() << "step " << t << ": " << close.message();
+    all_close = all_close && close;
+    all_same = same_on_every_rank(got) && all_same;
+  }
+}
+
 /// The shard length of every rank, by rank (collective).
 std::vector<Eigen::Index> gathered_shard_lengths(Eigen::Index mine) {
   std::vector<long long> all(static_cast<std::size_t>(mha_test::world_size()));
@@ -68,14 +85,7 @@ TYPED_TEST(ShardedDecode, EveryStepEqualsOneWholeCacheOnEveryRank) {
       auto whole = module.make_cache();
       ShardedCache<Scalar> sharded(module, MPI_COMM_WORLD);
       bool all_close = true, all_same = true;
-      for (Eigen::Index t = 0; t < T; ++t) {
-        const Matrix<Scalar> expected = module.decode(x.row(t), whole, options);
-        const Matrix<Scalar> got = sharded.decode(x.row(t), options);
-        const auto close = mha_test::close(got, expected, tolerance);
-        if (!close) ADD_FAILURE() << "step " << t << ": " << close.message();
-        all_close = all_close && close;
-        all_same = same_on_every_rank(got) && all_same;
-      }
+      decode_both(module, whole, sharded, x, 0, T, options, tolerance, all_close, all_same);
       EXPECT_TRUE(all_close) << "GQA and rotary " << gqa_rotary << ", window " << window;
       EXPECT_TRUE(all_same) << "GQA and rotary " << gqa_rotary << ", window " << window;
       // Round robin: every rank holds its share of the tokens.
@@ -129,14 +139,7 @@ TYPED_TEST(ShardedDecode, APromptPrefilledThroughTheRingThenDecodedEqualsOneWhol
           const auto prompt_close = mha_test::close(got_prompt, layout.local_rows(expected_prompt, rank), tolerance);
           if (!prompt_close) ADD_FAILURE() << "the prompt: " << prompt_close.message();
           all_close = mha_test::on_every_rank(static_cast<bool>(prompt_close));
-          for (Eigen::Index t = N; t < N + T; ++t) {
-            const Matrix<Scalar> expected = module.decode(x.row(t), whole, options);
-            const Matrix<Scalar> got = sharded.decode(x.row(t), options);
-            const auto close = mha_test::close(got, expected, tolerance);
-            if (!close) ADD_FAILURE() << "step " << t << ": " << close.message();
-            all_close = all_close && close;
-            all_same = same_on_every_rank(got) && all_same;
-          }
+          decode_both(module, whole, sharded, x, N, N + T, options, tolerance, all_close, all_same);
           const std::string what = std::string("GQA and rotary ") + (gqa_rotary ? "1" : "0") +
                                    ", N = " + std::to_string(N) + ", window " + std::to_string(window) + ", layout " +
                                    mha_test::name_of(kind);
