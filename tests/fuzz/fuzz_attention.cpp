@@ -513,12 +513,11 @@ bool self_decoding(Bytes& in, const mha::MultiHeadAttention<Scalar>& attn, int s
     // Every other step through the form that writes into a matrix (of another shape, to be resized),
     // which must give what the returning form gives.
     const bool into = step % 2 == 0;
-    const bool with_weights = reduced && step % 3 == 0;
     const auto decode = [&](auto& c) -> Matrix<Scalar> {
       if constexpr (reduced) {
         // The caches of Storage (the one checked, and the full cache it is compared with): with the
-        // rounded weights; the Scalar cache, as ever.
-        if (with_weights && std::is_same<std::decay_t<decltype(c)>, mha::KVCache<Scalar, Storage>>::value) {
+        // rounded weights, every third step; the Scalar cache, as ever.
+        if (step % 3 == 0 && std::is_same<std::decay_t<decltype(c)>, mha::KVCache<Scalar, Storage>>::value) {
           if (!into)
             return sequences == 1 ? attn.decode(x, c, *weights, o) : attn.decode_batch(x, lengths, c, *weights, o);
           Matrix<Scalar> y = Matrix<Scalar>::Constant(3, 2, Scalar(7));
