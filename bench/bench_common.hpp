@@ -37,6 +37,33 @@ inline std::string cpu_model() {
   return "";
 }
 
+/// The FMA peak of one core, for scale: independent multiply-adds of Eigen's widest float packet
+/// (16 floats with AVX-512, 8 with AVX2, 4 with SSE2) on registers only, kAccumulators chains deep
+/// so that the latency of each is hidden (4 cycles × 2 FMA units on current x86 cores need 8). The
+/// counter "FLOPS" counts 2 flops per lane per multiply-add. Without FMA (SSE2) pmadd is a multiply
+/// and an add, which is that build's peak too.
+inline void fma_peak(benchmark::State& state) {
+  using Packet = Eigen::internal::packet_traits<float>::type;
+  constexpr int kLanes = Eigen::internal::packet_traits<float>::size;
+  constexpr int kAccumulators = 12, kSteps = 4096;
+  const Packet a = Eigen::internal::pset1<Packet>(0.999999f), b = Eigen::internal::pset1<Packet>(1e-7f);
+  Packet acc[kAccumulators];
+  for (auto& x : acc) x = Eigen::internal::pset1<Packet>(1.0f);
+  for (auto _ : state) {
+    for (int step = 0; step < kSteps; ++step) {
+#if defined(__GNUC__)
+#pragma GCC unroll 12
+#endif
+      for (int i = 0; i < kAccumulators; ++i) acc[i] = Eigen::internal::pmadd(acc[i], a, b);
+    }
+    for (auto& x : acc) benchmark::DoNotOptimize(x);
+  }
+  state.counters["FLOPS"] =
+      benchmark::Counter(2.0 * kLanes * kAccumulators * kSteps, benchmark::Counter::kIsIterationInvariantRate,
+                         benchmark::Counter::kIs1000);
+  state.SetLabel(std::to_string(kLanes) + " floats per packet");
+}
+
 /// Runs the registered benchmarks with the CPU model, Eigen's version and SIMD, and `context` in
 /// the output's context, on one thread (mha's loops and Eigen's own products).
 inline int run(int argc, char** argv, const std::vector<std::pair<std::string, std::string>>& context) {
@@ -47,6 +74,16 @@ inline int run(int argc, char** argv, const std::vector<std::pair<std::string, s
                                                    std::to_string(EIGEN_MAJOR_VERSION) + "." +
                                                    std::to_string(EIGEN_MINOR_VERSION));
   benchmark::AddCustomContext("eigen_simd", Eigen::SimdInstructionSetsInUse());
+#ifdef EIGEN_USE_BLAS
+  // mha::blas: the products are the BLAS's (its name from the build, when it gave one).
+#ifdef MHA_BENCH_BLAS
+  benchmark::AddCustomContext("products", "BLAS (" MHA_BENCH_BLAS ")");
+#else
+  benchmark::AddCustomContext("products", "BLAS");
+#endif
+#else
+  benchmark::AddCustomContext("products", "Eigen");
+#endif
   mha::set_num_threads(1);
   Eigen::setNbThreads(1);
   benchmark::Initialize(&argc, argv);

@@ -2,18 +2,23 @@
 // for h ∈ {1, 2, 4, 8, 16} heads (d_k = d_v = d_model / h) and N from 64 to 4096 tokens, beside
 // the GEMM roof and the literal reference, all in one run. One thread unless a name says threads.
 //
+//   BM_FmaPeak                     one core's FMA peak: multiply-adds on registers only, the
+//                                  limit every rate below is a fraction of
 //   BM_GemmRoof/N                  Eigen's (N × 512)·(512 × 512) product: the best rate a dense
 //                                  product of this shape reaches here, the roof for the rest
 //   BM_MultiHeadAttention/h/N      mha::MultiHeadAttention<float>::forward(x)
 //   BM_MultiHeadAttentionCausal    the same with AttentionOptions::causal
-//   BM_MultiHeadAttentionThreads   h = 8, N = 2048 on 1 and 2 threads (wall-clock time)
+//   BM_MultiHeadAttentionThreads   h = 8, N = 1024, 2048, 4096 on 1 and 2 threads (wall clock)
+//   BM_Attention/h/N               the attention alone: mha::scaled_dot_product_attention of each
+//                                  of h heads (d_k = 512 / h) of given Q, K, V, no projections
+//   BM_AttentionCausal/h/N         the same, causal
 //   BM_Reference/h/N               the literal reference (tests/reference/reference_attention.hpp):
 //                                  per-head products, the full N × N score matrix, a scalar softmax
 //
 // The counter "FLOPS" is the rate of useful flops per forward pass,
 //   full:   8·N·d² (the Q, K, V and output projections) + 4·N²·d (Q_i K_iᵀ and P V_i, all heads),
 //   causal: 8·N·d² + 2·N·(N+1)·d (only the unmasked, lower-triangular half of the scores),
-// whatever the implementation actually computes.
+// whatever the implementation actually computes; for BM_Attention(Causal) only the second term.
 //
 //   bench_forward --benchmark_out=bench.json --benchmark_out_format=json
 //                 --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
@@ -85,6 +90,29 @@ void BM_MultiHeadAttentionThreads(benchmark::State& state) {
   mha::set_num_threads(1);
 }
 
+/// Args {h, N}: the attention of h heads of d_k = 512 / h on N × 512 queries, keys and values.
+void run_attention(benchmark::State& state, bool causal) {
+  const Eigen::Index h = state.range(0), n = state.range(1), d_k = kDModel / h;
+  const Matrix q = random_matrix(n, kDModel, 2), k = random_matrix(n, kDModel, 3), v = random_matrix(n, kDModel, 4);
+  Matrix out(n, kDModel);
+  mha::AttentionOptions options;
+  options.causal = causal;
+  for (auto _ : state) {
+    for (Eigen::Index i = 0; i < h; ++i)
+      out.middleCols(i * d_k, d_k) = mha::scaled_dot_product_attention(
+          q.middleCols(i * d_k, d_k), k.middleCols(i * d_k, d_k), v.middleCols(i * d_k, d_k), options);
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  const double nn = static_cast<double>(n), d = static_cast<double>(kDModel);
+  state.counters["FLOPS"] =
+      benchmark::Counter(causal ? 2.0 * nn * (nn + 1.0) * d : 4.0 * nn * nn * d,
+                         benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
+}
+
+void BM_Attention(benchmark::State& state) { run_attention(state, false); }
+void BM_AttentionCausal(benchmark::State& state) { run_attention(state, true); }
+
 /// Arg {N}: x · W with x of N × 512 and W of 512 × 512, the shape of each projection.
 void BM_GemmRoof(benchmark::State& state) {
   const Matrix x = random_matrix(state.range(0), kDModel, 2), w = random_matrix(kDModel, kDModel, 3);
@@ -119,8 +147,10 @@ void grid(benchmark::internal::Benchmark* b) {
     for (int h : kHeads) b->Args({h, n});
 }
 
+BENCHMARK(mha_bench::fma_peak)->Name("BM_FmaPeak");
 BENCHMARK(BM_GemmRoof)
     ->ArgName("N")
+    ->Arg(16)
     ->Arg(64)
     ->Arg(128)
     ->Arg(256)
@@ -130,18 +160,27 @@ BENCHMARK(BM_GemmRoof)
     ->Arg(4096)
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_MultiHeadAttention)
-    ->Apply(grid<64, 128, 256, 512, 1024, 2048, 4096>)
+    ->Apply(grid<16, 64, 128, 256, 512, 1024, 2048, 4096>)
     ->ArgNames({"h", "N"})
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_MultiHeadAttentionCausal)
-    ->Apply(grid<64, 128, 256, 512, 1024, 2048, 4096>)
+    ->Apply(grid<16, 64, 128, 256, 512, 1024, 2048, 4096>)
     ->ArgNames({"h", "N"})
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_MultiHeadAttentionThreads)
+    ->Args({8, 1024, 1})
+    ->Args({8, 1024, 2})
     ->Args({8, 2048, 1})
     ->Args({8, 2048, 2})
+    ->Args({8, 4096, 1})
+    ->Args({8, 4096, 2})
     ->ArgNames({"h", "N", "threads"})
     ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Attention)->ArgsProduct({{1, 8}, {256, 1024, 4096}})->ArgNames({"h", "N"})->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_AttentionCausal)
+    ->ArgsProduct({{1, 8}, {256, 1024, 4096}})
+    ->ArgNames({"h", "N"})
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_Reference)->Apply(grid<64, 512>)->ArgNames({"h", "N"})->Unit(benchmark::kMillisecond);
 // One forward pass of the reference at N = 2048 takes up to seconds: one iteration per repetition.

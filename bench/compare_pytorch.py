@@ -10,10 +10,10 @@ building bench/bench_forward:
     /usr/bin/python3 bench/compare_pytorch.py --skip-mha              # PyTorch only
 
 Needs PyTorch (Debian: python3-torch, 1.13, for /usr/bin/python3). The shapes: self-attention
-of x of shape (1, N, 512), N in {256, 1024, 4096}, h in {1, 8}, full and causal, f32.
+of x of shape (1, N, 512), N in {16, 256, 1024, 4096}, h in {1, 8}, full and causal, f32.
 
 mha: runs the benchmark binary with
-    --benchmark_filter='^BM_MultiHeadAttention(Causal)?/h:(1|8)/N:(256|1024|4096)$'
+    --benchmark_filter='^BM_MultiHeadAttention(Causal)?/h:(1|8)/N:(16|256|1024|4096)$'
     --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
 and a temporary --benchmark_out JSON (its console output goes to stderr), or reads the JSON given
 with --mha-json. Its time is the median of the repetitions, wall clock (real_time).
@@ -35,6 +35,7 @@ too) and >= 4 at N = 4096 (causal, h = 8).
 """
 
 import argparse
+import math
 import os
 import statistics
 import subprocess
@@ -47,9 +48,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from summarize import CAUSAL, LIBRARY, context_line, load  # noqa: E402
 
 D_MODEL = 512
-LENGTHS = (256, 1024, 4096)
+LENGTHS = (16, 256, 1024, 4096)
 HEADS = (1, 8)
-FILTER = r"^BM_MultiHeadAttention(Causal)?/h:(1|8)/N:(256|1024|4096)$"
+FILTER = r"^BM_MultiHeadAttention(Causal)?/h:(1|8)/N:(16|256|1024|4096)$"
 DEFAULT_BENCH = os.path.join("build", "bench", "bench_forward")
 # (N, h, causal, minimum speed-up of mha over PyTorch)
 TARGETS = ((1024, 8, False, 2.0), (1024, 1, False, 2.0), (4096, 8, True, 4.0))
@@ -314,6 +315,14 @@ def main():
 
     if notes:
         print("\n" + "  \n".join(notes))
+
+    speedups = [torch_results[(n, h, c)][0] / mha[(n, h, c)] for n in args.lengths for h in HEADS
+                for c in (False, True) if mha.get((n, h, c))]
+    if speedups:
+        geomean = math.exp(sum(math.log(x) for x in speedups) / len(speedups))
+        slower = sum(1 for x in speedups if x < 1)
+        print(f"\nGeometric mean of the {len(speedups)} speed-ups: {geomean:.2f} "
+              f"(goal ≥ 1.5); mha slower in {slower} of them (goal: none).")
 
     print("\n### Targets\n")
     print("| Target | Measured | Goal | Result |")

@@ -58,7 +58,7 @@ def main():
                         help="PNG to write (default: bench/forward_time.png)")
     args = parser.parse_args()
     results, context, statistic = load(args.json)
-    lengths = sorted({n for (fam, _, n, threads) in results if threads is None})
+    lengths = sorted({n for (fam, _, n, threads) in results if threads is None and n is not None})
     if not lengths:
         sys.exit(f"{args.json}: no bench_forward results")
     d = context.get("d_model", "512")

@@ -23,7 +23,10 @@ Prints, after a line on the CPU and the run's context, with rows N and columns h
   (e) the targets, each with the measured value and pass or miss: full attention at N = 1024,
       2048, 4096 (h = 8 and h = 1) reaches >= 0.85 of the same run's GEMM roof GFLOP/s at that N;
       time(h = 8) / time(h = 1) <= 1.10 at every N from 64 to 4096; time(causal) / time(full)
-      <= 0.60 at N = 4096 (h = 8 and h = 1); 2 threads >= 1.6 times faster than 1 at N = 2048.
+      <= 0.60 at N = 4096 (h = 8 and h = 1), and <= 1.05 × the ratio of their useful flops;
+      2 threads >= 1.8 times faster than 1 at N = 1024, 2048, 4096; and, when the run has the FMA
+      peak (BM_FmaPeak), useful GFLOP/s >= 0.70 of it at N >= 1024 (full and causal, h = 1 and 8)
+      and the attention alone (BM_Attention, h = 8) >= 0.60 of it.
 GFLOP/s are computed from the reported time and the flop formulas above (d from the context's
 d_model), so they follow --time. Standard library only; plot.py and compare_pytorch.py reuse load().
 """
@@ -39,6 +42,9 @@ LIBRARY = "BM_MultiHeadAttention"
 CAUSAL = "BM_MultiHeadAttentionCausal"
 THREADS = "BM_MultiHeadAttentionThreads"
 REFERENCE = "BM_Reference"
+ATTENTION = "BM_Attention"
+ATTENTION_CAUSAL = "BM_AttentionCausal"
+PEAK = "BM_FmaPeak"
 TO_MS = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
 # Positional argument names per family, for names written without ArgNames.
 POSITIONAL = {ROOF: ("N",), THREADS: ("h", "N", "threads")}
@@ -51,8 +57,11 @@ HEADS_RATIO = 1.10        # time(h = 8) / time(h = 1) at every N of HEADS_LENGTH
 HEADS_LENGTHS = (64, 128, 256, 512, 1024, 2048, 4096)
 CAUSAL_RATIO = 0.60       # time(causal) / time(full) at N = 4096
 CAUSAL_N = 4096
-THREAD_SPEEDUP = 1.6      # time(1 thread) / time(2 threads) at N = 2048, wall clock
-THREAD_N = 2048
+THREAD_SPEEDUP = 1.8      # time(1 thread) / time(2 threads) at each N of THREAD_LENGTHS, wall clock
+THREAD_LENGTHS = (1024, 2048, 4096)
+PEAK_FRACTION = 0.70      # useful GFLOP/s ÷ the run's FMA peak, full and causal, N >= 1024, h = 1 and 8
+ATTENTION_PEAK_FRACTION = 0.60  # the attention alone (h = 8, d_k = 64) ÷ the FMA peak, N >= 1024
+CAUSAL_FLOPS_SLACK = 1.05  # time(causal) / time(full) <= this × their ratio of useful flops, N = 4096
 
 
 def parse_name(name):
@@ -83,6 +92,10 @@ def useful_flops(family, n, d):
         return 2.0 * n * d * d
     if family == CAUSAL:
         return 8.0 * n * d * d + 2.0 * n * (n + 1.0) * d
+    if family == ATTENTION:
+        return 4.0 * n * n * d
+    if family == ATTENTION_CAUSAL:
+        return 2.0 * n * (n + 1.0) * d
     return 8.0 * n * d * d + 4.0 * n * n * d
 
 
@@ -91,6 +104,7 @@ def load(path, time="cpu"):
 
     Returns (results, context, statistic): results maps (family, h, N, threads) -- h is None for
     the GEMM roof, threads None except for the threads family -- to {"ms", "gflops", "real_time"};
+    the FMA peak, when the run has it, is (PEAK, None, None, None), its gflops its own counter;
     context is the JSON's context object; statistic says which statistic the times are.
     """
     try:
@@ -100,11 +114,15 @@ def load(path, time="cpu"):
         sys.exit(f"{path}: cannot read Google Benchmark JSON: {error}")
     context = data.get("context", {})
     d = int(context.get("d_model", 512))
-    medians, iterations = {}, defaultdict(list)
+    medians, iterations, peaks = {}, defaultdict(list), []
     for run in data.get("benchmarks", []):
         if run.get("error_occurred"):
             continue
         family, args, real_time = parse_name(run.get("run_name") or run["name"])
+        if family == PEAK and "FLOPS" in run:
+            if run.get("run_type") != "aggregate" or run.get("aggregate_name") == "median":
+                peaks.append(run["FLOPS"] / 1e9)
+            continue
         if "N" not in args:
             continue
         key = (family, args.get("h"), args["N"], args.get("threads"))
@@ -122,6 +140,8 @@ def load(path, time="cpu"):
     results = {key: {"ms": ms, "real_time": real_time,
                      "gflops": useful_flops(key[0], key[2], d) / (ms * 1e-3) / 1e9}
                for key, (ms, real_time) in times.items()}
+    if peaks:
+        results[(PEAK, None, None, None)] = {"ms": None, "real_time": False, "gflops": max(peaks)}
     statistic = "median of repetitions" if medians else "mean of iteration runs"
     return results, context, statistic
 
@@ -192,7 +212,8 @@ def main():
 
     families = {family for (family, _, _, _) in results}
     heads = sorted({h for (family, h, _, _) in results if h is not None and family != THREADS})
-    lengths = sorted({n for (_, _, n, _) in results})
+    lengths = sorted({n for (family, _, n, _) in results if family in (LIBRARY, CAUSAL, REFERENCE, ROOF)})
+    peak = results.get((PEAK, None, None, None))
     base_h = 1 if 1 in heads else heads[0] if heads else 1
     d = int(context.get("d_model", 512))
 
@@ -224,6 +245,12 @@ def main():
             return f"{run['gflops'] / roof['gflops']:.2f}" if run and roof else "–"
         return cell
 
+    def of_peak(family, h):
+        def cell(n):
+            run = get(family, h, n)
+            return f"{run['gflops'] / peak['gflops']:.2f}" if run and peak else "–"
+        return cell
+
     def ideal_causal(n):
         return f"{useful_flops(CAUSAL, n, d) / useful_flops(LIBRARY, n, d):.2f}"
 
@@ -251,8 +278,19 @@ def main():
         if ROOF in families:
             extra = [("GEMM roof", roof_gflops)] + [(f"h = {h} ÷ roof", of_roof(h))
                                                     for h in (1, 8) if h in heads]
-        sections.append(grid_table("(c) Library useful GFLOP/s, GEMM roof GFLOP/s, library ÷ roof",
+        if peak:
+            extra += [(f"h = {h} ÷ FMA peak", of_peak(LIBRARY, h)) for h in (1, 8) if h in heads]
+        sections.append(grid_table("(c) Library useful GFLOP/s, GEMM roof GFLOP/s, library ÷ roof" +
+                                   (f", library ÷ FMA peak ({peak['gflops']:.1f} GFLOP/s)" if peak else ""),
                                    heads, lengths, library_gflops, extra))
+    attention_runs = sorted(key for key in results if key[0] in (ATTENTION, ATTENTION_CAUSAL))
+    if attention_runs:
+        rows = [[("causal" if family == ATTENTION_CAUSAL else "full"), str(h), str(n), fmt_ms(results[key]["ms"]),
+                 f"{results[key]['gflops']:.1f}",
+                 f"{results[key]['gflops'] / peak['gflops']:.2f}" if peak else "–"]
+                for key in attention_runs for family, h, n, _ in [key]]
+        sections.append("### The attention alone (no projections), useful GFLOP/s\n\n" + markdown(
+            ["", "h", "N", "ms", "GFLOP/s", "÷ FMA peak"], rows, ["l"] + ["r"] * 5) + "\n")
     if LIBRARY in families and CAUSAL in families:
         sections.append(grid_table("(d) Causal ÷ full (library time); ideal = ratio of useful flops",
                                    heads, lengths, quotient(CAUSAL, LIBRARY, 2),
@@ -283,9 +321,29 @@ def main():
         targets.append((f"N = {CAUSAL_N}, h = {h}: time causal ÷ full",
                         ratio(get(CAUSAL, h, CAUSAL_N), get(LIBRARY, h, CAUSAL_N)),
                         f"≤ {CAUSAL_RATIO:.2f}", lambda v: v <= CAUSAL_RATIO))
-    targets.append((f"h = 8, N = {THREAD_N}: wall time 1 thread ÷ 2 threads",
-                    ratio(get(THREADS, 8, THREAD_N, 1), get(THREADS, 8, THREAD_N, 2)),
-                    f"≥ {THREAD_SPEEDUP:.1f}", lambda v: v >= THREAD_SPEEDUP))
+    for n in THREAD_LENGTHS:
+        targets.append((f"h = 8, N = {n}: wall time 1 thread ÷ 2 threads",
+                        ratio(get(THREADS, 8, n, 1), get(THREADS, 8, n, 2)),
+                        f"≥ {THREAD_SPEEDUP:.1f}", lambda v: v >= THREAD_SPEEDUP))
+    if peak:
+        for family in (LIBRARY, CAUSAL):
+            for h in (8, 1):
+                for n in ROOF_LENGTHS:
+                    run = get(family, h, n)
+                    targets.append((f"{'Causal' if family == CAUSAL else 'Full'}, h = {h}, N = {n}: "
+                                    "useful GFLOP/s ÷ FMA peak", run["gflops"] / peak["gflops"] if run else None,
+                                    f"≥ {PEAK_FRACTION:.2f}", lambda v: v >= PEAK_FRACTION))
+        for n in ROOF_LENGTHS:
+            run = get(ATTENTION, 8, n)
+            targets.append((f"Attention alone, full, h = 8, N = {n}: GFLOP/s ÷ FMA peak",
+                            run["gflops"] / peak["gflops"] if run else None,
+                            f"≥ {ATTENTION_PEAK_FRACTION:.2f}", lambda v: v >= ATTENTION_PEAK_FRACTION))
+    for h in (8, 1):
+        slack_ratio = ratio(get(CAUSAL, h, CAUSAL_N), get(LIBRARY, h, CAUSAL_N))
+        ideal = useful_flops(CAUSAL, CAUSAL_N, d) / useful_flops(LIBRARY, CAUSAL_N, d)
+        targets.append((f"N = {CAUSAL_N}, h = {h}: (causal ÷ full time) ÷ (causal ÷ full useful flops)",
+                        slack_ratio / ideal if slack_ratio is not None else None,
+                        f"≤ {CAUSAL_FLOPS_SLACK:.2f}", lambda v: v <= CAUSAL_FLOPS_SLACK))
     rows = [[name, f"{value:.3f}" if value is not None else "–", goal,
              ("pass" if passed(value) else "**miss**") if value is not None else "not measured"]
             for name, value, goal, passed in targets]

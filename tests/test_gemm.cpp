@@ -2,13 +2,56 @@
 // definition (a triple loop in long double), for each of the four transpositions, operands and
 // results that are blocks of larger matrices (an outer stride), and the shapes that take each of
 // its paths: one row or one column (the two GEMVs, with contiguous and strided vectors), one
-// inner dimension, sizes across the kernel's register and cache blocks.
+// inner dimension, sizes across the kernel's register and cache blocks. Built with mha::blas
+// (MHA_TEST_BLAS: with EIGEN_USE_BLAS), it also checks that the products run on the BLAS.
 #include <mha/detail/gemm.hpp>
 
 #include "test_util.hpp"
 
 #include <tuple>
 #include <vector>
+
+#ifdef MHA_TEST_BLAS
+#include <mha/mha.hpp>
+
+#include <dlfcn.h>
+
+#include <atomic>
+
+// The BLAS's GEMM and GEMV, counted: this program's definitions come before the library's, and
+// each passes the call on to the library's own (the next definition of its name).
+namespace {
+std::atomic<int> blas_products{0};
+template <typename Function>
+Function next_definition(const char* name) {
+  return reinterpret_cast<Function>(dlsym(RTLD_NEXT, name));
+}
+}  // namespace
+#define MHA_COUNTED_GEMM(name, T)                                                                                    \
+  extern "C" int name(const char* ta, const char* tb, const int* m, const int* n, const int* k, const T* alpha,      \
+                      const T* a, const int* lda, const T* b, const int* ldb, const T* beta, T* c, const int* ldc) { \
+    using Gemm = void (*)(const char*, const char*, const int*, const int*, const int*, const T*, const T*,          \
+                          const int*, const T*, const int*, const T*, T*, const int*);                               \
+    static const Gemm next = next_definition<Gemm>(#name);                                                           \
+    ++blas_products;                                                                                                 \
+    next(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);                                                      \
+    return 0;                                                                                                        \
+  }
+#define MHA_COUNTED_GEMV(name, T)                                                                                    \
+  extern "C" int name(const char* t, const int* m, const int* n, const T* alpha, const T* a, const int* lda,         \
+                      const T* x, const int* incx, const T* beta, T* y, const int* incy) {                           \
+    using Gemv = void (*)(const char*, const int*, const int*, const T*, const T*, const int*, const T*, const int*, \
+                          const T*, T*, const int*);                                                                 \
+    static const Gemv next = next_definition<Gemv>(#name);                                                           \
+    ++blas_products;                                                                                                 \
+    next(t, m, n, alpha, a, lda, x, incx, beta, y, incy);                                                            \
+    return 0;                                                                                                        \
+  }
+MHA_COUNTED_GEMM(sgemm_, float)
+MHA_COUNTED_GEMM(dgemm_, double)
+MHA_COUNTED_GEMV(sgemv_, float)
+MHA_COUNTED_GEMV(dgemv_, double)
+#endif
 
 namespace {
 
@@ -90,5 +133,29 @@ TYPED_TEST(Gemm, EmptyProductsWriteZerosOrNothing) {
   mha::detail::gemm(mha::detail::operand(a), mha::detail::operand(b), c);
   EXPECT_EQ(c, Matrix<Scalar>::Zero(4, 3));
 }
+
+#ifdef MHA_TEST_BLAS
+TYPED_TEST(Gemm, RunsOnTheBlasWithEigenUseBlas) {
+  using Scalar = TypeParam;
+  const Matrix<Scalar> a = random_matrix<Scalar>(40, 30, 1), b = random_matrix<Scalar>(30, 20, 2);
+  Matrix<Scalar> c(40, 20), column(40, 1);
+  const int before = blas_products;
+  mha::detail::gemm(mha::detail::operand(a), mha::detail::operand(b), c);  // a GEMM
+  EXPECT_EQ(blas_products - before, 1);
+  EXPECT_TRUE(mha_test::close(c, definition(a, false, b, false), 10 * tolerance<Scalar>()));
+  mha::detail::gemm(mha::detail::operand(a), mha::detail::operand(b.col(0)), column);  // a GEMV
+  EXPECT_EQ(blas_products - before, 2);
+  EXPECT_TRUE(mha_test::close(column, definition(a, false, Matrix<Scalar>(b.col(0)), false), 10 * tolerance<Scalar>()));
+  // A whole forward pass: each projection and attention tile.
+  mha::MultiHeadAttentionConfig config;
+  config.d_model = 16;
+  config.num_heads = 2;
+  const mha::MultiHeadAttention<Scalar> attn(config);
+  const Matrix<Scalar> x = random_matrix<Scalar>(9, 16, 3);
+  const int before_forward = blas_products;
+  const Matrix<Scalar> y = attn.forward(x);
+  EXPECT_GE(blas_products - before_forward, 4 + 2 * 2);  // 4 projections, 2 products per head
+}
+#endif
 
 }  // namespace
