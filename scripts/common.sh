@@ -3,7 +3,7 @@
 
 # The Debian packages that building and testing mha needs.
 MHA_PACKAGES=(cmake make g++ libeigen3-dev libgtest-dev libbenchmark-dev nlohmann-json3-dev libcairo2-dev
-  libopenmpi-dev openmpi-bin)
+  libopenmpi-dev openmpi-bin libopenblas-dev)
 # And those that `scripts/test --full` adds: clang with its sanitizer, libFuzzer and OpenMP runtimes,
 # and clang-format for the style check.
 MHA_FULL_PACKAGES=(clang libclang-rt-14-dev libomp-dev clang-format)
