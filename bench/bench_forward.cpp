@@ -177,7 +177,10 @@ BENCHMARK(BM_MultiHeadAttentionThreads)
     ->ArgNames({"h", "N", "threads"})
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_Attention)->ArgsProduct({{1, 8}, {256, 1024, 2048, 4096}})->ArgNames({"h", "N"})->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Attention)
+    ->ArgsProduct({{1, 8}, {256, 1024, 2048, 4096}})
+    ->ArgNames({"h", "N"})
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_AttentionCausal)
     ->ArgsProduct({{1, 8}, {256, 1024, 2048, 4096}})
     ->ArgNames({"h", "N"})
