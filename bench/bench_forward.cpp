@@ -47,10 +47,11 @@ using mha_bench::random_matrix;
 using Matrix = Eigen::MatrixXf;
 constexpr Eigen::Index kDModel = 512;
 
-/// Useful flops of one self-attention forward pass over n tokens of width d.
-double useful_flops(double n, double d, bool causal) {
-  return 8.0 * n * d * d + (causal ? 2.0 * n * (n + 1.0) * d : 4.0 * n * n * d);
-}
+/// Useful flops of the attention of all heads over n tokens of width d: Q_i K_iᵀ and P V_i.
+double attention_flops(double n, double d, bool causal) { return causal ? 2.0 * n * (n + 1.0) * d : 4.0 * n * n * d; }
+
+/// Useful flops of one self-attention forward pass over n tokens of width d: the projections too.
+double useful_flops(double n, double d, bool causal) { return 8.0 * n * d * d + attention_flops(n, d, causal); }
 
 mha::MultiHeadAttention<float> make_module(const benchmark::State& state) {
   mha::MultiHeadAttentionConfig config;
@@ -91,6 +92,7 @@ void BM_MultiHeadAttentionThreads(benchmark::State& state) {
 }
 
 /// Args {h, N}: the attention of h heads of d_k = 512 / h on N × 512 queries, keys and values.
+/// Each head's result is copied into its columns of `out`: 1% of the time at h = 8, N = 1024.
 void run_attention(benchmark::State& state, bool causal) {
   const Eigen::Index h = state.range(0), n = state.range(1), d_k = kDModel / h;
   const Matrix q = random_matrix(n, kDModel, 2), k = random_matrix(n, kDModel, 3), v = random_matrix(n, kDModel, 4);
@@ -104,9 +106,8 @@ void run_attention(benchmark::State& state, bool causal) {
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
   }
-  const double nn = static_cast<double>(n), d = static_cast<double>(kDModel);
   state.counters["FLOPS"] =
-      benchmark::Counter(causal ? 2.0 * nn * (nn + 1.0) * d : 4.0 * nn * nn * d,
+      benchmark::Counter(attention_flops(static_cast<double>(n), static_cast<double>(kDModel), causal),
                          benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
 }
 

@@ -30,8 +30,9 @@ refuses to measure while any bench_forward process runs, so the two never share 
 
 Prints, in Markdown: the PyTorch version, the BLAS library it has loaded and its thread counts, a
 GEMM rate of PyTorch for scale, a table N | h | causal | PyTorch ms | mha ms | speed-up (PyTorch
-÷ mha) | PyTorch path, and the targets: speed-up >= 2 at N = 1024 (full, h = 8; h = 1 reported
-too) and >= 4 at N = 4096 (causal, h = 8).
+÷ mha) | PyTorch path, the geometric mean of the speed-ups and how many are below 1, and the
+targets: speed-up >= 2 at N = 1024 (full, h = 8; h = 1 reported too) and >= 4 at N = 4096
+(causal, h = 8).
 """
 
 import argparse
@@ -56,8 +57,9 @@ DEFAULT_BENCH = os.path.join("build", "bench", "bench_forward")
 TARGETS = ((1024, 8, False, 2.0), (1024, 1, False, 2.0), (4096, 8, True, 4.0))
 
 
-def running_bench_forward(names=("bench_forward",)):
-    """Process ids of running processes called one of `names` (default: bench_forward) (from /proc;
+def running_bench_forward(names=("bench_forward", "bench_forward_b")):
+    """Process ids of running processes called one of `names` (default: bench_forward and
+    bench_forward_blas, whose /proc name is cut to 15 characters) (from /proc;
     [] where there is no /proc). compare_pytorch_training.py passes every benchmark binary."""
     pids = []
     entries = os.listdir("/proc") if os.path.isdir("/proc") else []

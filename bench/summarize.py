@@ -156,6 +156,8 @@ def context_line(context):
     if "eigen_version" in context:
         machine.append(f"Eigen {context['eigen_version']} ({context.get('eigen_simd', '?')}), "
                        "single-threaded unless stated")
+    if "products" in context:
+        machine.append(f"products: {context['products']}")
     if "load_avg" in context:
         machine.append("load avg " + ", ".join(f"{x:.2f}" for x in context["load_avg"]))
     if "date" in context:
