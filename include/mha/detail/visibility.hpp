@@ -207,8 +207,9 @@ TileScores tile_scores(const Rows<Scalar>& k, const KeyVisibility<Scalar>& visib
 
 /// Visits the tiles that query rows [first_row, first_row + rows) attend to, calling
 /// step(s, first_key, flushed) with each tile's scaled, masked scores s (B_r × B_c, in `scores`) and
-/// which exponential to take of them (exp_minus): Eigen's own where all are finite, flushed where a
-/// mask may have put −∞ (Eigen's exp(−∞) is a denormal, not 0; flushing costs about 5% at h = 8).
+/// which exponential to take of them (exp_minus): in double, Eigen's own where all are finite,
+/// flushed where a mask may have put −∞ (Eigen's exp(−∞) is a denormal, not 0; flushing cost about
+/// 5% at h = 8); float's own exponential always flushes, at no cost.
 /// Tiles the masks hide entirely are skipped. The forward and the backward walk the same tiles
 /// through this.
 template <typename Scalar, typename Step>
