@@ -74,6 +74,17 @@ inline int run(int argc, char** argv, const std::vector<std::pair<std::string, s
                                                    std::to_string(EIGEN_MAJOR_VERSION) + "." +
                                                    std::to_string(EIGEN_MINOR_VERSION));
   benchmark::AddCustomContext("eigen_simd", Eigen::SimdInstructionSetsInUse());
+  // The widest vector instructions the build uses: Eigen's list names AVX, not AVX2 or FMA, for an
+  // AVX2 build (-march=x86-64-v3).
+#if defined(__AVX512F__)
+  benchmark::AddCustomContext("instruction_set", "AVX-512");
+#elif defined(__AVX2__) && defined(__FMA__)
+  benchmark::AddCustomContext("instruction_set", "AVX2 + FMA");
+#elif defined(__AVX__)
+  benchmark::AddCustomContext("instruction_set", "AVX");
+#elif defined(__SSE2__)
+  benchmark::AddCustomContext("instruction_set", "SSE2");
+#endif
 #ifdef EIGEN_USE_BLAS
   // mha::blas: the products are the BLAS's (its name from the build, when it gave one).
 #ifdef MHA_BENCH_BLAS

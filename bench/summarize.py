@@ -154,7 +154,8 @@ def context_line(context):
     if "num_cpus" in context:
         machine.append(f"{context['num_cpus']} CPUs @ {context.get('mhz_per_cpu', '?')} MHz")
     if "eigen_version" in context:
-        machine.append(f"Eigen {context['eigen_version']} ({context.get('eigen_simd', '?')}), "
+        widest = f"{context['instruction_set']}; " if "instruction_set" in context else ""
+        machine.append(f"Eigen {context['eigen_version']} ({widest}{context.get('eigen_simd', '?')}), "
                        "single-threaded unless stated")
     if "products" in context:
         machine.append(f"products: {context['products']}")
