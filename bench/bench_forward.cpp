@@ -12,6 +12,9 @@
 //   BM_Attention/h/N               the attention alone: mha::scaled_dot_product_attention of each
 //                                  of h heads (d_k = 512 / h) of given Q, K, V, no projections
 //   BM_AttentionCausal/h/N         the same, causal
+//   BM_TileExponentials/eigen      the exponentials of one 256 × 512 tile of scores, column by
+//                                  column, as the attention takes them (eigen:0, mha's own exp) and
+//                                  as Eigen's flushed exp takes them (eigen:1); per_number is the time of one
 //   BM_Reference/h/N               the literal reference (tests/reference/reference_attention.hpp):
 //                                  per-head products, the full N × N score matrix, a scalar softmax
 //
@@ -114,6 +117,33 @@ void run_attention(benchmark::State& state, bool causal) {
 void BM_Attention(benchmark::State& state) { run_attention(state, false); }
 void BM_AttentionCausal(benchmark::State& state) { run_attention(state, true); }
 
+/// Arg {eigen}: exp(s − shift) over each column of a kQueryBlock × kKeyBlock tile of scores in
+/// [−30, 0], through detail::exp_minus (0) or Eigen's flushed exp, detail::exp_minus_into (1). Each
+/// iteration restores the tile first (a copy both variants pay, 0.1 ns a number here).
+void BM_TileExponentials(benchmark::State& state) {
+  using Column = Eigen::Array<float, Eigen::Dynamic, 1>;
+  const Eigen::Index rows = mha::detail::kQueryBlock, cols = mha::detail::kKeyBlock;
+  const Matrix scores = 15 * (random_matrix(rows, cols, 4).array() - 1).matrix();
+  const Column shift = 0.1f * random_matrix(rows, 1, 5).array();
+  Matrix tile(rows, cols);
+  for (auto _ : state) {
+    tile = scores;
+    for (Eigen::Index j = 0; j < cols; ++j) {
+      if (state.range(0) == 0) {
+        mha::detail::exp_minus(tile.col(j).data(), rows, shift.data(), true);
+      } else {
+        Eigen::Map<Column> column(tile.col(j).data(), rows);
+        mha::detail::exp_minus_into(column, shift, true);
+      }
+    }
+    benchmark::DoNotOptimize(tile.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["per_number"] = benchmark::Counter(
+      static_cast<double>(rows * cols), benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert,
+      benchmark::Counter::kIs1000);
+}
+
 /// Arg {N}: x · W with x of N × 512 and W of 512 × 512, the shape of each projection.
 void BM_GemmRoof(benchmark::State& state) {
   const Matrix x = random_matrix(state.range(0), kDModel, 2), w = random_matrix(kDModel, kDModel, 3);
@@ -186,6 +216,7 @@ BENCHMARK(BM_AttentionCausal)
     ->ArgsProduct({{1, 8}, {256, 1024, 2048, 4096}})
     ->ArgNames({"h", "N"})
     ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_TileExponentials)->ArgName("eigen")->Arg(0)->Arg(1);
 BENCHMARK(BM_Reference)->Apply(grid<64, 512>)->ArgNames({"h", "N"})->Unit(benchmark::kMillisecond);
 // One forward pass of the reference at N = 2048 takes up to seconds: one iteration per repetition.
 BENCHMARK(BM_Reference)->Apply(grid<2048>)->ArgNames({"h", "N"})->Iterations(1)->Unit(benchmark::kMillisecond);

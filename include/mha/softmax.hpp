@@ -48,7 +48,8 @@ void exp_minus_into(Values& x, const Shift& shift, bool flushed) {
 /// x = −∞) is an exact 0, as exp_flushed makes Eigen's; NaN stays NaN, +∞ stays +∞, and finite x
 /// above 88 (never a caller's: each subtracts the largest) saturate at 2^127. Eigen's own exp
 /// takes the same steps around a base-e reduction and a general 2^k that handles overflow: about
-/// half again as many instructions, 1.6–2× the time (AVX-512 and AVX2, docs/performance.md).
+/// half again as many instructions, 2.2× the time on AVX2, 1.0–1.3× on AVX-512 (BM_TileExponentials
+/// in bench_forward; docs/performance.md).
 template <typename Packet>
 Packet exp_packet(const Packet& x) {
   using namespace Eigen::internal;
