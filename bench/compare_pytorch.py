@@ -18,6 +18,12 @@ mha: runs the benchmark binary with
 and a temporary --benchmark_out JSON (its console output goes to stderr), or reads the JSON given
 with --mha-json. Its time is the median of the repetitions, wall clock (real_time).
 
+Rounds (--rounds R, default 3): the binary and PyTorch take turns, R times each, one repetition of
+the binary a round, and each library's time of a shape is the median over the rounds, so that a
+slow minute of a shared machine falls on both instead of on whichever ran in it (the same binary
+moved by ±20% between runs minutes apart on the machines of this project). --rounds 1 is one run
+of each; with --mha-json or --skip-mha there is one round.
+
 PyTorch: torch.nn.MultiheadAttention(512, h, bias=False, batch_first=True) in eval mode,
 torch.set_num_threads(1), inside torch.inference_mode(), called as mha(x, x, x,
 need_weights=False[, attn_mask=mask]); causal is the boolean mask torch.triu(ones(N, N), 1)
@@ -25,11 +31,12 @@ need_weights=False[, attn_mask=mask]); causal is the boolean mask torch.triu(one
 kernel, which rejects bias=False (qkv_bias must be a Tensor); those shapes are timed on the same
 module with zero biases instead, and the table says so. Its time is the median wall-clock time of
 at least --runs calls and --min-time seconds after a warm-up call (3 calls once --budget seconds
-have passed, for the slow shapes). PyTorch is imported only after the binary has finished, and the script
-refuses to measure while any bench_forward process runs, so the two never share the CPU.
+have passed, for the slow shapes), in each round. PyTorch is imported only after the binary's first
+run has finished and is idle while the binary runs, and the script refuses to measure while any
+other bench_forward process runs, so the two never share the CPU.
 
 Prints, in Markdown: the PyTorch version, the BLAS library it has loaded and its thread counts, a
-GEMM rate of PyTorch for scale, a table N | h | causal | PyTorch ms | mha ms | speed-up (PyTorch
+GEMM rate of PyTorch for scale, the rounds, a table N | h | causal | PyTorch ms | mha ms | speed-up (PyTorch
 ÷ mha) | PyTorch path, the geometric mean of the speed-ups and how many are below 1, and the
 targets: speed-up >= 2 at N = 1024 (full, h = 8; h = 1 reported too) and >= 4 at N = 4096
 (causal, h = 8).
@@ -43,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 
 sys.dont_write_bytecode = True  # no __pycache__ next to the scripts
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -73,9 +81,10 @@ def running_bench_forward(names=("bench_forward", "bench_forward_b")):
     return pids
 
 
-def run_mha(bench, out_json, benchmark_filter=FILTER, default_bench=DEFAULT_BENCH):
-    """Run the benchmark binary on the compared shapes (benchmark_filter), writing Google Benchmark
-    JSON to out_json; default_bench is also looked for from the repository root."""
+def run_mha(bench, out_json, benchmark_filter=FILTER, default_bench=DEFAULT_BENCH, repetitions=3):
+    """Run the benchmark binary on the compared shapes (benchmark_filter), `repetitions` times each,
+    writing Google Benchmark JSON to out_json; default_bench is also looked for from the repository
+    root."""
     if not os.path.isfile(bench):
         script_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         candidate = os.path.join(script_root, bench)
@@ -83,7 +92,7 @@ def run_mha(bench, out_json, benchmark_filter=FILTER, default_bench=DEFAULT_BENC
             bench = candidate
         else:
             sys.exit(f"{bench}: no such benchmark binary (build it, or pass --bench / --mha-json)")
-    command = [bench, f"--benchmark_filter={benchmark_filter}", "--benchmark_repetitions=3",
+    command = [bench, f"--benchmark_filter={benchmark_filter}", f"--benchmark_repetitions={repetitions}",
                "--benchmark_report_aggregates_only=true", f"--benchmark_out={out_json}",
                "--benchmark_out_format=json"]
     print("running " + " ".join(command), file=sys.stderr, flush=True)
@@ -272,28 +281,41 @@ def main():
                         help="reuse this bench_forward JSON instead of running the binary")
     parser.add_argument("--skip-mha", action="store_true",
                         help="do not run the binary (mha columns come from --mha-json, or stay empty)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="turns of the binary (one repetition each) and PyTorch; each time is the "
+                             "median over the rounds (default: 3)")
     add_timing_arguments(parser, "calls", LENGTHS)
     args = parser.parse_args()
+    run_binary = not args.mha_json and not args.skip_mha
+    rounds = max(1, args.rounds) if run_binary else 1
 
-    # 1. mha, alone on the machine.
-    mha, mha_context = {}, {}
-    if args.mha_json or not args.skip_mha:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = args.mha_json
-            if not path:
-                path = os.path.join(tmp, "mha.json")
-                run_mha(args.bench, path)
-            results, mha_context, statistic = load(path, "real")
-        for (family, h, n, threads), run in results.items():
-            if family in (LIBRARY, CAUSAL) and threads is None:
-                mha[(n, h, family == CAUSAL)] = run["ms"]
+    mha_rounds, torch_rounds, mha_context = defaultdict(list), defaultdict(list), {}
+    for turn in range(rounds):
+        if rounds > 1:
+            print(f"round {turn + 1} of {rounds}", file=sys.stderr, flush=True)
+        # 1. mha, alone on the machine (PyTorch, once imported, idle).
+        if args.mha_json or run_binary:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = args.mha_json
+                if not path:
+                    path = os.path.join(tmp, "mha.json")
+                    run_mha(args.bench, path, repetitions=3 if rounds == 1 else 1)
+                results, mha_context, statistic = load(path, "real")
+            for (family, h, n, threads), run in results.items():
+                if family in (LIBRARY, CAUSAL) and threads is None:
+                    mha_rounds[(n, h, family == CAUSAL)].append(run["ms"])
 
-    # 2. PyTorch, once no benchmark binary runs.
-    busy = running_bench_forward()
-    if busy:
-        sys.exit(f"bench_forward is running (pid {', '.join(map(str, busy))}): "
-                 "wait for it to finish, PyTorch must not share the CPU with it")
-    torch_results, info, notes = measure_torch(args)
+        # 2. PyTorch, once no benchmark binary runs.
+        busy = running_bench_forward()
+        if busy:
+            sys.exit(f"bench_forward is running (pid {', '.join(map(str, busy))}): "
+                     "wait for it to finish, PyTorch must not share the CPU with it")
+        results, info, notes = measure_torch(args)
+        for key, (ms, count, path) in results.items():
+            torch_rounds[key].append((ms, count, path))
+    mha = {key: statistics.median(times) for key, times in mha_rounds.items()}
+    torch_results = {key: (statistics.median(ms for ms, _, _ in runs), sum(count for _, count, _ in runs), runs[0][2])
+                     for key, runs in torch_rounds.items()}
 
     # 3. Report.
     print("## mha vs PyTorch nn.MultiheadAttention: self-attention forward, f32, d_model = 512, "
@@ -301,9 +323,15 @@ def main():
     print("  \n".join(info) + "  ")
     if mha_context:
         print("mha: " + context_line(mha_context) + "  ")
-    print("Times: wall clock. PyTorch: median of the timed calls after a warm-up. mha: median of "
-          "3 Google Benchmark repetitions. Causal: PyTorch with a boolean attn_mask "
-          "triu(ones(N, N), 1), mha with AttentionOptions::causal.\n")
+    if rounds > 1:
+        print(f"Times: wall clock, the median over {rounds} rounds in which the two took turns; PyTorch's "
+              "time of a round is the median of its timed calls after a warm-up, mha's one Google "
+              "Benchmark repetition. Causal: PyTorch with a boolean attn_mask triu(ones(N, N), 1), mha "
+              "with AttentionOptions::causal.\n")
+    else:
+        print("Times: wall clock. PyTorch: median of the timed calls after a warm-up. mha: median of "
+              "3 Google Benchmark repetitions. Causal: PyTorch with a boolean attn_mask "
+              "triu(ones(N, N), 1), mha with AttentionOptions::causal.\n")
     print("| N | h | causal | PyTorch ms | mha ms | speed-up (PyTorch ÷ mha) | PyTorch path |")
     print("|---:|---:|:---|---:|---:|---:|:---|")
     for n in args.lengths:
