@@ -6,6 +6,8 @@
 //                                  limit every rate below is a fraction of
 //   BM_GemmRoof/N                  Eigen's (N × 512)·(512 × 512) product: the best rate a dense
 //                                  product of this shape reaches here, the roof for the rest
+//   BM_ProjectionBlocks/N/mha      the same product in the projections' 256-row blocks, through
+//                                  Eigen's product (mha:0) and through mha's detail::gemm (mha:1)
 //   BM_MultiHeadAttention/h/N      mha::MultiHeadAttention<float>::forward(x)
 //   BM_MultiHeadAttentionCausal    the same with AttentionOptions::causal
 //   BM_MultiHeadAttentionThreads   h = 8, N = 1024, 2048, 4096 on 1 and 2 threads (wall clock)
@@ -144,6 +146,30 @@ void BM_TileExponentials(benchmark::State& state) {
       benchmark::Counter::kIs1000);
 }
 
+/// Args {N, mha}: x · W (x of N × 512, W of 512 × 512) in the blocks of RowBlockJobs::kRows rows that
+/// each projection multiplies, through Eigen's product of each block (mha:0: Eigen's own passes over
+/// the depth) or through mha's detail::gemm (mha:1: its passes, detail::depth_per_pass), in the same run.
+void BM_ProjectionBlocks(benchmark::State& state) {
+  const Eigen::Index n = state.range(0), rows = mha::detail::RowBlockJobs<float>::kRows;
+  const Matrix x = random_matrix(n, kDModel, 2), w = random_matrix(kDModel, kDModel, 3);
+  Matrix y(n, kDModel);
+  for (auto _ : state) {
+    for (Eigen::Index first = 0; first < n; first += rows) {
+      const Eigen::Index count = std::min(rows, n - first);
+      if (state.range(1) == 0)
+        y.middleRows(first, count).noalias() = x.middleRows(first, count) * w;
+      else
+        mha::detail::gemm(mha::detail::operand(x.middleRows(first, count)), mha::detail::operand(w),
+                          y.middleRows(first, count));
+    }
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["FLOPS"] =
+      benchmark::Counter(2.0 * static_cast<double>(n) * kDModel * kDModel,
+                         benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
+}
+
 /// Arg {N}: x · W with x of N × 512 and W of 512 × 512, the shape of each projection.
 void BM_GemmRoof(benchmark::State& state) {
   const Matrix x = random_matrix(state.range(0), kDModel, 2), w = random_matrix(kDModel, kDModel, 3);
@@ -189,6 +215,10 @@ BENCHMARK(BM_GemmRoof)
     ->Arg(1024)
     ->Arg(2048)
     ->Arg(4096)
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_ProjectionBlocks)
+    ->ArgsProduct({{256, 1024, 4096}, {0, 1}})
+    ->ArgNames({"N", "mha"})
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_MultiHeadAttention)
     ->Apply(grid<16, 64, 128, 256, 512, 1024, 2048, 4096>)

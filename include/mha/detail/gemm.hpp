@@ -54,6 +54,31 @@ Operand<typename Derived::Scalar> operand(const Eigen::DenseBase<Derived>& x) {
     return {x.derived().data(), x.rows(), x.cols(), x.outerStride(), false};
 }
 
+/// The depth of one pass of gemm()'s products over a depth of k: all of it, except under AVX-512,
+/// where Eigen sizes its passes for an L1 four times the real one (its own comment: a remedy found
+/// for double on a 32 KiB L1), so that a float product of depth 512 packs 48 × 512 floats of its
+/// left operand for a kernel that wants them in a 48 KiB L1. There the passes are the depth whose
+/// panels (Eigen's mr rows of the left operand, nr columns of the right) fit the L1 Eigen reads
+/// from the CPU, in equal passes rounded up to 8: 3 of 176 for float at k = 512, whose packed
+/// blocks are then a third of the size in L2. On an Intel Xeon (model 207, 2 MiB L2, one core) the
+/// forward ran 1.0–1.2× faster (median of 9 alternated rounds; h = 1, whose tiles are of depth
+/// d_k = 512 too, gained most) while the host was loaded, and the same when it was quiet
+/// (docs/performance.md). The passes depend only on k and the L1, so results stay the same for
+/// any thread count.
+template <typename Scalar>
+Eigen::Index depth_per_pass(Eigen::Index k) {
+#ifdef EIGEN_VECTORIZE_AVX512
+  using Traits = Eigen::internal::gebp_traits<Scalar, Scalar>;
+  const auto bytes = static_cast<Eigen::Index>(sizeof(Scalar));
+  const Eigen::Index fits =
+      (Eigen::l1CacheSize() - Traits::mr * Traits::nr * bytes) / ((Traits::mr + Traits::nr) * bytes);
+  const Eigen::Index most = std::max<Eigen::Index>(8, fits / 8 * 8), passes = (k + most - 1) / most;
+  return std::max<Eigen::Index>(1, ((k + passes - 1) / passes + 7) / 8 * 8);
+#else
+  return k;
+#endif
+}
+
 /// c = op(a) · op(b), or c += op(a) · op(b) with `accumulate`. c must not overlap a or b. For
 /// `=`, c is zeroed and then added to, which is what Eigen's own GEMM does for an assignment.
 ///
@@ -123,17 +148,27 @@ void gemm(const Operand<Scalar>& a, const Operand<Scalar>& b, typename Operand<S
     gemm(operand(Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>(a.stored().transpose())), b, c, true);
     return;
   }
+  // The depth is taken in passes of at most `pass` (see depth_per_pass), each a product of Eigen's
+  // that packs its operands' blocks in space of its own, on the stack when they are small.
+  const Index pass = depth_per_pass<Scalar>(k);
   internal::gemm_blocking_space<ColMajor, Scalar, Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::Dynamic, 1, false>
-      blocking(m, n, k, 1, true);
-  if (a.transposed)
-    internal::general_matrix_matrix_product<Index, Scalar, RowMajor, false, Scalar, ColMajor, false, ColMajor, 1>::run(
-        m, n, k, a.data, a.stride, b.data, b.stride, c.data(), 1, c.outerStride(), Scalar(1), blocking, nullptr);
-  else if (b.transposed)
-    internal::general_matrix_matrix_product<Index, Scalar, ColMajor, false, Scalar, RowMajor, false, ColMajor, 1>::run(
-        m, n, k, a.data, a.stride, b.data, b.stride, c.data(), 1, c.outerStride(), Scalar(1), blocking, nullptr);
-  else
-    internal::general_matrix_matrix_product<Index, Scalar, ColMajor, false, Scalar, ColMajor, false, ColMajor, 1>::run(
-        m, n, k, a.data, a.stride, b.data, b.stride, c.data(), 1, c.outerStride(), Scalar(1), blocking, nullptr);
+      blocking(m, n, pass, 1, true);
+  for (Index first = 0; first < k; first += pass) {
+    const Index depth = std::min(pass, k - first);
+    const Operand<Scalar> a_pass = a.t().middle_rows(first, depth).t(), b_pass = b.middle_rows(first, depth);
+    if (a.transposed)
+      internal::general_matrix_matrix_product<Index, Scalar, RowMajor, false, Scalar, ColMajor, false, ColMajor,
+                                              1>::run(m, n, depth, a_pass.data, a.stride, b_pass.data, b.stride,
+                                                      c.data(), 1, c.outerStride(), Scalar(1), blocking, nullptr);
+    else if (b.transposed)
+      internal::general_matrix_matrix_product<Index, Scalar, ColMajor, false, Scalar, RowMajor, false, ColMajor,
+                                              1>::run(m, n, depth, a_pass.data, a.stride, b_pass.data, b.stride,
+                                                      c.data(), 1, c.outerStride(), Scalar(1), blocking, nullptr);
+    else
+      internal::general_matrix_matrix_product<Index, Scalar, ColMajor, false, Scalar, ColMajor, false, ColMajor,
+                                              1>::run(m, n, depth, a_pass.data, a.stride, b_pass.data, b.stride,
+                                                      c.data(), 1, c.outerStride(), Scalar(1), blocking, nullptr);
+  }
 }
 
 /// sums += the sums of x's columns (x: rows × n, sums: n contiguous numbers), as onesᵀ · x: one
