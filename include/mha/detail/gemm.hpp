@@ -54,7 +54,8 @@ Operand<typename Derived::Scalar> operand(const Eigen::DenseBase<Derived>& x) {
     return {x.derived().data(), x.rows(), x.cols(), x.outerStride(), false};
 }
 
-/// The depth of one pass of gemm()'s products over a depth of k: all of it, except under AVX-512,
+/// The depth of one pass of gemm()'s products over a depth of k: all of it (and with EIGEN_USE_BLAS,
+/// where the BLAS blocks its own products), except under AVX-512 with Eigen's kernel,
 /// where Eigen sizes its passes for an L1 four times the real one (its own comment: a remedy found
 /// for double on a 32 KiB L1), so that a float product of depth 512 packs 48 × 512 floats of its
 /// left operand for a kernel that wants them in a 48 KiB L1. There the passes are the depth whose
@@ -67,7 +68,7 @@ Operand<typename Derived::Scalar> operand(const Eigen::DenseBase<Derived>& x) {
 /// any thread count.
 template <typename Scalar>
 Eigen::Index depth_per_pass(Eigen::Index k) {
-#ifdef EIGEN_VECTORIZE_AVX512
+#if defined(EIGEN_VECTORIZE_AVX512) && !defined(EIGEN_USE_BLAS)
   using Traits = Eigen::internal::gebp_traits<Scalar, Scalar>;
   const auto bytes = static_cast<Eigen::Index>(sizeof(Scalar));
   const Eigen::Index fits =
