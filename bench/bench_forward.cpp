@@ -10,6 +10,9 @@
 //                                  Eigen's product (mha:0) and through mha's detail::gemm (mha:1)
 //   BM_MultiHeadAttention/h/N      mha::MultiHeadAttention<float>::forward(x)
 //   BM_MultiHeadAttentionCausal    the same with AttentionOptions::causal
+//   BM_MultiHeadAttentionWorkspace(Causal)/h/N  forward(x, y, workspace, options): into the same
+//                                  output and workspace at every iteration, allocating nothing;
+//                                  the forwards' counter "faults" is the page faults per forward
 //   BM_MultiHeadAttentionThreads   h = 8, N = 1024, 2048, 4096 on 1 and 2 threads (wall clock)
 //   BM_Attention/h/N               the attention alone: mha::scaled_dot_product_attention of each
 //                                  of h heads (d_k = 512 / h) of given Q, K, V, no projections
@@ -42,6 +45,9 @@
 
 #include <cstdint>
 #include <fstream>
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/resource.h>
+#endif
 #include <random>
 #include <string>
 
@@ -66,6 +72,17 @@ mha::MultiHeadAttention<float> make_module(const benchmark::State& state) {
   return mha::MultiHeadAttention<float>(config);
 }
 
+/// The minor page faults of the process so far (0 where getrusage is missing).
+long minor_page_faults() {
+#if defined(__unix__) || defined(__APPLE__)
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return usage.ru_minflt;
+#else
+  return 0;
+#endif
+}
+
 void set_flop_counter(benchmark::State& state, bool causal) {
   const double n = static_cast<double>(state.range(1)), d = static_cast<double>(kDModel);
   // Shown as e.g. "FLOPS=120.9G/s"; the JSON holds flops per second.
@@ -73,21 +90,38 @@ void set_flop_counter(benchmark::State& state, bool causal) {
       useful_flops(n, d, causal), benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
 }
 
-void run_library(benchmark::State& state, bool causal) {
+/// forward(x, options) returning a new matrix each time, or, with `workspace`, into one output and
+/// one workspace kept from an iteration to the next.
+void run_library(benchmark::State& state, bool causal, bool workspace = false) {
   const auto attn = make_module(state);
   const Matrix x = random_matrix(state.range(1), kDModel, 2);
   mha::AttentionOptions options;
   options.causal = causal;
+  Matrix kept;
+  mha::ForwardWorkspace<float> work;
+  if (workspace) attn.forward(x, kept, work, options);  // the first forward sizes them: not timed
+  const long faults_before = minor_page_faults();
   for (auto _ : state) {
-    Matrix y = attn.forward(x, options);
-    benchmark::DoNotOptimize(y.data());
+    if (workspace) {
+      attn.forward(x, kept, work, options);
+      benchmark::DoNotOptimize(kept.data());
+    } else {
+      Matrix y = attn.forward(x, options);
+      benchmark::DoNotOptimize(y.data());
+    }
     benchmark::ClobberMemory();
   }
   set_flop_counter(state, causal);
+  // Pages the system mapped afresh for the process, per forward: the memory a forward allocates and
+  // frees again goes back to the system when the allocator trims its heap, and comes back faulting.
+  state.counters["faults"] =
+      benchmark::Counter(static_cast<double>(minor_page_faults() - faults_before), benchmark::Counter::kAvgIterations);
 }
 
 void BM_MultiHeadAttention(benchmark::State& state) { run_library(state, false); }
 void BM_MultiHeadAttentionCausal(benchmark::State& state) { run_library(state, true); }
+void BM_MultiHeadAttentionWorkspace(benchmark::State& state) { run_library(state, false, true); }
+void BM_MultiHeadAttentionWorkspaceCausal(benchmark::State& state) { run_library(state, true, true); }
 
 /// Args {h, N, threads}: the library on `threads` threads.
 void BM_MultiHeadAttentionThreads(benchmark::State& state) {
@@ -226,6 +260,14 @@ BENCHMARK(BM_MultiHeadAttention)
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_MultiHeadAttentionCausal)
     ->Apply(grid<16, 64, 128, 256, 512, 1024, 2048, 4096>)
+    ->ArgNames({"h", "N"})
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_MultiHeadAttentionWorkspace)
+    ->ArgsProduct({{1, 8}, {16, 256, 1024, 4096}})
+    ->ArgNames({"h", "N"})
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_MultiHeadAttentionWorkspaceCausal)
+    ->ArgsProduct({{1, 8}, {16, 256, 1024, 4096}})
     ->ArgNames({"h", "N"})
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_MultiHeadAttentionThreads)

@@ -13,7 +13,7 @@ Needs PyTorch (Debian: python3-torch, 1.13, for /usr/bin/python3). The shapes: s
 of x of shape (1, N, 512), N in {16, 256, 1024, 4096}, h in {1, 8}, full and causal, f32.
 
 mha: runs the benchmark binary with
-    --benchmark_filter='^BM_MultiHeadAttention(Causal)?/h:(1|8)/N:(16|256|1024|4096)$'
+    --benchmark_filter='^BM_MultiHeadAttention(Workspace)?(Causal)?/h:(1|8)/N:(16|256|1024|4096)$'
     --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
 and a temporary --benchmark_out JSON (its console output goes to stderr), or reads the JSON given
 with --mha-json. Its time is the median of the repetitions, wall clock (real_time).
@@ -37,9 +37,11 @@ other bench_forward process runs, so the two never share the CPU.
 
 Prints, in Markdown: the PyTorch version, the BLAS library it has loaded and its thread counts, a
 GEMM rate of PyTorch for scale, the rounds, a table N | h | causal | PyTorch ms | mha ms | speed-up (PyTorch
-÷ mha) | PyTorch path, the geometric mean of the speed-ups and how many are below 1, and the
-targets: speed-up >= 2 at N = 1024 (full, h = 8; h = 1 reported too) and >= 4 at N = 4096
-(causal, h = 8).
+÷ mha) | workspace ms | speed-up | PyTorch path, where mha is forward(x, options) returning a new
+matrix and workspace is forward(x, out, workspace, options) into memory kept from call to call
+(BM_MultiHeadAttentionWorkspace(Causal)), the geometric mean of each form's speed-ups and how many
+are below 1, and the targets (for forward(x, options)): speed-up >= 2 at N = 1024 (full, h = 8;
+h = 1 reported too) and >= 4 at N = 4096 (causal, h = 8).
 """
 
 import argparse
@@ -59,7 +61,9 @@ from summarize import CAUSAL, LIBRARY, context_line, load  # noqa: E402
 D_MODEL = 512
 LENGTHS = (16, 256, 1024, 4096)
 HEADS = (1, 8)
-FILTER = r"^BM_MultiHeadAttention(Causal)?/h:(1|8)/N:(16|256|1024|4096)$"
+FILTER = r"^BM_MultiHeadAttention(Workspace)?(Causal)?/h:(1|8)/N:(16|256|1024|4096)$"
+WORKSPACE = "BM_MultiHeadAttentionWorkspace"
+WORKSPACE_CAUSAL = "BM_MultiHeadAttentionWorkspaceCausal"
 DEFAULT_BENCH = os.path.join("build", "bench", "bench_forward")
 # (N, h, causal, minimum speed-up of mha over PyTorch)
 TARGETS = ((1024, 8, False, 2.0), (1024, 1, False, 2.0), (4096, 8, True, 4.0))
@@ -289,7 +293,7 @@ def main():
     run_binary = not args.mha_json and not args.skip_mha
     rounds = max(1, args.rounds) if run_binary else 1
 
-    mha_rounds, torch_rounds, mha_context = defaultdict(list), defaultdict(list), {}
+    mha_rounds, kept_rounds, torch_rounds, mha_context = defaultdict(list), defaultdict(list), defaultdict(list), {}
     for turn in range(rounds):
         if rounds > 1:
             print(f"round {turn + 1} of {rounds}", file=sys.stderr, flush=True)
@@ -304,6 +308,8 @@ def main():
             for (family, h, n, threads), run in results.items():
                 if family in (LIBRARY, CAUSAL) and threads is None:
                     mha_rounds[(n, h, family == CAUSAL)].append(run["ms"])
+                if family in (WORKSPACE, WORKSPACE_CAUSAL) and threads is None:
+                    kept_rounds[(n, h, family == WORKSPACE_CAUSAL)].append(run["ms"])
 
         # 2. PyTorch, once no benchmark binary runs.
         busy = running_bench_forward()
@@ -314,6 +320,7 @@ def main():
         for key, (ms, count, path) in results.items():
             torch_rounds[key].append((ms, count, path))
     mha = {key: statistics.median(times) for key, times in mha_rounds.items()}
+    kept = {key: statistics.median(times) for key, times in kept_rounds.items()}
     torch_results = {key: (statistics.median(ms for ms, _, _ in runs), sum(count for _, count, _ in runs), runs[0][2])
                      for key, runs in torch_rounds.items()}
 
@@ -332,27 +339,34 @@ def main():
         print("Times: wall clock. PyTorch: median of the timed calls after a warm-up. mha: median of "
               "3 Google Benchmark repetitions. Causal: PyTorch with a boolean attn_mask "
               "triu(ones(N, N), 1), mha with AttentionOptions::causal.\n")
-    print("| N | h | causal | PyTorch ms | mha ms | speed-up (PyTorch ÷ mha) | PyTorch path |")
-    print("|---:|---:|:---|---:|---:|---:|:---|")
+    print("mha ms: `forward(x, options)`, a new output matrix at every call; workspace ms: "
+          "`forward(x, out, workspace, options)` into one output and one mha::ForwardWorkspace kept "
+          "from call to call, allocating nothing (BM_MultiHeadAttentionWorkspace).\n")
+    print("| N | h | causal | PyTorch ms | mha ms | speed-up (PyTorch ÷ mha) | workspace ms | "
+          "speed-up (PyTorch ÷ workspace) | PyTorch path |")
+    print("|---:|---:|:---|---:|---:|---:|---:|---:|:---|")
     for n in args.lengths:
         for h in HEADS:
             for causal in (False, True):
                 torch_ms, _, path = torch_results[(n, h, causal)]
-                ours = mha.get((n, h, causal))
-                speedup = f"{torch_ms / ours:.2f}" if ours else "–"
-                print(f"| {n} | {h} | {'yes' if causal else 'no'} | {fmt_ms(torch_ms)} | "
-                      f"{fmt_ms(ours) if ours else '–'} | {speedup} | {path} |")
+                cells = []
+                for times in (mha, kept):
+                    ours = times.get((n, h, causal))
+                    cells += [fmt_ms(ours) if ours else "–", f"{torch_ms / ours:.2f}" if ours else "–"]
+                print(f"| {n} | {h} | {'yes' if causal else 'no'} | {fmt_ms(torch_ms)} | {' | '.join(cells)} | "
+                      f"{path} |")
 
     if notes:
         print("\n" + "  \n".join(notes))
 
-    speedups = [torch_results[(n, h, c)][0] / mha[(n, h, c)] for n in args.lengths for h in HEADS
-                for c in (False, True) if mha.get((n, h, c))]
-    if speedups:
-        geomean = math.exp(sum(math.log(x) for x in speedups) / len(speedups))
-        slower = sum(1 for x in speedups if x < 1)
-        print(f"\nGeometric mean of the {len(speedups)} speed-ups: {geomean:.2f} "
-              f"(goal ≥ 1.5); mha slower in {slower} of them (goal: none).")
+    for what, times in (("mha", mha), ("mha into a workspace", kept)):
+        speedups = [torch_results[(n, h, c)][0] / times[(n, h, c)] for n in args.lengths for h in HEADS
+                    for c in (False, True) if times.get((n, h, c))]
+        if speedups:
+            geomean = math.exp(sum(math.log(x) for x in speedups) / len(speedups))
+            slower = sum(1 for x in speedups if x < 1)
+            print(f"\n{what}: geometric mean of the {len(speedups)} speed-ups {geomean:.2f} "
+                  f"(goal ≥ 1.5); slower than PyTorch in {slower} of them (goal: none).")
 
     print("\n### Targets\n")
     print("| Target | Measured | Goal | Result |")

@@ -287,4 +287,109 @@ TYPED_TEST(MultiHeadAttention, RejectsInputsOfTheWrongShapeWithAClearMessage) {
   EXPECT_EQ(error_of([&] { attn.forward(good, options); }), "mha: options.scale must be finite, got inf");
 }
 
+// --- forward into a workspace --------------------------------------------------------------------
+
+/// One workspace and one output, reused by forwards of growing and shrinking shapes, of modules of
+/// other head sizes, with and without masks, extra keys and batches, on one thread and on two: each
+/// gives forward()'s numbers bit for bit (nothing left in the workspace by the forward before, or
+/// sized for it, changes a result).
+TYPED_TEST(MultiHeadAttention, ForwardIntoAWorkspaceEqualsForwardBitForBit) {
+  using M = Matrix<TypeParam>;
+  auto grouped = mha_test::rotary(mha_test::decoder_config(32, 8, 2, 0, 0, 3), mha::RotaryPairs::halves);
+  grouped.bias = true;
+  auto cross = config(32, 2, 24, 8, 4);
+  cross.kdim = 12;
+  cross.vdim = 20;
+  cross.add_bias_kv = true;
+  cross.add_zero_attn = true;
+  const mha::MultiHeadAttention<TypeParam> plain(config(32, 4, 0, 0, 2)), gqa(grouped), crossing(cross);
+  const M x = random_matrix<TypeParam>(700, 32, 1), query = random_matrix<TypeParam>(300, 32, 2),
+          key = random_matrix<TypeParam>(530, 12, 3), value = random_matrix<TypeParam>(530, 20, 4);
+  const M mask = random_matrix<TypeParam>(300, 530, 5);
+  mha_test::BoolMatrix padding = mha_test::BoolMatrix::Constant(1, 530, false);
+  padding.rightCols(100).setConstant(true);
+  mha::AttentionOptions causal, window, masked;
+  causal.causal = true;
+  window.window = 37;
+  window.causal = true;
+  masked.mask = mha::AttentionMask::additive(mask);
+  masked.key_padding_mask = mha::AttentionMask::blocked(padding);
+  const std::vector<Eigen::Index> ragged{300, 1, 399}, ragged_keys{200, 130, 200};
+  for (const int threads : {1, 2}) {
+    mha::set_num_threads(threads);
+    SCOPED_TRACE(std::to_string(threads) + " threads");
+    M y;
+    mha::ForwardWorkspace<TypeParam> workspace;
+    EXPECT_EQ(workspace.bytes(), 0u);
+    const auto expect_same = [&](const char* what, const M& expected, const auto& forward) {
+      forward();
+      EXPECT_EQ(y.rows(), expected.rows()) << what;
+      EXPECT_EQ(y.cols(), expected.cols()) << what;
+      EXPECT_TRUE(y.rows() == expected.rows() && (y.array() == expected.array()).all()) << what;
+    };
+    expect_same("700 tokens", plain.forward(x), [&] { plain.forward(x, y, workspace); });
+    EXPECT_GT(workspace.bytes(), 700u * 32 * 3 * sizeof(TypeParam));
+    expect_same("90 tokens, causal", plain.forward(x.topRows(90), causal),
+                [&] { plain.forward(x.topRows(90), y, workspace, causal); });
+    expect_same("grouped-query, rotary, a window", gqa.forward(x, window),
+                [&] { gqa.forward(x, y, workspace, window); });
+    expect_same("cross-attention, extra keys, masks", crossing.forward(query, key, value, masked),
+                [&] { crossing.forward(query, key, value, y, workspace, masked); });
+    expect_same("one token", gqa.forward(x.topRows(1), causal),
+                [&] { gqa.forward(x.topRows(1), y, workspace, causal); });
+    expect_same("a ragged batch", gqa.forward_batch(x, ragged, causal),
+                [&] { gqa.forward_batch(x, ragged, y, workspace, causal); });
+    expect_same("a ragged cross-attention batch", crossing.forward_batch(x, key, value, ragged, ragged_keys),
+                [&] { crossing.forward_batch(x, key, value, ragged, ragged_keys, y, workspace); });
+    expect_same("no keys", plain.forward(query, M(0, 32), M(0, 32)),
+                [&] { plain.forward(query, M(0, 32), M(0, 32), y, workspace); });
+    expect_same("no queries", plain.forward(M(0, 32)), [&] { plain.forward(M(0, 32), y, workspace); });
+    expect_same("700 tokens again", plain.forward(x), [&] { plain.forward(x, y, workspace); });
+    // A copy of a workspace starts empty, and works as well.
+    mha::ForwardWorkspace<TypeParam> copy = workspace;
+    EXPECT_EQ(copy.bytes(), 0u);
+    expect_same("a copy", gqa.forward(x, window), [&] { gqa.forward(x, y, copy, window); });
+  }
+  mha::set_num_threads(0);
+}
+
+/// The output may be the query itself (or the input of self-attention): every input is read
+/// before the output is written.
+TYPED_TEST(MultiHeadAttention, ForwardIntoAWorkspaceMayWriteOverItsInput) {
+  using M = Matrix<TypeParam>;
+  const mha::MultiHeadAttention<TypeParam> attn(config(16, 4, 0, 0, 4));
+  mha::ForwardWorkspace<TypeParam> workspace;
+  M x = random_matrix<TypeParam>(300, 16, 1);
+  const M kv = random_matrix<TypeParam>(40, 16, 2);
+  const M self = attn.forward(x, causal_if(true)), cross = attn.forward(x, kv, kv);
+  M y = x;
+  attn.forward(y, y, workspace, causal_if(true));
+  EXPECT_TRUE((y.array() == self.array()).all());
+  y = x;
+  attn.forward(y, kv, kv, y, workspace);
+  EXPECT_TRUE((y.array() == cross.array()).all());
+}
+
+/// A rejected forward into a workspace names the argument, as forward() does, and leaves the
+/// output as it was.
+TYPED_TEST(MultiHeadAttention, RejectedForwardIntoAWorkspaceLeavesTheOutputUnchanged) {
+  using M = Matrix<TypeParam>;
+  const mha::MultiHeadAttention<TypeParam> attn(config(8, 2));
+  mha::ForwardWorkspace<TypeParam> workspace;
+  const M good = random_matrix<TypeParam>(3, 8, 1), before = random_matrix<TypeParam>(5, 4, 2);
+  M y = before;
+  EXPECT_EQ(error_of([&] { attn.forward(good, good, M(3, 4), y, workspace); }),
+            "mha: MultiHeadAttention::forward: value is 3 x 4 but d_model is 8; value needs 8 columns");
+  EXPECT_EQ(error_of([&] { attn.forward(M(3, 2), y, workspace); }),
+            "mha: MultiHeadAttention::forward: query is 3 x 2 but d_model is 8; query needs 8 columns");
+  EXPECT_EQ(error_of([&] {
+              attn.forward_batch(good, {2, 2}, y, workspace);
+            }),
+            error_of([&] {
+              attn.forward_batch(good, {2, 2});
+            }));
+  EXPECT_TRUE((y.array() == before.array()).all());
+  EXPECT_EQ(y.rows(), 5);
+}
+
 }  // namespace

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <type_traits>
 
 namespace mha {
@@ -35,10 +36,27 @@ struct AttentionScratch {
     return AttentionScratch(std::min(kQueryBlock, L), std::min(kKeyBlock, S), d_k);
   }
 
+  /// \returns the numbers it holds.
+  Eigen::Index size() const {
+    return scaled_q.size() + scores.size() + 5 * row_max.size() + packing.lhs.size() + packing.rhs.size();
+  }
+
   Matrix<Scalar> scaled_q;  ///< B_r × d_k: scale · the query block
   Matrix<Scalar> scores;    ///< B_r × B_c: a tile of scores, then of their exponentials
   Column<Scalar> row_max, row_sum, new_max, shift, rescale;  ///< B_r each: m, ℓ, m′, shift, e^(m − m′)
+  PackingSpace<Scalar> packing;  ///< the tiles' products' packed blocks, when too large for the stack
 };
+
+/// A scratch kept from one pass to the next (by a workspace, for one thread), fit for the query
+/// blocks of an L × d_k query against S keys: as it is where it has room for them, else made anew.
+template <typename Scalar>
+AttentionScratch<Scalar>& fit_scratch(std::optional<AttentionScratch<Scalar>>& scratch, Eigen::Index L, Eigen::Index S,
+                                      Eigen::Index d_k) {
+  if (!scratch || scratch->scaled_q.cols() != d_k || scratch->scaled_q.rows() < std::min(kQueryBlock, L) ||
+      scratch->scores.cols() < std::min(kKeyBlock, S))
+    scratch.emplace(AttentionScratch<Scalar>::for_problem(L, S, d_k));
+  return *scratch;
+}
 
 /// Query block `block` (rows block·B_r …) of one head's attention, written into those rows of
 /// `out` (L × d_v):  out = softmax(q kᵀ · scale + masks) v,  q: L × d_k, k: S × d_k, v: S × d_v.
@@ -104,10 +122,10 @@ void attention_query_block(const ConstMatrixRef<Scalar>& q, const Rows<Scalar>& 
     }
     if (visibility.dropout > 0) drop_out(s, visibility, first_row, first_key);
     scale_rows(alpha);
-    gemm(operand(s), v.middle_rows(first_key, s.cols()), acc, true);
+    gemm(operand(s), v.middle_rows(first_key, s.cols()), acc, true, &scratch.packing);
     m = m_new;
   };
-  for_each_tile<Scalar>(k, visibility, first_row, qs, scratch.scores, online_softmax_step);
+  for_each_tile<Scalar>(k, visibility, first_row, qs, scratch.scores, &scratch.packing, online_softmax_step);
   // 1/ℓ, and log Σ exp(score) = m + log ℓ, per row (loops: once per block, cheap to compile); a row
   // with nothing visible has m = −∞ and ℓ = 0: its output stays zero and its log-sum-exp −∞.
   ColumnMap<Scalar> inverse_sum(scratch.rescale.data(), rows);
@@ -128,7 +146,7 @@ void attention_query_block(const ConstMatrixRef<Scalar>& q, const Rows<Scalar>& 
       if (visibility.dropout > 0) drop_out(s, visibility, first_row, first_key);
       weights->block(first_row, first_key, rows, s.cols()) = s;
     };
-    for_each_tile<Scalar>(k, visibility, first_row, qs, scratch.scores, write_weights);
+    for_each_tile<Scalar>(k, visibility, first_row, qs, scratch.scores, &scratch.packing, write_weights);
   }
 }
 
@@ -191,6 +209,7 @@ struct AttentionBackwardScratch {
   Matrix<Scalar> d_weights;  ///< B_r × B_c: ∂loss/∂P
   Matrix<Scalar> keep;       ///< B_r × B_c (with dropout only): the factors 0 or 1/(1 − p), then P after dropout
   Column<Scalar> shift, d_dot_out;  ///< B_r each: the log-sum-exp (0 where −∞), D = rowsum(dO ∘ O)
+  PackingSpace<Scalar> packing;     ///< the tiles' products' packed blocks, when too large for the stack
 };
 
 /// The backward of one head's attention (attention_query_block over every block): given what the
@@ -236,7 +255,7 @@ void attention_backward(const ConstMatrixRef<Scalar>& q, const ConstMatrixRef<Sc
       // In the forward pass this was: P = exp(s − m) / ℓ, which is exp(s − lse).
       for (Eigen::Index j = 0; j < keys; ++j) exp_minus(s.col(j).data(), rows, shift.data(), flushed);
       auto dp = scratch.d_weights.topLeftCorner(rows, keys);
-      gemm(operand(d_out_rows), operand(v).middle_rows(first_key, keys).t(), dp);
+      gemm(operand(d_out_rows), operand(v).middle_rows(first_key, keys).t(), dp, false, &scratch.packing);
       if (visibility.dropout > 0) {
         // In the forward pass this was: P̃ = P ∘ keep (drop_out), then out += P̃ v.
         scratch.keep.resize(scratch.scores.rows(), scratch.scores.cols());  // once per thread, then a no-op
@@ -245,19 +264,19 @@ void attention_backward(const ConstMatrixRef<Scalar>& q, const ConstMatrixRef<Sc
         drop_out(keep, visibility, first_row, first_key);
         dp.array() *= keep.array();
         keep.array() *= s.array();
-        gemm(operand(keep).t(), operand(d_out_rows), grad_v.middleRows(first_key, keys), true);
+        gemm(operand(keep).t(), operand(d_out_rows), grad_v.middleRows(first_key, keys), true, &scratch.packing);
       } else {
         // In the forward pass this was: out += P v.
-        gemm(operand(s).t(), operand(d_out_rows), grad_v.middleRows(first_key, keys), true);
+        gemm(operand(s).t(), operand(d_out_rows), grad_v.middleRows(first_key, keys), true, &scratch.packing);
       }
       // The softmax's backward: ∂loss/∂s = P ∘ (∂loss/∂P − D).
       for (Eigen::Index j = 0; j < keys; ++j)
         ColumnMap<Scalar>(s.col(j).data(), rows) *= ColumnMap<Scalar>(dp.col(j).data(), rows) - D;
       // In the forward pass this was: s = (scale · q) kᵀ.
-      gemm(operand(s), operand(k).middle_rows(first_key, keys), grad_q_rows, true);
-      gemm(operand(s).t(), operand(qs), grad_k.middleRows(first_key, keys), true);
+      gemm(operand(s), operand(k).middle_rows(first_key, keys), grad_q_rows, true, &scratch.packing);
+      gemm(operand(s).t(), operand(qs), grad_k.middleRows(first_key, keys), true, &scratch.packing);
     };
-    for_each_tile<Scalar>(operand(k), visibility, first_row, qs, scratch.scores, backward_step);
+    for_each_tile<Scalar>(operand(k), visibility, first_row, qs, scratch.scores, &scratch.packing, backward_step);
     grad_q.middleRows(first_row, rows) = scale * grad_q_rows;
   }
 }

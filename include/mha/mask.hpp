@@ -79,8 +79,15 @@ class AttentionMask {
   /// conventions, the numbers themselves for an additive mask; read once per attention call.
   template <typename Scalar>
   Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> additive_matrix() const {
+    Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> out;
+    additive_matrix(out);
+    return out;
+  }
+  /// The same into `out`, resized unless it has the mask's shape already (then allocating nothing).
+  template <typename Scalar>
+  void additive_matrix(Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>& out) const {
     constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
-    Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> out(rows_, cols_);
+    out.resize(rows_, cols_);
     const auto copy = [&](const auto* data, const auto& value_of) {
       for (Eigen::Index c = 0; c < cols_; ++c)
         for (Eigen::Index r = 0; r < rows_; ++r) out(r, c) = value_of(data[r * row_stride_ + c * col_stride_]);
@@ -104,7 +111,6 @@ class AttentionMask {
       case Kind::none:
         break;
     }
-    return out;
   }
 
  private:

@@ -13,6 +13,7 @@
 #include <mha/detail/projection_backward.hpp>
 #include <mha/detail/stored_products.hpp>
 #include <mha/detail/visibility.hpp>
+#include <mha/forward_workspace.hpp>
 #include <mha/kv_cache.hpp>
 #include <mha/mask.hpp>
 #include <mha/parameters.hpp>
@@ -147,6 +148,35 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     return run_forward(rows, rows, rows, {x.rows()}, {x.rows()}, options, {}, "MultiHeadAttention::forward");
   }
 
+  /// forward(query, key, value, options), the output written into `out` (resized to L × d_model
+  /// unless it has that shape already), working in `workspace` (ForwardWorkspace): a forward of
+  /// the same shapes and options as the one before it in the same workspace allocates nothing, as
+  /// long as the inputs are matrices or blocks of them with contiguous columns (an expression is
+  /// evaluated first) and the thread count does not grow. A program that runs the same forward
+  /// again and again (a robot's control loop, a server's fixed batch) then neither waits on the
+  /// allocator nor touches fresh pages. `out` may be one of the inputs: they are read before it is
+  /// written. The same numbers as forward(query, key, value, options), bit for bit.
+  template <typename DerivedQ, typename DerivedK, typename DerivedV>
+  void forward(const Eigen::MatrixBase<DerivedQ>& query, const Eigen::MatrixBase<DerivedK>& key,
+               const Eigen::MatrixBase<DerivedV>& value, Matrix& out, ForwardWorkspace<Scalar>& workspace,
+               const AttentionOptions& options = {}) const {
+    workspace.query_lengths.assign(1, query.rows());
+    workspace.key_lengths.assign(1, key.rows());
+    run_forward(query, key, value, workspace.query_lengths, workspace.key_lengths, options, {}, workspace, out,
+                "MultiHeadAttention::forward");
+  }
+
+  /// Self-attention forward(x, x, x, out, workspace, options).
+  template <typename Derived>
+  void forward(const Eigen::MatrixBase<Derived>& x, Matrix& out, ForwardWorkspace<Scalar>& workspace,
+               const AttentionOptions& options = {}) const {
+    const detail::Input<Scalar> rows(x);
+    workspace.query_lengths.assign(1, x.rows());
+    workspace.key_lengths.assign(1, x.rows());
+    run_forward(rows, rows, rows, workspace.query_lengths, workspace.key_lengths, options, {}, workspace, out,
+                "MultiHeadAttention::forward");
+  }
+
   /// forward(query, key, value, options), recording into `tape` what backward() needs. The output
   /// is the same as without a tape; the tape costs O((L + S) · width) memory, never L × S.
   template <typename DerivedQ, typename DerivedK, typename DerivedV>
@@ -215,6 +245,25 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
                        const AttentionOptions& options = {}) const {
     const detail::Input<Scalar> rows(x);
     return run_forward(rows, rows, rows, lengths, lengths, options, {}, "MultiHeadAttention::forward_batch");
+  }
+
+  /// forward_batch(query, key, value, query_lengths, key_lengths, options) into `out`, working in
+  /// `workspace`, allocating nothing as forward(query, key, value, out, workspace, options) does.
+  template <typename DerivedQ, typename DerivedK, typename DerivedV>
+  void forward_batch(const Eigen::MatrixBase<DerivedQ>& query, const Eigen::MatrixBase<DerivedK>& key,
+                     const Eigen::MatrixBase<DerivedV>& value, const std::vector<Index>& query_lengths,
+                     const std::vector<Index>& key_lengths, Matrix& out, ForwardWorkspace<Scalar>& workspace,
+                     const AttentionOptions& options = {}) const {
+    run_forward(query, key, value, query_lengths, key_lengths, options, {}, workspace, out,
+                "MultiHeadAttention::forward_batch");
+  }
+
+  /// Self-attention over a batch into `out`, working in `workspace`.
+  template <typename Derived>
+  void forward_batch(const Eigen::MatrixBase<Derived>& x, const std::vector<Index>& lengths, Matrix& out,
+                     ForwardWorkspace<Scalar>& workspace, const AttentionOptions& options = {}) const {
+    const detail::Input<Scalar> rows(x);
+    run_forward(rows, rows, rows, lengths, lengths, options, {}, workspace, out, "MultiHeadAttention::forward_batch");
   }
 
   /// Self-attention over a batch, recording into `tape` what backward() needs (x once).
@@ -410,12 +459,23 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     bool self_attention = false;             ///< query, key and value are the same input
   };
 
-  /// The forward pass over a batch of sequences (one, for forward()), recording into `record`
-  /// what it asks for.
+  /// The forward pass over a batch of sequences (one, for forward()) into `out`, working in
+  /// `workspace`, recording into `record` what it asks for (a tape takes the workspace's
+  /// projections).
+  void run_forward(const detail::Input<Scalar>& query, const detail::Input<Scalar>& key,
+                   const detail::Input<Scalar>& value, const std::vector<Index>& query_lengths,
+                   const std::vector<Index>& key_lengths, const AttentionOptions& options, Record record,
+                   ForwardWorkspace<Scalar>& workspace, Matrix& out, const char* caller, Abi = {}) const;
+  /// The same in a workspace of its own, \returns the output.
   Matrix run_forward(const detail::Input<Scalar>& query, const detail::Input<Scalar>& key,
                      const detail::Input<Scalar>& value, const std::vector<Index>& query_lengths,
                      const std::vector<Index>& key_lengths, const AttentionOptions& options, Record record,
-                     const char* caller, Abi = {}) const;
+                     const char* caller) const {
+    ForwardWorkspace<Scalar> workspace;
+    Matrix out;
+    run_forward(query, key, value, query_lengths, key_lengths, options, record, workspace, out, caller);
+    return out;
+  }
 
   /// The decode step of decode() and decode_batch(), with the module's weights, or with `weights`
   /// where they are given.
@@ -468,17 +528,19 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
 
   /// q = query · W^Q + b^Q, k = key · W^K + b^K, v = value · W^V + b^V: each one product for all
   /// heads, cut into row blocks that run in parallel; with rotary embeddings the rows of q and k
-  /// are then turned by their positions.
+  /// are then turned by their positions. The blocks are collected in `jobs` where it is given (a
+  /// workspace's, which keeps its memory), else in a list of their own.
   void project_inputs(const detail::ConstMatrixRef<Scalar>& query, const detail::ConstMatrixRef<Scalar>& key,
                       const detail::ConstMatrixRef<Scalar>& value, const std::vector<Index>& query_positions,
-                      const std::vector<Index>& key_positions, Matrix& q, Matrix& k, Matrix& v) const {
-    project_inputs(query, key, value, query_positions, key_positions, q, k, v, w_q_, w_k_, w_v_);
+                      const std::vector<Index>& key_positions, Matrix& q, Matrix& k, Matrix& v,
+                      detail::RowBlockJobs<Scalar>* jobs = nullptr) const {
+    project_inputs(query, key, value, query_positions, key_positions, q, k, v, w_q_, w_k_, w_v_, jobs);
   }
   /// The same with other weights of the same shapes in place of W^Q, W^K and W^V.
   void project_inputs(const detail::ConstMatrixRef<Scalar>& query, const detail::ConstMatrixRef<Scalar>& key,
                       const detail::ConstMatrixRef<Scalar>& value, const std::vector<Index>& query_positions,
                       const std::vector<Index>& key_positions, Matrix& q, Matrix& k, Matrix& v, const Matrix& w_q,
-                      const Matrix& w_k, const Matrix& w_v) const;
+                      const Matrix& w_k, const Matrix& w_v, detail::RowBlockJobs<Scalar>* jobs = nullptr) const;
 
   /// A decode step's projections of its new tokens x into work.q, work.k and work.v, at
   /// work.positions: with the module's weights, or with `weights` where they are given (a step of
@@ -531,13 +593,17 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
     return output;
   }
   /// output = concat · W^O + b^O, output resized unless it has the shape already; with `w_o`, that
-  /// matrix in place of W^O.
-  void project_output(const Matrix& concat, Matrix& output) const { project_output(concat, output, w_o_); }
-  void project_output(const Matrix& concat, Matrix& output, const Matrix& w_o) const {
+  /// matrix in place of W^O; the blocks collected in `jobs` where it is given, as project_inputs.
+  void project_output(const Matrix& concat, Matrix& output, detail::RowBlockJobs<Scalar>* jobs = nullptr) const {
+    project_output(concat, output, w_o_, jobs);
+  }
+  void project_output(const Matrix& concat, Matrix& output, const Matrix& w_o,
+                      detail::RowBlockJobs<Scalar>* jobs = nullptr) const {
     output.resize(concat.rows(), d_model());
-    detail::RowBlockJobs<Scalar> jobs;
-    jobs.product(detail::operand(concat), detail::operand(w_o), output, false, &b_o_);
-    jobs.run();
+    detail::RowBlockJobs<Scalar> own;
+    detail::RowBlockJobs<Scalar>& blocks = jobs ? *jobs : own;
+    blocks.product(detail::operand(concat), detail::operand(w_o), output, false, &b_o_);
+    blocks.run();
   }
 
   // ---- Checks: every argument before any work, so that a throw leaves everything unchanged ----
@@ -743,54 +809,70 @@ auto MultiHeadAttention<Scalar_>::run_backward(const Tape<Scalar>& tape, const d
 
 /// The forward pass over a batch of sequences (one, for forward()), in the lecture's steps.
 template <typename Scalar_>
-auto MultiHeadAttention<Scalar_>::run_forward(const detail::Input<Scalar>& query, const detail::Input<Scalar>& key,
+void MultiHeadAttention<Scalar_>::run_forward(const detail::Input<Scalar>& query, const detail::Input<Scalar>& key,
                                               const detail::Input<Scalar>& value,
                                               const std::vector<Index>& query_lengths,
                                               const std::vector<Index>& key_lengths, const AttentionOptions& options,
-                                              Record record, const char* caller, Abi) const -> Matrix {
+                                              Record record, ForwardWorkspace<Scalar>& work, Matrix& out,
+                                              const char* caller, Abi) const {
   check_forward(query, key, value, query_lengths, key_lengths, options, caller);
   const Index h = num_heads(), group = h / num_kv_heads();
-  const detail::Batch batch(query_lengths, key_lengths, extra_keys());
+  detail::Batch& batch = work.batch;
+  batch.assign(query_lengths, key_lengths, extra_keys());
   const auto scale = detail::resolve_scale<Scalar>(options, d_k());
 
   // 1. Project: Q W^Q, K W^K, V W^V for all heads at once (rotated by their positions with
   //    rotary embeddings), and add_bias_kv's and add_zero_attn's rows after each sequence's keys.
-  Matrix q, keys, values;  // ΣL × h·d_k, ΣS × h_kv·d_k, ΣS × h_kv·d_v
-  project_inputs(query, key, value, detail::query_positions(batch, options.alignment), detail::key_positions(batch), q,
-                 keys, values);
+  detail::query_positions(batch, options.alignment, work.query_positions);
+  detail::key_positions(batch, work.key_positions);
+  Matrix& q = work.q;  // ΣL × h·d_k
+  project_inputs(query, key, value, work.query_positions, work.key_positions, q, work.keys, work.values, &work.jobs);
+  Matrix* keys = &work.keys;  // ΣS × h_kv·d_k, or (ΣS + B·extra) × h_kv·d_k with the extra rows
+  Matrix* values = &work.values;
   if (batch.extra_keys > 0) {
-    Matrix k_extended, v_extended;  // (ΣS + B·extra) × h_kv·d_k, … × h_kv·d_v
-    detail::append_extra_rows(keys, batch, config_.add_bias_kv ? &bias_k_ : nullptr, config_.add_zero_attn, k_extended);
-    detail::append_extra_rows(values, batch, config_.add_bias_kv ? &bias_v_ : nullptr, config_.add_zero_attn,
-                              v_extended);
-    keys = std::move(k_extended);
-    values = std::move(v_extended);
+    detail::append_extra_rows(work.keys, batch, config_.add_bias_kv ? &bias_k_ : nullptr, config_.add_zero_attn,
+                              work.extended_keys);
+    detail::append_extra_rows(work.values, batch, config_.add_bias_kv ? &bias_v_ : nullptr, config_.add_zero_attn,
+                              work.extended_values);
+    keys = &work.extended_keys;
+    values = &work.extended_values;
   }
 
   // 2. Attend: head i of sequence b, block by block of query rows, over key/value head
   //    j = i / group, writing its output straight into its column block of the concatenation.
-  const std::vector<detail::QueryBlock> tasks = detail::query_block_tasks(batch, h);
-  if (record.weights) record.weights->assign(h, Matrix::Zero(q.rows(), keys.rows()));
+  detail::query_block_tasks(batch, h, 1, work.tasks);
+  if (record.weights) record.weights->assign(h, Matrix::Zero(q.rows(), keys->rows()));
   Matrix log_sum_exp(record.tape ? q.rows() : 0, h);  // ΣL × h
-  Matrix concat(q.rows(), h * d_v());                 // ΣL × h·d_v: [head_1 … head_h]
-  const detail::AdditiveMasks<Scalar> masks(options);
+  Matrix& concat = work.concat;                       // ΣL × h·d_v: [head_1 … head_h]
+  concat.resize(q.rows(), h * d_v());
+  work.masks.assign(options);
+  const detail::AdditiveMasks<Scalar>& masks = work.masks;
+  // Each thread's tiles, kept in the workspace: grown where this forward needs more, else as they
+  // are; every thread's, and after the loop every thread's room for packed blocks too, since a
+  // thread that got no task in one forward may get one in the next.
+  if (work.threads.size() < static_cast<std::size_t>(detail::thread_count()))
+    work.threads.resize(static_cast<std::size_t>(detail::thread_count()));
+  for (auto& kept : work.threads) detail::fit_scratch(kept, batch.max_L, batch.max_S + batch.extra_keys, d_k());
+  const auto thread_scratch = [&] { return &*work.threads[static_cast<std::size_t>(detail::thread_index())]; };
   detail::parallel_tasks(
-      static_cast<Index>(tasks.size()), batch.attention_flops(h, d_k(), d_v()),
-      [&] { return detail::AttentionScratch<Scalar>::for_problem(batch.max_L, batch.max_S + batch.extra_keys, d_k()); },
-      [&](Index t, detail::AttentionScratch<Scalar>& scratch) {
-        const auto [b, i, block] = tasks[static_cast<std::size_t>(t)];
+      static_cast<Index>(work.tasks.size()), batch.attention_flops(h, d_k(), d_v()), thread_scratch,
+      [&](Index t, detail::AttentionScratch<Scalar>* scratch) {
+        const auto [b, i, block] = work.tasks[static_cast<std::size_t>(t)];
         const Index L_b = batch.query_lengths[b], S_b = batch.key_lengths[b] + batch.extra_keys;
         const Index q0 = batch.q_offset[b], k0 = batch.k_offset[b], j = i / group;
         detail::attention_query_block<Scalar>(
-            q.block(q0, i * d_k(), L_b, d_k()), detail::operand(keys.block(k0, j * d_k(), S_b, d_k())),
-            detail::operand(values.block(k0, j * d_v(), S_b, d_v())), scale, visibility(options, masks, batch, b, i),
-            block, scratch, concat.block(q0, i * d_v(), L_b, d_v()),
+            q.block(q0, i * d_k(), L_b, d_k()), detail::operand(keys->block(k0, j * d_k(), S_b, d_k())),
+            detail::operand(values->block(k0, j * d_v(), S_b, d_v())), scale, visibility(options, masks, batch, b, i),
+            block, *scratch, concat.block(q0, i * d_v(), L_b, d_v()),
             record.weights ? &(*record.weights)[static_cast<std::size_t>(i)] : nullptr,
             record.tape ? log_sum_exp.col(i).data() + q0 : nullptr);
       });
+  detail::grow_to_largest(work.threads.size(),
+                          [&](std::size_t t) -> detail::PackingSpace<Scalar>& { return work.threads[t]->packing; });
 
-  // 3. Concatenate (done: each head wrote its own columns) and project with W^O.
-  Matrix output = project_output(concat);  // ΣL × d_model
+  // 3. Concatenate (done: each head wrote its own columns) and project with W^O. The inputs have
+  //    all been read: `out` may be one of them.
+  project_output(concat, out, &work.jobs);  // ΣL × d_model
   if (record.tape) {
     detail::TapedForward<Scalar> taped{identity_,
                                        config_,
@@ -802,8 +884,8 @@ auto MultiHeadAttention<Scalar_>::run_forward(const detail::Input<Scalar>& query
                                        Matrix(),
                                        Matrix(),
                                        std::move(q),
-                                       std::move(keys),
-                                       std::move(values),
+                                       std::move(*keys),
+                                       std::move(*values),
                                        std::move(concat),
                                        std::move(log_sum_exp)};
     // The tape's own copy of the masks: its backward may come after the caller's matrices are gone.
@@ -815,7 +897,6 @@ auto MultiHeadAttention<Scalar_>::run_forward(const detail::Input<Scalar>& query
     }
     record.tape->record(std::move(taped));
   }
-  return output;
 }
 
 /// A decode step: the new tokens' keys and values appended to the cache, their queries attending to
@@ -998,11 +1079,7 @@ void MultiHeadAttention<Scalar_>::attend_to_cache(const Matrix& q, const detail:
         if (t < static_cast<Index>(work.blocks.size())) {
           const auto [b, i, block] = work.blocks[static_cast<std::size_t>(t)];
           const Index L = batch.query_lengths[b], S = batch.key_lengths[b], j = i / group;
-          auto& attention = scratch->attention;
-          if (!attention || attention->scaled_q.cols() != d_k() ||
-              attention->scaled_q.rows() < std::min(detail::kQueryBlock, batch.max_L) ||
-              attention->scores.cols() < std::min(detail::kKeyBlock, batch.max_S))
-            attention.emplace(detail::AttentionScratch<Scalar>::for_problem(batch.max_L, batch.max_S, d_k()));
+          auto& attention = detail::fit_scratch(scratch->attention, batch.max_L, batch.max_S, d_k());
           // A cache of another type than Scalar: the head's keys and values converted, S rows.
           if (!std::is_same<Storage, Scalar>::value) {
             detail::reserve(scratch->keys, S * d_k());
@@ -1012,7 +1089,7 @@ void MultiHeadAttention<Scalar_>::attend_to_cache(const Matrix& q, const detail:
                                                 detail::cached_rows(cache.keys(b, j).topRows(S), scratch->keys),
                                                 detail::cached_rows(cache.values(b, j).topRows(S), scratch->values),
                                                 scale, detail::key_visibility(bottom_right, no_masks, L, S), block,
-                                                *attention, work.concat.block(batch.q_offset[b], i * d_v(), L, d_v()));
+                                                attention, work.concat.block(batch.q_offset[b], i * d_v(), L, d_v()));
           return;
         }
         // Key/value head j's part c, keys first … first + keys − 1, for each of its query heads.
@@ -1044,8 +1121,8 @@ void MultiHeadAttention<Scalar_>::project_inputs(const detail::ConstMatrixRef<Sc
                                                  const detail::ConstMatrixRef<Scalar>& value,
                                                  const std::vector<Index>& query_positions,
                                                  const std::vector<Index>& key_positions, Matrix& q, Matrix& k,
-                                                 Matrix& v, const Matrix& w_q, const Matrix& w_k,
-                                                 const Matrix& w_v) const {
+                                                 Matrix& v, const Matrix& w_q, const Matrix& w_k, const Matrix& w_v,
+                                                 detail::RowBlockJobs<Scalar>* jobs) const {
   q.resize(query.rows(), w_q_.cols());
   k.resize(key.rows(), w_k_.cols());
   v.resize(value.rows(), w_v_.cols());
@@ -1053,11 +1130,12 @@ void MultiHeadAttention<Scalar_>::project_inputs(const detail::ConstMatrixRef<Sc
   const auto rotation = [&](const std::vector<Index>& positions) {
     return detail::RowRotation{rotary ? &*rotary : nullptr, positions.data()};
   };
-  detail::RowBlockJobs<Scalar> jobs;
-  jobs.product(detail::operand(query), detail::operand(w_q), q, false, &b_q_, rotation(query_positions));
-  jobs.product(detail::operand(key), detail::operand(w_k), k, false, &b_k_, rotation(key_positions));
-  jobs.product(detail::operand(value), detail::operand(w_v), v, false, &b_v_);
-  jobs.run();
+  detail::RowBlockJobs<Scalar> own;
+  detail::RowBlockJobs<Scalar>& blocks = jobs ? *jobs : own;
+  blocks.product(detail::operand(query), detail::operand(w_q), q, false, &b_q_, rotation(query_positions));
+  blocks.product(detail::operand(key), detail::operand(w_k), k, false, &b_k_, rotation(key_positions));
+  blocks.product(detail::operand(value), detail::operand(w_v), v, false, &b_v_);
+  blocks.run();
 }
 
 namespace detail {

@@ -8,7 +8,8 @@
 //   - invalid input throws mha::invalid_argument, and only invalid input does;
 //   - the result has the documented shape;
 //   - finite inputs of moderate size (|x| ≤ 1e3, so that no product can overflow) give finite output,
-//     and finite gradients in the backward pass, whose taped forward gives the same output; for a
+//     and finite gradients in the backward pass, whose taped forward gives the same output, as does
+//     the forward into a workspace kept from one input to the next; for a
 //     cache of half, whose numbers overflow above 65504, moderate means |x| ≤ 4 (the fuzzer's
 //     ordinary numbers: no key or value of a module of d_model ≤ 24 reaches 200);
 //   - a decode step appends its tokens to the cache; a rejected step or truncate leaves length(),
@@ -275,6 +276,13 @@ void multi_head(Bytes& in) {
       const Matrix<Scalar> taped = attn.forward_batch(query, key, value, query_lengths, key_lengths, o, tape);
       if (!(taped.array() == out.array() || (taped.array() != taped.array() && out.array() != out.array())).all())
         violated("the taped forward differs from the forward");
+      // Into a workspace kept from one input to the next (sized by forwards of other shapes and
+      // modules): the same numbers.
+      static mha::ForwardWorkspace<Scalar> workspace;
+      Matrix<Scalar> kept;
+      attn.forward_batch(query, key, value, query_lengths, key_lengths, kept, workspace, o);
+      if (!(kept.array() == out.array() || (kept.array() != kept.array() && out.array() != out.array())).all())
+        violated("the forward into a workspace differs from the forward");
       const auto d_output = matrix<Scalar>(in, L, attn.d_model(), moderate);
       auto gradients = attn.zero_gradients();
       const auto d = attn.backward(tape, d_output, gradients);

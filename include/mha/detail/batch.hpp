@@ -71,10 +71,14 @@ inline std::vector<Eigen::Index> query_positions(const Batch& batch, CausalAlign
 }
 
 /// The positions of a batch's key rows: key j of a sequence is at position j.
-inline std::vector<Eigen::Index> key_positions(const Batch& batch) {
-  std::vector<Eigen::Index> positions;
+inline void key_positions(const Batch& batch, std::vector<Eigen::Index>& positions) {
+  positions.clear();
   for (const Eigen::Index S : batch.key_lengths)
     for (Eigen::Index j = 0; j < S; ++j) positions.push_back(j);
+}
+inline std::vector<Eigen::Index> key_positions(const Batch& batch) {
+  std::vector<Eigen::Index> positions;
+  key_positions(batch, positions);
   return positions;
 }
 

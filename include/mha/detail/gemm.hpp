@@ -12,9 +12,36 @@
 
 #include <algorithm>
 #include <cassert>
+#include <cstddef>
 
 namespace mha {
 namespace detail {
+
+/// Room for the packed blocks of Eigen's products, kept from one product to the next by one
+/// thread (in a workspace, or for the tiles of one attention call): a product whose blocks would
+/// not fit on the stack (Eigen allocates them on the heap for each product above
+/// EIGEN_STACK_ALLOCATION_LIMIT, 128 KiB) packs them here instead, grown when it needs more. Smaller
+/// ones stay on the stack, where Eigen puts them.
+template <typename Scalar>
+struct PackingSpace {
+  Eigen::Matrix<Scalar, Eigen::Dynamic, 1> lhs, rhs;  ///< aligned as Eigen's own blocks are
+};
+
+/// Grows each of the spaces space_of(0) … space_of(count − 1) to the largest blocks any of them
+/// holds. After a pass whose products some threads did not get (the tasks go to threads as they
+/// come), each thread then has room for any product of the next pass of the same shapes.
+template <typename SpaceOf>
+void grow_to_largest(std::size_t count, const SpaceOf& space_of) {
+  Eigen::Index lhs = 0, rhs = 0;
+  for (std::size_t t = 0; t < count; ++t) {
+    lhs = std::max(lhs, space_of(t).lhs.size());
+    rhs = std::max(rhs, space_of(t).rhs.size());
+  }
+  for (std::size_t t = 0; t < count; ++t) {
+    if (space_of(t).lhs.size() < lhs) space_of(t).lhs.resize(lhs);
+    if (space_of(t).rhs.size() < rhs) space_of(t).rhs.resize(rhs);
+  }
+}
 
 /// An operand of gemm(): a column-major block of contiguous columns (a matrix, a block of one, a
 /// map), to be read as it is or transposed. It views memory it does not own.
@@ -80,6 +107,35 @@ Eigen::Index depth_per_pass(Eigen::Index k) {
 #endif
 }
 
+/// Eigen's blocking of one product (a block of rows, of columns and of the depth), its packed
+/// blocks in `space` when they are too large for the stack and a space is given.
+template <typename Scalar>
+class KeptBlocking : public Eigen::internal::gemm_blocking_space<Eigen::ColMajor, Scalar, Scalar, Eigen::Dynamic,
+                                                                 Eigen::Dynamic, Eigen::Dynamic, 1, false> {
+  using Base = Eigen::internal::gemm_blocking_space<Eigen::ColMajor, Scalar, Scalar, Eigen::Dynamic, Eigen::Dynamic,
+                                                    Eigen::Dynamic, 1, false>;
+
+ public:
+  KeptBlocking(Eigen::Index m, Eigen::Index n, Eigen::Index depth, PackingSpace<Scalar>* space)
+      : Base(m, n, depth, 1, true) {
+    if (!space) return;
+    constexpr std::size_t kStack = EIGEN_STACK_ALLOCATION_LIMIT;
+    const Eigen::Index size_a = this->mc() * this->kc(), size_b = this->kc() * this->nc();
+    if (static_cast<std::size_t>(size_a) * sizeof(Scalar) > kStack) {
+      if (space->lhs.size() < size_a) space->lhs.resize(size_a);
+      this->m_blockA = space->lhs.data();
+    }
+    if (static_cast<std::size_t>(size_b) * sizeof(Scalar) > kStack) {
+      if (space->rhs.size() < size_b) space->rhs.resize(size_b);
+      this->m_blockB = space->rhs.data();
+    }
+  }
+  /// The space's blocks are its own: the base, which frees the blocks it holds, holds none.
+  ~KeptBlocking() { this->m_blockA = this->m_blockB = nullptr; }
+  KeptBlocking(const KeptBlocking&) = delete;
+  KeptBlocking& operator=(const KeptBlocking&) = delete;
+};
+
 /// c = op(a) · op(b), or c += op(a) · op(b) with `accumulate`. c must not overlap a or b. For
 /// `=`, c is zeroed and then added to, which is what Eigen's own GEMM does for an assignment.
 ///
@@ -90,10 +146,12 @@ Eigen::Index depth_per_pass(Eigen::Index k) {
 /// forms, those kernels and also its coefficient-based path for tiny products and the expression
 /// machinery around them; calling the kernels compiles only them: −3 s and −10 MB of a user's
 /// translation unit with g++ -O2.
+/// Its packed blocks go on the stack when they are small, else into `space` where one is given
+/// (PackingSpace), else into blocks Eigen allocates for the product.
 /// With EIGEN_USE_BLAS, Eigen's specialisations of the same kernels call the BLAS instead.
 template <typename Scalar>
 void gemm(const Operand<Scalar>& a, const Operand<Scalar>& b, typename Operand<Scalar>::Result c,
-          bool accumulate = false) {
+          bool accumulate = false, PackingSpace<Scalar>* space = nullptr) {
   using Eigen::ColMajor;
   using Eigen::Index;
   using Eigen::RowMajor;
@@ -150,10 +208,10 @@ void gemm(const Operand<Scalar>& a, const Operand<Scalar>& b, typename Operand<S
     return;
   }
   // The depth is taken in passes of at most `pass` (see depth_per_pass), each a product of Eigen's
-  // that packs its operands' blocks in space of its own, on the stack when they are small.
+  // that packs its operands' blocks on the stack when they are small, else in `space` (or, without
+  // one, in blocks Eigen allocates for it).
   const Index pass = depth_per_pass<Scalar>(k);
-  internal::gemm_blocking_space<ColMajor, Scalar, Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::Dynamic, 1, false>
-      blocking(m, n, pass, 1, true);
+  KeptBlocking<Scalar> blocking(m, n, pass, space);
   for (Index first = 0; first < k; first += pass) {
     const Index depth = std::min(pass, k - first);
     const Operand<Scalar> a_pass = a.t().middle_rows(first, depth).t(), b_pass = b.middle_rows(first, depth);

@@ -50,13 +50,32 @@ class RowBlockJobs {
       add({false, {}, {}, x.data(), x.rows(), x.cols(), x.outerStride(), first, false, nullptr, rotation});
   }
 
+  /// Jobs that keep their memory (a workspace's): the list's, and each thread's room for the packed
+  /// blocks of its products (PackingSpace), from one run to the next. Without, a product's large
+  /// blocks are Eigen's to allocate, as they would be in a list made for one run.
+  explicit RowBlockJobs(bool keep_packing = false) : keep_packing_(keep_packing) {}
+
   /// Runs every job collected so far, in parallel, and empties the list.
   void run() {
+    if (keep_packing_ && packing_.size() < static_cast<std::size_t>(thread_count()))
+      packing_.resize(static_cast<std::size_t>(thread_count()));
     parallel_tasks(
-        count_, flops_, [] { return 0; }, [&](Eigen::Index t, int) { run(job(t)); });
+        count_, flops_, [] { return 0; },
+        [&](Eigen::Index t, int) {
+          run(job(t), keep_packing_ ? &packing_[static_cast<std::size_t>(thread_index())] : nullptr);
+        });
+    if (keep_packing_)
+      grow_to_largest(packing_.size(), [&](std::size_t t) -> PackingSpace<Scalar>& { return packing_[t]; });
     count_ = 0;
     more_.clear();
     flops_ = 0;
+  }
+
+  /// \returns the numbers its threads' packing space holds.
+  Eigen::Index packing_size() const {
+    Eigen::Index size = 0;
+    for (const PackingSpace<Scalar>& space : packing_) size += space.lhs.size() + space.rhs.size();
+    return size;
   }
 
  private:
@@ -83,7 +102,7 @@ class RowBlockJobs {
     return t < kInline ? inline_[t] : more_[static_cast<std::size_t>(t - kInline)];
   }
 
-  static void run(const Job& job) {
+  static void run(const Job& job, PackingSpace<Scalar>* packing) {
     using Map = Eigen::Map<Matrix, 0, Eigen::OuterStride<>>;
     const Eigen::Index rows = std::min(kRows, job.out_rows - job.first);
     Map out_rows(job.out + job.first, rows, job.out_cols, Eigen::OuterStride<>(job.out_stride));
@@ -91,7 +110,7 @@ class RowBlockJobs {
       job.rotation.rotary->rotate_back(out_rows, job.rotation.positions + job.first);
       return;
     }
-    gemm(job.lhs.middle_rows(job.first, rows), job.rhs, out_rows, job.accumulate);
+    gemm(job.lhs.middle_rows(job.first, rows), job.rhs, out_rows, job.accumulate, packing);
     if (job.bias)  // a loop per column: the bias is O(rows · cols), beside a product's O(rows · cols · depth)
       for (Eigen::Index c = 0; c < out_rows.cols(); ++c) {
         Scalar* column = out_rows.data() + c * out_rows.outerStride();
@@ -102,6 +121,8 @@ class RowBlockJobs {
 
   Job inline_[kInline] = {};
   std::vector<Job> more_;
+  bool keep_packing_;
+  std::vector<PackingSpace<Scalar>> packing_;  ///< by thread_index(), when keep_packing_
   Eigen::Index count_ = 0;
   double flops_ = 0;
 };

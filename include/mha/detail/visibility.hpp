@@ -179,7 +179,7 @@ enum class TileScores { hidden, finite, masked };
 template <typename Scalar>
 TileScores tile_scores(const Rows<Scalar>& k, const KeyVisibility<Scalar>& visibility, Eigen::Index first_row,
                        Eigen::Index first_key, bool masked, const Eigen::Ref<const Matrix<Scalar>>& scaled_q,
-                       Eigen::Map<Matrix<Scalar>>& s) {
+                       Eigen::Map<Matrix<Scalar>>& s, PackingSpace<Scalar>* packing = nullptr) {
   const Eigen::Index rows = s.rows(), keys = s.cols();
   constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
   // A tile is skipped when its largest mask value is −∞ (a vectorised reduction).
@@ -189,7 +189,7 @@ TileScores tile_scores(const Rows<Scalar>& k, const KeyVisibility<Scalar>& visib
   if (masked && visibility.mask &&
       visibility.mask->block(visibility.mask_row + first_row, first_key, rows, keys).maxCoeff() == minus_infinity)
     return TileScores::hidden;
-  gemm(operand(scaled_q), k.middle_rows(first_key, keys).t(), s);
+  gemm(operand(scaled_q), k.middle_rows(first_key, keys).t(), s, false, packing);
   const Eigen::Index offset = visibility.position_offset;
   const bool crosses_diagonal = visibility.causal && first_key + keys - 1 > first_row + offset;
   // The last row's window starts latest: a key before it is hidden from some row.
@@ -214,7 +214,8 @@ TileScores tile_scores(const Rows<Scalar>& k, const KeyVisibility<Scalar>& visib
 /// through this.
 template <typename Scalar, typename Step>
 void for_each_tile(const Rows<Scalar>& k, const KeyVisibility<Scalar>& visibility, Eigen::Index first_row,
-                   const Eigen::Ref<const Matrix<Scalar>>& scaled_q, Matrix<Scalar>& scores, const Step& step) {
+                   const Eigen::Ref<const Matrix<Scalar>>& scaled_q, Matrix<Scalar>& scores,
+                   PackingSpace<Scalar>* packing, const Step& step) {
   const Eigen::Index rows = scaled_q.rows();
   const KeyRanges ranges = key_ranges(visibility, first_row, first_row + rows - 1, k.op_rows());
   for (const bool masked : {true, false}) {
@@ -224,7 +225,7 @@ void for_each_tile(const Rows<Scalar>& k, const KeyVisibility<Scalar>& visibilit
       // B_r × B_c, contiguous in the scratch whatever the block's row count: a one-row tile is one
       // contiguous row.
       Eigen::Map<Matrix<Scalar>> s(scores.data(), rows, std::min(kKeyBlock, end - first_key));
-      const TileScores kind = tile_scores<Scalar>(k, visibility, first_row, first_key, masked, scaled_q, s);
+      const TileScores kind = tile_scores<Scalar>(k, visibility, first_row, first_key, masked, scaled_q, s, packing);
       if (kind != TileScores::hidden) step(s, first_key, kind == TileScores::masked);
     }
   }
@@ -234,9 +235,13 @@ void for_each_tile(const Rows<Scalar>& k, const KeyVisibility<Scalar>& visibilit
 /// made once per call and read by every head and sequence: L × S (or h·L × S) and B × S.
 template <typename Scalar>
 struct AdditiveMasks {
-  explicit AdditiveMasks(const AttentionOptions& options)
-      : mask(options.mask.template additive_matrix<Scalar>()),
-        key_padding(options.key_padding_mask.template additive_matrix<Scalar>()) {}
+  AdditiveMasks() = default;
+  explicit AdditiveMasks(const AttentionOptions& options) { assign(options); }
+  /// Makes these the masks of `options`, in the memory they have (a forward workspace's).
+  void assign(const AttentionOptions& options) {
+    options.mask.additive_matrix(mask);
+    options.key_padding_mask.additive_matrix(key_padding);
+  }
   Matrix<Scalar> mask, key_padding;
 };
 

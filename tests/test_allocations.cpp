@@ -1,7 +1,9 @@
-// A decode step into a cache with room allocates nothing: every call to the heap (malloc and its
-// kin, which operator new and Eigen call too) is counted while steps run, after a first step has
-// sized what the cache keeps for its steps to work in. A server decoding for hours then neither
-// fragments its heap nor waits on its lock. Not built under the sanitizers, which replace malloc.
+// A decode step into a cache with room, and a forward into a workspace of the same shapes as the
+// forward before, allocate nothing: every call to the heap (malloc and its kin, which operator new
+// and Eigen call too) is counted while they run, after a first call has sized what they keep to
+// work in. A server decoding for hours, or a control loop running the same forward at every tick,
+// then neither fragments its heap nor waits on its lock. Not built under the sanitizers, which
+// replace malloc.
 #include "test_util.hpp"
 
 #include <mha/mha.hpp>
@@ -199,3 +201,67 @@ TYPED_TEST(DecodeAllocations, TheOutFormGivesTheSameRows) {
 }
 
 }  // namespace
+
+template <typename Scalar>
+class ForwardAllocations : public ::testing::Test {
+ protected:
+  void TearDown() override { mha::set_num_threads(0); }
+};
+TYPED_TEST_SUITE(ForwardAllocations, mha_test::Scalars, mha_test::ScalarNames);
+
+/// Forwards into a workspace, each after one of the same shapes: self-attention of 700 tokens (three
+/// query blocks, two key blocks, more row blocks of the projections than a list keeps inline),
+/// causal; grouped-query heads with rotary embeddings and biases, a window; cross-attention of other
+/// key and value widths with add_bias_kv and add_zero_attn, an additive mask and boolean key padding; a
+/// ragged batch; on one thread and on two.
+TYPED_TEST(ForwardAllocations, ForwardsIntoAWorkspaceAllocateNothing) {
+  using Matrix = Eigen::Matrix<TypeParam, Eigen::Dynamic, Eigen::Dynamic>;
+  auto grouped = rotary(decoder_config(64, 8, 2, 0, 0, 3), mha::RotaryPairs::halves);
+  grouped.bias = true;
+  auto cross = mha_test::config(64, 4, 0, 0, 4);
+  cross.kdim = 24;
+  cross.vdim = 40;
+  cross.add_bias_kv = true;
+  cross.add_zero_attn = true;
+  const mha::MultiHeadAttention<TypeParam> plain(mha_test::config(64, 4, 0, 0, 2)), gqa(grouped), crossing(cross);
+  const Matrix x = random_matrix<TypeParam>(2100, 64, 4), query = random_matrix<TypeParam>(90, 64, 5),
+               key = random_matrix<TypeParam>(130, 24, 6), value = random_matrix<TypeParam>(130, 40, 7);
+  const Matrix mask = random_matrix<TypeParam>(90, 130, 8);
+  const mha_test::BoolMatrix padding = mha_test::BoolMatrix::Constant(1, 130, false);
+  mha::AttentionOptions causal, window, masked;
+  causal.causal = true;
+  window.window = 100;
+  masked.mask = mha::AttentionMask::additive(mask);
+  masked.key_padding_mask = mha::AttentionMask::blocked(padding);
+  const std::vector<Index> lengths{700, 1, 1399};
+  for (const int threads : {1, 2}) {
+    mha::set_num_threads(threads);
+    SCOPED_TRACE(std::to_string(threads) + " threads");
+    Matrix y;
+    mha::ForwardWorkspace<TypeParam> workspace;
+    const auto expect_none = [&](const char* what, const auto& forward) {
+      forward();  // sizes the workspace and y for these shapes
+      EXPECT_EQ(allocations_of(3, [&](Index) { forward(); }), 0) << what;
+      EXPECT_TRUE(y.allFinite()) << what;
+    };
+    const auto tokens = x.topRows(700);
+    expect_none("self-attention", [&] { plain.forward(tokens, y, workspace); });
+    expect_none("causal", [&] { plain.forward(tokens, y, workspace, causal); });
+    expect_none("grouped-query, rotary, biases, a window", [&] { gqa.forward(tokens, y, workspace, window); });
+    expect_none("cross-attention, extra keys, masks",
+                [&] { crossing.forward(query, key, value, y, workspace, masked); });
+    expect_none("a ragged batch", [&] { gqa.forward_batch(x, lengths, y, workspace, causal); });
+  }
+}
+
+/// The counter sees a forward that returns a new matrix, and one into a workspace that must grow.
+TYPED_TEST(ForwardAllocations, TheCounterSeesForwardsThatAllocate) {
+  using Matrix = Eigen::Matrix<TypeParam, Eigen::Dynamic, Eigen::Dynamic>;
+  const mha::MultiHeadAttention<TypeParam> attn(mha_test::config(32, 4, 0, 0, 1));
+  const Matrix x = random_matrix<TypeParam>(50, 32, 2), longer = random_matrix<TypeParam>(60, 32, 3);
+  EXPECT_GT(allocations_of(1, [&](Index) { attn.forward(x); }), 0);
+  Matrix y;
+  mha::ForwardWorkspace<TypeParam> workspace;
+  attn.forward(x, y, workspace);
+  EXPECT_GT(allocations_of(1, [&](Index) { attn.forward(longer, y, workspace); }), 0);
+}
