@@ -55,6 +55,10 @@ class ForwardWorkspace {
   friend class MultiHeadAttention<Scalar>;
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
 
+  /// The workspace of one forward that returns its output (`kept` false): it readies no thread
+  /// for a next forward, and leaves large packed blocks to Eigen, as a forward without one did.
+  explicit ForwardWorkspace(bool kept) : jobs(kept), kept_(kept) {}
+
   std::vector<Eigen::Index> query_lengths, key_lengths;  ///< forward()'s one sequence's
   detail::Batch batch;
   std::vector<Eigen::Index> query_positions, key_positions;  ///< for rotary embeddings
@@ -66,6 +70,7 @@ class ForwardWorkspace {
   std::vector<detail::QueryBlock> tasks;    ///< head i's query block of sequence b
   detail::RowBlockJobs<Scalar> jobs{true};  ///< the projections' blocks of rows, and their packing
   std::vector<std::optional<detail::AttentionScratch<Scalar>>> threads;  ///< by thread_index()
+  bool kept_ = true;                                                     ///< kept for the forwards after this one
 };
 
 }  // namespace mha

@@ -471,7 +471,7 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
                      const detail::Input<Scalar>& value, const std::vector<Index>& query_lengths,
                      const std::vector<Index>& key_lengths, const AttentionOptions& options, Record record,
                      const char* caller) const {
-    ForwardWorkspace<Scalar> workspace;
+    ForwardWorkspace<Scalar> workspace(false);
     Matrix out;
     run_forward(query, key, value, query_lengths, key_lengths, options, record, workspace, out, caller);
     return out;
@@ -847,28 +847,32 @@ void MultiHeadAttention<Scalar_>::run_forward(const detail::Input<Scalar>& query
   concat.resize(q.rows(), h * d_v());
   work.masks.assign(options);
   const detail::AdditiveMasks<Scalar>& masks = work.masks;
-  // Each thread's tiles, kept in the workspace: grown where this forward needs more, else as they
-  // are; every thread's, and after the loop every thread's room for packed blocks too, since a
-  // thread that got no task in one forward may get one in the next.
+  // Each thread's tiles, in the workspace: grown where this forward needs more, else as they are.
+  // A kept workspace readies every thread's, and after the loop every thread's room for packed
+  // blocks too, since a thread that got no task in one forward may get one in the next.
+  const Index tile_keys = batch.max_S + batch.extra_keys;
   if (work.threads.size() < static_cast<std::size_t>(detail::thread_count()))
     work.threads.resize(static_cast<std::size_t>(detail::thread_count()));
-  for (auto& kept : work.threads) detail::fit_scratch(kept, batch.max_L, batch.max_S + batch.extra_keys, d_k());
-  const auto thread_scratch = [&] { return &*work.threads[static_cast<std::size_t>(detail::thread_index())]; };
+  if (work.kept_)
+    for (auto& kept : work.threads) detail::fit_scratch(kept, batch.max_L, tile_keys, d_k());
+  const auto thread_scratch = [&] { return &work.threads[static_cast<std::size_t>(detail::thread_index())]; };
   detail::parallel_tasks(
       static_cast<Index>(work.tasks.size()), batch.attention_flops(h, d_k(), d_v()), thread_scratch,
-      [&](Index t, detail::AttentionScratch<Scalar>* scratch) {
+      [&](Index t, std::optional<detail::AttentionScratch<Scalar>>* kept) {
         const auto [b, i, block] = work.tasks[static_cast<std::size_t>(t)];
         const Index L_b = batch.query_lengths[b], S_b = batch.key_lengths[b] + batch.extra_keys;
         const Index q0 = batch.q_offset[b], k0 = batch.k_offset[b], j = i / group;
+        auto& scratch = detail::fit_scratch(*kept, batch.max_L, tile_keys, d_k());  // as it is, when kept
         detail::attention_query_block<Scalar>(
             q.block(q0, i * d_k(), L_b, d_k()), detail::operand(keys->block(k0, j * d_k(), S_b, d_k())),
             detail::operand(values->block(k0, j * d_v(), S_b, d_v())), scale, visibility(options, masks, batch, b, i),
-            block, *scratch, concat.block(q0, i * d_v(), L_b, d_v()),
+            block, scratch, concat.block(q0, i * d_v(), L_b, d_v()),
             record.weights ? &(*record.weights)[static_cast<std::size_t>(i)] : nullptr,
             record.tape ? log_sum_exp.col(i).data() + q0 : nullptr);
       });
-  detail::grow_to_largest(work.threads.size(),
-                          [&](std::size_t t) -> detail::PackingSpace<Scalar>& { return work.threads[t]->packing; });
+  if (work.kept_)
+    detail::grow_to_largest(work.threads.size(),
+                            [&](std::size_t t) -> detail::PackingSpace<Scalar>& { return work.threads[t]->packing; });
 
   // 3. Concatenate (done: each head wrote its own columns) and project with W^O. The inputs have
   //    all been read: `out` may be one of them.
