@@ -805,6 +805,50 @@ TEST(KVCacheStorage, OneTokenKernelReadsReducedRowsAsTheirConvertedNumbers) {
   expect_part_reads_rows_as_converted<double, Eigen::half>();
 }
 
+/// attend_to_part against the formula written out with Eigen, for every way its kernels split a
+/// group of query heads (blocks of four with 32 vector registers, of two, and one left over: groups
+/// 1 to 9), head widths of whole blocks of four packets, single packets, tails and less than a
+/// packet, and parts of 1 key to kKeyBlock keys (rows four at a time and left over, kChunkRows at a
+/// time and a partial chunk): out_g = softmax(K q_g)ᵀ V, log_sum_exp_g = log Σ exp(K q_g).
+template <typename Scalar>
+void expect_part_matches_the_formula() {
+  struct Widths {
+    Index d_k, d_v;
+  };
+  const double tolerance = std::is_same<Scalar, float>::value ? 1e-5 : 1e-12;
+  for (const Index group : {1, 2, 3, 4, 5, 6, 7, 8, 9})
+    for (const Widths w : {Widths{64, 64}, Widths{37, 87}, Widths{16, 128}, Widths{5, 3}, Widths{1, 1}})
+      for (const Index n :
+           {Index{1}, Index{3}, Index{5}, Index{63}, Index{64}, Index{66}, Index{131}, mha::detail::kKeyBlock}) {
+        SCOPED_TRACE(::testing::Message()
+                     << "group " << group << ", d_k " << w.d_k << ", d_v " << w.d_v << ", " << n << " keys");
+        // Row-major keys and values, as a cache holds them.
+        const Matrix<Scalar> k = random_matrix<Scalar>(n, w.d_k, 1), v = random_matrix<Scalar>(n, w.d_v, 2);
+        const Matrix<Scalar> q = random_matrix<Scalar>(group, w.d_k, 3);
+        const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> keys = k, values = v;
+        mha::detail::PartScratch<Scalar> scratch;
+        scratch.reserve_for(group, w.d_k);
+        for (Index g = 0; g < group; ++g)
+          for (Index e = 0; e < w.d_k; ++e) scratch.queries(g * w.d_k + e) = q(g, e);
+        Matrix<Scalar> by_heads(w.d_v, group), lse(group, 1);
+        mha::detail::attend_to_part<Scalar>(group, keys.data(), values.data(), n, w.d_k, w.d_v, scratch,
+                                            by_heads.data(), w.d_v, lse.data(), 1);
+        const Matrix<Scalar> scores = q * k.transpose();  // group × n
+        const Eigen::Matrix<Scalar, Eigen::Dynamic, 1> largest = scores.rowwise().maxCoeff();
+        const Matrix<Scalar> weights = (scores.colwise() - largest).array().exp();
+        const Eigen::Matrix<Scalar, Eigen::Dynamic, 1> sums = weights.rowwise().sum();
+        const Matrix<Scalar> expected = (weights * v).array().colwise() / sums.array();
+        const Matrix<Scalar> expected_lse = largest.array() + sums.array().log();
+        EXPECT_LE(mha_test::relative_error(by_heads.transpose(), expected), tolerance);
+        EXPECT_LE(mha_test::relative_error(lse, expected_lse), tolerance);
+      }
+}
+
+TEST(KVCacheStorage, OneTokenKernelMatchesTheFormulaForEveryGroupOfHeads) {
+  expect_part_matches_the_formula<float>();
+  expect_part_matches_the_formula<double>();
+}
+
 // ---- The rolling cache of a sliding window ----
 
 /// Decodes x in steps of the given sizes into a rolling cache of `window` and into a cache that

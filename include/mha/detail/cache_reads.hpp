@@ -133,84 +133,173 @@ typename Eigen::internal::packet_traits<Scalar>::type load_packet(const Storage*
   }
 }
 
-/// scores[j] = query · row j, for the `count` rows of `width` contiguous numbers at `rows`: four
-/// rows at a time, each a sum of packets reduced once at the end. (Eigen's row-major GEMV, on rows
-/// as short as a head's 64 numbers, spent 27 cycles a row; this spends about 6.) The rows are of
-/// Storage, converted as they are loaded (load_packet). With `stream`, the rows come from memory:
-/// each block of four asks for the rows kPrefetchRows further on.
-template <typename Scalar, typename Storage>
-void dot_rows(const Scalar* query, const Storage* rows, Eigen::Index count, Eigen::Index width, Scalar* scores,
-              bool stream) {
+// The block kernels below keep small arrays of packets (sums, a row's packets) in registers. GCC 12
+// keeps them there only once their loops are unrolled early: MHA_UNROLL asks for it (without it,
+// the sums of add_weighted_row_block lived on the stack, 1.3x slower).
+#if defined(__GNUC__)
+#define MHA_UNROLL _Pragma("GCC unroll 16")
+#else
+#define MHA_UNROLL
+#endif
+
+/// Makes the compiler hold `packet` in a register from here on: GCC otherwise folds a packet loaded
+/// once for several multiply-adds back into each of them as a memory operand, which loads it again
+/// each time (20 loads per 16 multiply-adds instead of 8, more than the load units sustain).
+/// Eigen's own kernels do the same (EIGEN_OPTIMIZATION_BARRIER).
+template <typename Packet>
+inline void keep_in_register([[maybe_unused]] Packet& packet) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && defined(__SSE2__)
+  __asm__("" : "+v"(packet));
+#endif
+}
+
+/// Query heads one pass over a block of rows serves at once, their sums kept in registers: four
+/// with 32 vector registers (AVX-512), two with 16 (AVX2) — 4 × 4 or 2 × 4 independent sums, as
+/// many as the FMA units need in flight (two units, four cycles each) to run at their peak.
+constexpr int kHeadBlock = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32 ? 4 : 2;
+
+/// Calls block(std::integral_constant<int, Heads>(), first) for blocks of the heads 0 … heads − 1:
+/// kHeadBlock heads at a time, then fewer.
+template <typename Block>
+void for_head_blocks(Eigen::Index heads, Block&& block) {
+  Eigen::Index first = 0;
+  if constexpr (kHeadBlock >= 4)
+    for (; first + 4 <= heads; first += 4) block(std::integral_constant<int, 4>(), first);
+  for (; first + 2 <= heads; first += 2) block(std::integral_constant<int, 2>(), first);
+  if (first < heads) block(std::integral_constant<int, 1>(), first);
+}
+
+/// scores[h·score_step + r] = query h · row r, for Heads queries (query h at queries + h·query_step)
+/// and Rows rows of `width` Storage numbers at `row`: each row's packets loaded once (converted
+/// from Storage in registers, load_packet) for all the heads, each of the Heads × Rows sums reduced
+/// once at the end.
+template <int Heads, int Rows, typename Scalar, typename Storage>
+void dot_row_block(const Scalar* queries, Eigen::Index query_step, const Storage* row, Eigen::Index width,
+                   Scalar* scores, Eigen::Index score_step) {
   using namespace Eigen::internal;
   using Packet = typename packet_traits<Scalar>::type;
   constexpr Eigen::Index n = packet_traits<Scalar>::size;
   const Eigen::Index packed = width / n * n;
-  Eigen::Index j = 0;
-  for (; j + 4 <= count; j += 4) {
-    const Storage* row = rows + j * width;
-    if (stream) prefetch_rows(row + kPrefetchRows * width, 4, width);
-    Packet sum0 = pset1<Packet>(Scalar(0)), sum1 = sum0, sum2 = sum0, sum3 = sum0;
-    for (Eigen::Index e = 0; e < packed; e += n) {
-      const Packet q = ploadu<Packet>(query + e);
-      sum0 = pmadd(load_packet<Scalar>(row + e), q, sum0);
-      sum1 = pmadd(load_packet<Scalar>(row + width + e), q, sum1);
-      sum2 = pmadd(load_packet<Scalar>(row + 2 * width + e), q, sum2);
-      sum3 = pmadd(load_packet<Scalar>(row + 3 * width + e), q, sum3);
+  Packet sum[Heads][Rows];
+  MHA_UNROLL
+  for (int h = 0; h < Heads; ++h) MHA_UNROLL
+  for (int r = 0; r < Rows; ++r) sum[h][r] = pset1<Packet>(Scalar(0));
+  for (Eigen::Index e = 0; e < packed; e += n) {
+    Packet q[Heads];
+    MHA_UNROLL
+    for (int h = 0; h < Heads; ++h) {
+      q[h] = ploadu<Packet>(queries + h * query_step + e);
+      if constexpr (Rows > 1) keep_in_register(q[h]);
     }
-    Scalar tail[4] = {predux(sum0), predux(sum1), predux(sum2), predux(sum3)};
-    for (Eigen::Index e = packed; e < width; ++e)
-      for (int r = 0; r < 4; ++r) tail[r] += static_cast<Scalar>(row[r * width + e]) * query[e];
-    std::copy_n(tail, 4, scores + j);
+    MHA_UNROLL
+    for (int r = 0; r < Rows; ++r) {
+      Packet key = load_packet<Scalar>(row + r * width + e);
+      if constexpr (Heads > 1) keep_in_register(key);
+      MHA_UNROLL
+      for (int h = 0; h < Heads; ++h) sum[h][r] = pmadd(key, q[h], sum[h][r]);
+    }
   }
-  for (; j < count; ++j) {
-    const Storage* row = rows + j * width;
-    Packet sum = pset1<Packet>(Scalar(0));
-    for (Eigen::Index e = 0; e < packed; e += n)
-      sum = pmadd(load_packet<Scalar>(row + e), ploadu<Packet>(query + e), sum);
-    Scalar total = predux(sum);
-    for (Eigen::Index e = packed; e < width; ++e) total += static_cast<Scalar>(row[e]) * query[e];
-    scores[j] = total;
+  MHA_UNROLL
+  for (int h = 0; h < Heads; ++h) MHA_UNROLL
+  for (int r = 0; r < Rows; ++r) {
+    Scalar total = predux(sum[h][r]);
+    for (Eigen::Index e = packed; e < width; ++e)
+      total += static_cast<Scalar>(row[r * width + e]) * queries[h * query_step + e];
+    scores[h * score_step + r] = total;
   }
 }
 
-/// out += Σ_j weights[j] · row j, for the `count` rows of `width` contiguous numbers at `rows`: a
-/// block of up to four packets of out kept in registers across all the rows. Storage and `stream`
-/// as for dot_rows.
+/// scores[h·score_step + j] = query h · row j, for `heads` queries (query h at queries + h·query_step)
+/// and the `count` rows of `width` contiguous Storage numbers at `rows`: four rows at a time, for up
+/// to kHeadBlock heads at once (dot_row_block). (Eigen's row-major GEMV, on rows as short as a
+/// head's 64 numbers, spent 27 cycles a row; this spends about 6 for one head.) With `stream`, the
+/// rows come from memory: the first heads' pass over each block of four asks for the rows
+/// kPrefetchRows further on.
 template <typename Scalar, typename Storage>
-void add_weighted_rows(const Scalar* weights, const Storage* rows, Eigen::Index count, Eigen::Index width, Scalar* out,
-                       bool stream) {
+void dot_rows(Eigen::Index heads, const Scalar* queries, Eigen::Index query_step, const Storage* rows,
+              Eigen::Index count, Eigen::Index width, Scalar* scores, Eigen::Index score_step, bool stream) {
+  for_head_blocks(heads, [&](auto block, Eigen::Index first) {
+    constexpr int Heads = decltype(block)::value;
+    const Scalar* q = queries + first * query_step;
+    Scalar* s = scores + first * score_step;
+    Eigen::Index j = 0;
+    for (; j + 4 <= count; j += 4) {
+      if (stream && first == 0) prefetch_rows(rows + (j + kPrefetchRows) * width, 4, width);
+      dot_row_block<Heads, 4>(q, query_step, rows + j * width, width, s + j, score_step);
+    }
+    for (; j < count; ++j) dot_row_block<Heads, 1>(q, query_step, rows + j * width, width, s + j, score_step);
+  });
+}
+
+/// scores[j] = query · row j, for the `count` rows of `width` contiguous Storage numbers at `rows`.
+template <typename Scalar, typename Storage>
+void dot_rows(const Scalar* query, const Storage* rows, Eigen::Index count, Eigen::Index width, Scalar* scores,
+              bool stream) {
+  dot_rows(1, query, 0, rows, count, width, scores, 0, stream);
+}
+
+/// out_h[0 … Packets·n − 1] += Σ_j weights[h·weight_step + j] · row j's first Packets·n numbers, for
+/// Heads heads (out_h at out + h·out_step) and the `count` rows at `rows`, `width` Storage numbers
+/// apart: each row's packets loaded once for all the heads, the Heads × Packets sums kept in
+/// registers across all the rows. With `stream`, each row asks for the row kPrefetchRows further on.
+template <int Heads, int Packets, typename Scalar, typename Storage>
+void add_weighted_row_block(const Scalar* weights, Eigen::Index weight_step, const Storage* rows, Eigen::Index count,
+                            Eigen::Index width, Scalar* out, Eigen::Index out_step, bool stream) {
   using namespace Eigen::internal;
   using Packet = typename packet_traits<Scalar>::type;
   constexpr Eigen::Index n = packet_traits<Scalar>::size;
-  Eigen::Index e = 0;
-  for (; e + 4 * n <= width; e += 4 * n) {
-    Packet sum0 = ploadu<Packet>(out + e), sum1 = ploadu<Packet>(out + e + n), sum2 = ploadu<Packet>(out + e + 2 * n),
-           sum3 = ploadu<Packet>(out + e + 3 * n);
-    for (Eigen::Index j = 0; j < count; ++j) {
-      const Packet w = pset1<Packet>(weights[j]);
-      const Storage* row = rows + j * width + e;
-      if (stream) prefetch_rows(row + kPrefetchRows * width, 1, std::min<Eigen::Index>(4 * n, width));
-      sum0 = pmadd(load_packet<Scalar>(row), w, sum0);
-      sum1 = pmadd(load_packet<Scalar>(row + n), w, sum1);
-      sum2 = pmadd(load_packet<Scalar>(row + 2 * n), w, sum2);
-      sum3 = pmadd(load_packet<Scalar>(row + 3 * n), w, sum3);
+  Packet sum[Heads][Packets];
+  MHA_UNROLL
+  for (int h = 0; h < Heads; ++h) MHA_UNROLL
+  for (int p = 0; p < Packets; ++p) sum[h][p] = ploadu<Packet>(out + h * out_step + p * n);
+  for (Eigen::Index j = 0; j < count; ++j) {
+    const Storage* row = rows + j * width;
+    if (stream) prefetch_rows(row + kPrefetchRows * width, 1, Packets * n);
+    Packet values[Packets];
+    MHA_UNROLL
+    for (int p = 0; p < Packets; ++p) {
+      values[p] = load_packet<Scalar>(row + p * n);
+      if constexpr (Heads > 1) keep_in_register(values[p]);
     }
-    pstoreu(out + e, sum0);
-    pstoreu(out + e + n, sum1);
-    pstoreu(out + e + 2 * n, sum2);
-    pstoreu(out + e + 3 * n, sum3);
+    MHA_UNROLL
+    for (int h = 0; h < Heads; ++h) {
+      const Packet w = pset1<Packet>(weights[h * weight_step + j]);
+      MHA_UNROLL
+      for (int p = 0; p < Packets; ++p) {
+        sum[h][p] = pmadd(values[p], w, sum[h][p]);
+      }
+    }
   }
-  for (; e + n <= width; e += n) {
-    Packet sum = ploadu<Packet>(out + e);
-    for (Eigen::Index j = 0; j < count; ++j)
-      sum = pmadd(load_packet<Scalar>(rows + j * width + e), pset1<Packet>(weights[j]), sum);
-    pstoreu(out + e, sum);
-  }
-  for (; e < width; ++e) {
-    Scalar sum = out[e];
-    for (Eigen::Index j = 0; j < count; ++j) sum += weights[j] * static_cast<Scalar>(rows[j * width + e]);
-    out[e] = sum;
-  }
+  MHA_UNROLL
+  for (int h = 0; h < Heads; ++h) MHA_UNROLL
+  for (int p = 0; p < Packets; ++p) pstoreu(out + h * out_step + p * n, sum[h][p]);
+}
+
+/// out_h += Σ_j weights[h·weight_step + j] · row j, for `heads` heads (out_h, `width` numbers, at
+/// out + h·out_step) and the `count` rows of `width` contiguous Storage numbers at `rows`: blocks
+/// of up to kHeadBlock heads × four packets of their outputs (add_weighted_row_block). Storage and
+/// `stream` as for dot_rows.
+template <typename Scalar, typename Storage>
+void add_weighted_rows(Eigen::Index heads, const Scalar* weights, Eigen::Index weight_step, const Storage* rows,
+                       Eigen::Index count, Eigen::Index width, Scalar* out, Eigen::Index out_step, bool stream) {
+  constexpr Eigen::Index n = Eigen::internal::packet_traits<Scalar>::size;
+  for_head_blocks(heads, [&](auto block, Eigen::Index first) {
+    constexpr int Heads = decltype(block)::value;
+    const Scalar* w = weights + first * weight_step;
+    Scalar* o = out + first * out_step;
+    const bool ask = stream && first == 0;
+    Eigen::Index e = 0;
+    for (; e + 4 * n <= width; e += 4 * n)
+      add_weighted_row_block<Heads, 4>(w, weight_step, rows + e, count, width, o + e, out_step, ask);
+    for (; e + n <= width; e += n)
+      add_weighted_row_block<Heads, 1>(w, weight_step, rows + e, count, width, o + e, out_step, ask);
+    for (; e < width; ++e) MHA_UNROLL
+    for (int h = 0; h < Heads; ++h) {
+      Scalar sum = o[h * out_step + e];
+      for (Eigen::Index j = 0; j < count; ++j) sum += w[h * weight_step + j] * static_cast<Scalar>(rows[j * width + e]);
+      o[h * out_step + e] = sum;
+    }
+  });
 }
 
 /// Makes `buffer` hold at least `size` numbers, keeping it when it does (its contents are lost when not).
@@ -242,8 +331,9 @@ struct PartScratch {
 ///
 /// Two passes over the part instead of the online softmax: the scores of all n keys, their
 /// exponentials and sum, then the weighted sum of the values. Each pass reads kChunkRows rows at a
-/// time, for every head of the group while they are in L1: the first head's reads come from memory
-/// and ask for the rows ahead, the others' from L1. A cache of bfloat16 or half is converted to
+/// time, for every head of the group while they are in L1, kHeadBlock heads per pass (each row's
+/// packets loaded once for all of them): the first block of heads reads from memory and asks for
+/// the rows ahead, the others from L1. A cache of bfloat16 or half is converted to
 /// Scalar in registers as it is read. Computes and accumulates in Scalar.
 template <typename Scalar, typename Storage>
 void attend_to_part(Eigen::Index group, const Storage* keys, const Storage* values, Eigen::Index n, Eigen::Index d_k,
@@ -252,12 +342,9 @@ void attend_to_part(Eigen::Index group, const Storage* keys, const Storage* valu
   using Index = Eigen::Index;
   assert(n >= 1 && n <= kKeyBlock && scratch.queries.size() >= group * d_k && scratch.scores.size() >= group * n);
   // 1. Each head's scores, query · keyᵀ (the queries are scaled already).
-  for (Index first = 0; first < n; first += kChunkRows) {
-    const Index count = std::min(kChunkRows, n - first);
-    for (Index g = 0; g < group; ++g)
-      dot_rows(scratch.queries.data() + g * d_k, keys + first * d_k, count, d_k, scratch.scores.data() + g * n + first,
-               g == 0);
-  }
+  for (Index first = 0; first < n; first += kChunkRows)
+    dot_rows(group, scratch.queries.data(), d_k, keys + first * d_k, std::min(kChunkRows, n - first), d_k,
+             scratch.scores.data() + first, n, true);
   // 2. Their exponentials, relative to each head's largest score, and their sum.
   for (Index g = 0; g < group; ++g) {
     ColumnMap<Scalar> scores(scratch.scores.data() + g * n, n);
@@ -271,13 +358,12 @@ void attend_to_part(Eigen::Index group, const Storage* keys, const Storage* valu
     std::fill_n(out + g * out_step, d_v, Scalar(0));
   }
   // 3. Each head's output, weights · values.
-  for (Index first = 0; first < n; first += kChunkRows) {
-    const Index count = std::min(kChunkRows, n - first);
-    for (Index g = 0; g < group; ++g)
-      add_weighted_rows(scratch.scores.data() + g * n + first, values + first * d_v, count, d_v, out + g * out_step,
-                        g == 0);
-  }
+  for (Index first = 0; first < n; first += kChunkRows)
+    add_weighted_rows(group, scratch.scores.data() + first, n, values + first * d_v, std::min(kChunkRows, n - first),
+                      d_v, out, out_step, true);
 }
 
 }  // namespace detail
 }  // namespace mha
+
+#undef MHA_UNROLL
