@@ -166,6 +166,59 @@ TYPED_TEST(DecodeAllocations, DecodeStepsIntoACacheWithRoomAllocateNothing) {
   }
 }
 
+/// Cross-attention steps (decode_cross) into a workspace the caller keeps, over a memory of more
+/// than a part of keys: one sequence, a batch of two, a bfloat16 memory; on one thread and on two.
+/// The returning form, which works in a workspace of its own, allocates every step.
+TYPED_TEST(DecodeAllocations, CrossAttentionStepsIntoAWorkspaceAllocateNothing) {
+  using Matrix = Eigen::Matrix<TypeParam, Eigen::Dynamic, Eigen::Dynamic>;
+  auto grouped = decoder_config(64, 8, 2, 0, 0, 12);
+  grouped.bias = true;
+  const mha::MultiHeadAttention<TypeParam> attn(grouped);
+  const Matrix encoded = random_matrix<TypeParam>(700, 64, 13), token = random_matrix<TypeParam>(1, 64, 14),
+               pair = random_matrix<TypeParam>(2, 64, 15);
+  const auto memory = attn.make_cross_cache(encoded);
+  const auto bf16 = attn.template make_cross_cache<Eigen::bfloat16>(encoded);
+  const auto two = attn.make_cross_cache(encoded, encoded, {300, 400});
+  const std::vector<Index> ones{1, 1};
+  constexpr Index kSteps = 200;
+  for (const int threads : {1, 2}) {
+    mha::set_num_threads(threads);
+    SCOPED_TRACE(std::to_string(threads) + " threads");
+    Matrix y;
+    mha::CrossDecodeWorkspace<TypeParam> workspace;
+    attn.decode_cross(token, memory, y, workspace);  // a first step sizes the workspace
+    EXPECT_EQ(allocations_of(kSteps, [&](Index) { attn.decode_cross(token, memory, y, workspace); }), 0);
+    EXPECT_EQ(y.rows(), 1);
+    attn.decode_cross(token, bf16, y, workspace);
+    EXPECT_EQ(allocations_of(kSteps, [&](Index) { attn.decode_cross(token, bf16, y, workspace); }), 0) << "bfloat16";
+    attn.decode_cross_batch(pair, ones, two, y, workspace);
+    EXPECT_EQ(allocations_of(kSteps, [&](Index) { attn.decode_cross_batch(pair, ones, two, y, workspace); }), 0)
+        << "a batch";
+    EXPECT_EQ(y.rows(), 2);
+    EXPECT_TRUE(y.allFinite());
+    EXPECT_GE(allocations_of(kSteps, [&](Index) { attn.decode_cross(token, memory); }), kSteps) << "returning form";
+  }
+}
+
+/// The cross-attention step into a kept workspace gives the returning form's rows, bit for bit,
+/// whatever the workspace held before (another memory's step, a batch's).
+TYPED_TEST(DecodeAllocations, TheCrossOutFormGivesTheSameRows) {
+  using Matrix = Eigen::Matrix<TypeParam, Eigen::Dynamic, Eigen::Dynamic>;
+  const mha::MultiHeadAttention<TypeParam> attn(decoder_config(32, 4, 2, 0, 0, 16));
+  const Matrix encoded = random_matrix<TypeParam>(90, 32, 17), x = random_matrix<TypeParam>(12, 32, 18);
+  const auto memory = attn.make_cross_cache(encoded), two = attn.make_cross_cache(encoded, encoded, {40, 50});
+  mha::CrossDecodeWorkspace<TypeParam> workspace;
+  Matrix out;
+  for (Index t = 0; t + 3 <= x.rows(); t += 3) {
+    const Matrix tokens = x.middleRows(t, 3);
+    attn.decode_cross(tokens, memory, out, workspace);
+    ASSERT_TRUE((attn.decode_cross(tokens, memory).array() == out.array()).all()) << "tokens " << t;
+    const std::vector<Index> split{1, 2};
+    attn.decode_cross_batch(tokens, split, two, out, workspace);
+    ASSERT_TRUE((attn.decode_cross_batch(tokens, split, two).array() == out.array()).all()) << "tokens " << t;
+  }
+}
+
 /// Steps that run on two threads (wide heads: one token over 1600 keys is three threads' worth, as
 /// in test_kv_cache) allocate nothing either: OpenMP keeps a team of two or more threads from one
 /// region to the next (it is the team of one that it allocates each time, which is why a step that

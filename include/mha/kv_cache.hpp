@@ -316,4 +316,22 @@ class KVCache {
   detail::DecodeWorkspace<Scalar> workspace_;
 };
 
+/// What MultiHeadAttention::decode_cross(x, memory, out, workspace) and decode_cross_batch(…, out,
+/// workspace) work in: the new tokens' queries, the tasks, the parts' outputs and every thread's
+/// scratch. A cross-attention memory is only read, and may serve several steps at once (one per
+/// thread of the caller's, each with its own workspace), so it keeps no workspace as a self-attention
+/// cache does: the caller keeps this one. A step sizes it for its shapes and the memory's lengths,
+/// and the steps after it with no more new tokens allocate nothing. Its contents mean nothing
+/// between steps, and it belongs to no module or memory; a copy starts empty.
+template <typename Scalar>
+class CrossDecodeWorkspace {
+ public:
+  CrossDecodeWorkspace() = default;
+
+ private:
+  friend class MultiHeadAttention<Scalar>;
+  std::vector<Eigen::Index> new_lengths;  ///< decode_cross()'s one sequence's
+  detail::DecodeWorkspace<Scalar> work;
+};
+
 }  // namespace mha

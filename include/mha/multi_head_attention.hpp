@@ -416,17 +416,43 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   template <typename Derived, typename Storage>
   Matrix decode_cross(const Eigen::MatrixBase<Derived>& x, const KVCache<Scalar, Storage>& memory,
                       const AttentionOptions& options = {}) const {
+    Matrix out;
+    CrossDecodeWorkspace<Scalar> workspace;
+    decode_cross(x, memory, out, workspace, options);
+    return out;
+  }
+  /// decode_cross(x, memory, options), its outputs written into `out` (resized to L_new × d_model
+  /// unless it is already), working in `workspace` (CrossDecodeWorkspace, which the caller keeps):
+  /// a step after one with as many new tokens or more, in the same workspace, allocates nothing, as
+  /// long as x is a matrix or a block of one with contiguous columns and the thread count does not
+  /// grow. The same numbers as decode_cross(x, memory, options), bit for bit.
+  template <typename Derived, typename Storage>
+  void decode_cross(const Eigen::MatrixBase<Derived>& x, const KVCache<Scalar, Storage>& memory, Matrix& out,
+                    CrossDecodeWorkspace<Scalar>& workspace, const AttentionOptions& options = {}) const {
     if (memory.sequences() != 1)
       detail::fail("MultiHeadAttention::decode_cross: the memory holds ", memory.sequences(),
                    " sequences; decode_cross_batch takes the new tokens of each");
-    return run_decode_cross(x, {x.rows()}, memory, options, "MultiHeadAttention::decode_cross");
+    workspace.new_lengths.assign(1, x.rows());
+    run_decode_cross(x, workspace.new_lengths, memory, options, workspace.work, out,
+                     "MultiHeadAttention::decode_cross");
   }
   /// decode_cross for every sequence of a batch memory: sequence b's new tokens are the next
   /// new_lengths[b] rows of x. \returns their outputs, stacked the same way.
   template <typename Derived, typename Storage>
   Matrix decode_cross_batch(const Eigen::MatrixBase<Derived>& x, const std::vector<Index>& new_lengths,
                             const KVCache<Scalar, Storage>& memory, const AttentionOptions& options = {}) const {
-    return run_decode_cross(x, new_lengths, memory, options, "MultiHeadAttention::decode_cross_batch");
+    Matrix out;
+    CrossDecodeWorkspace<Scalar> workspace;
+    decode_cross_batch(x, new_lengths, memory, out, workspace, options);
+    return out;
+  }
+  /// decode_cross_batch(x, new_lengths, memory, options) into `out`, in `workspace`, allocating
+  /// nothing as decode_cross(x, memory, out, workspace, options) does.
+  template <typename Derived, typename Storage>
+  void decode_cross_batch(const Eigen::MatrixBase<Derived>& x, const std::vector<Index>& new_lengths,
+                          const KVCache<Scalar, Storage>& memory, Matrix& out, CrossDecodeWorkspace<Scalar>& workspace,
+                          const AttentionOptions& options = {}) const {
+    run_decode_cross(x, new_lengths, memory, options, workspace.work, out, "MultiHeadAttention::decode_cross_batch");
   }
 
   /// The backward pass of the forward pass recorded in `tape`: given d_output = ∂loss/∂output
@@ -508,9 +534,9 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
                                                 const detail::Input<Scalar>& memory_value,
                                                 std::vector<Index> memory_lengths, Abi = {}) const;
   template <typename Storage>
-  Matrix run_decode_cross(const detail::Input<Scalar>& x, const std::vector<Index>& new_lengths,
-                          const KVCache<Scalar, Storage>& memory, const AttentionOptions& options, const char* caller,
-                          Abi = {}) const;
+  void run_decode_cross(const detail::Input<Scalar>& x, const std::vector<Index>& new_lengths,
+                        const KVCache<Scalar, Storage>& memory, const AttentionOptions& options,
+                        detail::DecodeWorkspace<Scalar>& work, Matrix& out, const char* caller, Abi = {}) const;
 
   // ---- The steps the passes share ----
 
@@ -982,11 +1008,12 @@ auto MultiHeadAttention<Scalar_>::run_make_cross_cache(const detail::Input<Scala
 /// A cross-attention decode step: the new tokens' queries over the whole memory, no causal rule.
 template <typename Scalar_>
 template <typename Storage>
-auto MultiHeadAttention<Scalar_>::run_decode_cross(const detail::Input<Scalar>& x,
+void MultiHeadAttention<Scalar_>::run_decode_cross(const detail::Input<Scalar>& x,
                                                    const std::vector<Index>& new_lengths,
                                                    const KVCache<Scalar, Storage>& memory,
-                                                   const AttentionOptions& options, const char* caller, Abi) const
-    -> Matrix {
+                                                   const AttentionOptions& options,
+                                                   detail::DecodeWorkspace<Scalar>& work, Matrix& out,
+                                                   const char* caller, Abi) const {
   detail::check_width(x, "x", d_model(), "d_model", caller);
   if (!detail::same_shape(memory.config(), config_))
     detail::fail(caller, ": the memory was made for a module of another shape (", detail::describe(memory.config()),
@@ -1004,21 +1031,18 @@ auto MultiHeadAttention<Scalar_>::run_decode_cross(const detail::Input<Scalar>& 
                  ": cross-attention decoding sees the whole memory: options.mask, options.key_padding_mask, "
                  "options.window and options.causal must be left unset");
   if (options.training) detail::fail(caller, ": decoding is inference; options.training must be false");
-  std::vector<Index> memory_lengths(new_lengths.size());
-  for (std::size_t b = 0; b < new_lengths.size(); ++b) {
-    memory_lengths[b] = memory.length(static_cast<Index>(b));
-    if (memory_lengths[b] < 1)
+  for (std::size_t b = 0; b < new_lengths.size(); ++b)
+    if (memory.length(static_cast<Index>(b)) < 1)
       detail::fail(caller, ": sequence ", b, " of the memory holds no token (it was truncated or reset)");
-  }
-  const detail::Batch batch(new_lengths, memory_lengths);
-  Matrix q, k, v;
-  const Matrix no_key(0, kdim()), no_value(0, vdim());
-  project_inputs(x, no_key, no_value, {}, {}, q, k, v);
-  const auto scale = detail::resolve_scale<Scalar>(options, d_k());
-  // A workspace of its own: the memory is read only, and may be read by several threads at once.
-  detail::DecodeWorkspace<Scalar> work;
-  attend_to_cache(q, batch, memory, scale, 0, false, work);
-  return project_output(work.concat);
+  // The memory is read only, and may be read by several steps at once: each works in the
+  // workspace its caller gives it.
+  work.held.resize(new_lengths.size());
+  for (std::size_t b = 0; b < new_lengths.size(); ++b) work.held[b] = memory.length(static_cast<Index>(b));
+  work.batch.assign(new_lengths, work.held);
+  const Matrix no_key(0, kdim()), no_value(0, vdim());  // zero rows: no memory of their own
+  project_inputs(x, no_key, no_value, {}, {}, work.q, work.k, work.v);
+  attend_to_cache(work.q, work.batch, memory, detail::resolve_scale<Scalar>(options, d_k()), 0, false, work);
+  project_output(work.concat, out);
 }
 
 template <typename Scalar_>
@@ -1189,9 +1213,10 @@ struct ModuleSteps {
   EXTERN template KVCache<S, STORAGE> MultiHeadAttention<S>::run_make_cross_cache<STORAGE>(                           \
       const detail::Input<S>&, const detail::Input<S>&, std::vector<Eigen::Index>,                                    \
       detail::EigenAlignment<EIGEN_MAX_ALIGN_BYTES>) const;                                                           \
-  EXTERN template MultiHeadAttention<S>::Matrix MultiHeadAttention<S>::run_decode_cross<STORAGE>(                     \
+  EXTERN template void MultiHeadAttention<S>::run_decode_cross<STORAGE>(                                              \
       const detail::Input<S>&, const std::vector<Eigen::Index>&, const KVCache<S, STORAGE>&, const AttentionOptions&, \
-      const char*, detail::EigenAlignment<EIGEN_MAX_ALIGN_BYTES>) const;
+      detail::DecodeWorkspace<S>&, MultiHeadAttention<S>::Matrix&, const char*,                                       \
+      detail::EigenAlignment<EIGEN_MAX_ALIGN_BYTES>) const;
 #define MHA_DECODING_PASSES_OF(EXTERN, S)         \
   MHA_DECODING_PASSES(EXTERN, S, S)               \
   MHA_DECODING_PASSES(EXTERN, S, Eigen::bfloat16) \

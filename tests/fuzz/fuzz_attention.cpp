@@ -115,6 +115,13 @@ Matrix<Scalar> matrix(Bytes& in, Eigen::Index rows, Eigen::Index cols, bool& mod
   return matrix<Scalar>(in, rows, cols, moderate, kinds);
 }
 
+/// Whether a and b hold the same numbers, bit for bit where they are numbers (NaN where either is).
+template <typename Scalar>
+bool same_numbers(const Matrix<Scalar>& a, const Matrix<Scalar>& b) {
+  return a.rows() == b.rows() && a.cols() == b.cols() &&
+         (a.array() == b.array() || (a.array() != a.array() && b.array() != b.array())).all();
+}
+
 [[noreturn]] void violated(const char* property) {
   std::fprintf(stderr, "fuzz_attention: property violated: %s\n", property);
   std::abort();
@@ -274,15 +281,13 @@ void multi_head(Bytes& in) {
       // inputs' and parameters' shapes, finite for finite moderate input.
       mha::Tape<Scalar> tape;
       const Matrix<Scalar> taped = attn.forward_batch(query, key, value, query_lengths, key_lengths, o, tape);
-      if (!(taped.array() == out.array() || (taped.array() != taped.array() && out.array() != out.array())).all())
-        violated("the taped forward differs from the forward");
+      if (!same_numbers(taped, out)) violated("the taped forward differs from the forward");
       // Into a workspace kept from one input to the next (sized by forwards of other shapes and
       // modules): the same numbers.
       static mha::ForwardWorkspace<Scalar> workspace;
       Matrix<Scalar> kept;
       attn.forward_batch(query, key, value, query_lengths, key_lengths, kept, workspace, o);
-      if (!(kept.array() == out.array() || (kept.array() != kept.array() && out.array() != out.array())).all())
-        violated("the forward into a workspace differs from the forward");
+      if (!same_numbers(kept, out)) violated("the forward into a workspace differs from the forward");
       const auto d_output = matrix<Scalar>(in, L, attn.d_model(), moderate);
       auto gradients = attn.zero_gradients();
       const auto d = attn.backward(tape, d_output, gradients);
@@ -641,6 +646,12 @@ void cross_decoding(Bytes& in, const mha::MultiHeadAttention<Scalar>& attn, int 
       if (!scale_valid) violated("an invalid scale was accepted by decode_cross");
       if (out.rows() != query_rows || out.cols() != attn.d_model()) violated("decode_cross gave the wrong shape");
       if (finite_expected && !out.allFinite()) violated("finite moderate input gave a non-finite decode_cross output");
+      // Into a workspace kept from one input to the next (sized by steps of other shapes and
+      // modules): the same numbers.
+      static mha::CrossDecodeWorkspace<Scalar> workspace;
+      Matrix<Scalar> kept;
+      attn.decode_cross_batch(queries, new_lengths, cross, kept, workspace, cross_options);
+      if (!same_numbers(kept, out)) violated("decode_cross into a workspace differs from the returning form");
       if (reduced) {
         const auto exact = attn.make_cross_cache(memory, memory, memory_lengths);
         if (cross.bytes() * sizeof(Scalar) != exact.bytes() * sizeof(Storage))
