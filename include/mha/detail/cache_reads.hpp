@@ -259,8 +259,10 @@ void dot_row_block(const Scalar* queries, Eigen::Index query_step, const Storage
   const Eigen::Index packed = width / n * n;
   Packet sum[Heads][Rows];
   MHA_UNROLL
-  for (int h = 0; h < Heads; ++h) MHA_UNROLL
-  for (int r = 0; r < Rows; ++r) sum[h][r] = pset1<Packet>(Scalar(0));
+  for (int h = 0; h < Heads; ++h) {
+    MHA_UNROLL
+    for (int r = 0; r < Rows; ++r) sum[h][r] = pset1<Packet>(Scalar(0));
+  }
   for (Eigen::Index e = 0; e < packed; e += n) {
     Packet q[Heads];
     MHA_UNROLL
@@ -328,8 +330,10 @@ void add_weighted_row_block(const Scalar* weights, Eigen::Index weight_step, con
   constexpr Eigen::Index n = packet_traits<Scalar>::size;
   Packet sum[Heads][Packets];
   MHA_UNROLL
-  for (int h = 0; h < Heads; ++h) MHA_UNROLL
-  for (int p = 0; p < Packets; ++p) sum[h][p] = ploadu<Packet>(out + h * out_step + p * n);
+  for (int h = 0; h < Heads; ++h) {
+    MHA_UNROLL
+    for (int p = 0; p < Packets; ++p) sum[h][p] = ploadu<Packet>(out + h * out_step + p * n);
+  }
   for (Eigen::Index j = 0; j < count; ++j) {
     const Storage* row = rows + j * width;
     if (stream) prefetch_rows(row + kPrefetchRows * width, 1, Packets * n);
@@ -349,8 +353,10 @@ void add_weighted_row_block(const Scalar* weights, Eigen::Index weight_step, con
     }
   }
   MHA_UNROLL
-  for (int h = 0; h < Heads; ++h) MHA_UNROLL
-  for (int p = 0; p < Packets; ++p) pstoreu(out + h * out_step + p * n, sum[h][p]);
+  for (int h = 0; h < Heads; ++h) {
+    MHA_UNROLL
+    for (int p = 0; p < Packets; ++p) pstoreu(out + h * out_step + p * n, sum[h][p]);
+  }
 }
 
 /// out_h += Σ_j weights[h·weight_step + j] · row j, for `heads` heads (out_h, `width` numbers, at
@@ -371,11 +377,13 @@ void add_weighted_rows(Eigen::Index heads, const Scalar* weights, Eigen::Index w
       add_weighted_row_block<Heads, 4>(w, weight_step, rows + e, count, width, o + e, out_step, ask);
     for (; e + n <= width; e += n)
       add_weighted_row_block<Heads, 1>(w, weight_step, rows + e, count, width, o + e, out_step, ask);
-    for (; e < width; ++e) MHA_UNROLL
-    for (int h = 0; h < Heads; ++h) {
-      Scalar sum = o[h * out_step + e];
-      for (Eigen::Index j = 0; j < count; ++j) sum += w[h * weight_step + j] * static_cast<Scalar>(rows[j * width + e]);
-      o[h * out_step + e] = sum;
+    for (; e < width; ++e) {
+      for (int h = 0; h < Heads; ++h) {
+        Scalar sum = o[h * out_step + e];
+        for (Eigen::Index j = 0; j < count; ++j)
+          sum += w[h * weight_step + j] * static_cast<Scalar>(rows[j * width + e]);
+        o[h * out_step + e] = sum;
+      }
     }
   });
 }
