@@ -320,8 +320,9 @@ class KVCache {
 /// workspace) work in: the new tokens' queries, the tasks, the parts' outputs and every thread's
 /// scratch. A cross-attention memory is only read, and may serve several steps at once (one per
 /// thread of the caller's, each with its own workspace), so it keeps no workspace as a self-attention
-/// cache does: the caller keeps this one. A step sizes it for its shapes and the memory's lengths,
-/// and the steps after it with no more new tokens allocate nothing. Its contents mean nothing
+/// cache does: the caller keeps this one. A step sizes it for its new tokens and the memory's
+/// lengths, and the steps after it with no more new tokens, over memories no longer, allocate
+/// nothing. Its contents mean nothing
 /// between steps, and it belongs to no module or memory; a copy starts empty.
 template <typename Scalar>
 class CrossDecodeWorkspace {
@@ -330,7 +331,6 @@ class CrossDecodeWorkspace {
 
  private:
   friend class MultiHeadAttention<Scalar>;
-  std::vector<Eigen::Index> new_lengths;  ///< decode_cross()'s one sequence's
   detail::DecodeWorkspace<Scalar> work;
 };
 

@@ -423,17 +423,17 @@ class MultiHeadAttention : public AttentionParameters<Scalar_> {
   }
   /// decode_cross(x, memory, options), its outputs written into `out` (resized to L_new × d_model
   /// unless it is already), working in `workspace` (CrossDecodeWorkspace, which the caller keeps):
-  /// a step after one with as many new tokens or more, in the same workspace, allocates nothing, as
-  /// long as x is a matrix or a block of one with contiguous columns and the thread count does not
-  /// grow. The same numbers as decode_cross(x, memory, options), bit for bit.
+  /// a step after one with as many new tokens or more over a memory as long or longer, in the same
+  /// workspace, allocates nothing, as long as x is a matrix or a block of one with contiguous columns and the thread
+  /// count does not grow. The same numbers as decode_cross(x, memory, options), bit for bit.
   template <typename Derived, typename Storage>
   void decode_cross(const Eigen::MatrixBase<Derived>& x, const KVCache<Scalar, Storage>& memory, Matrix& out,
                     CrossDecodeWorkspace<Scalar>& workspace, const AttentionOptions& options = {}) const {
     if (memory.sequences() != 1)
       detail::fail("MultiHeadAttention::decode_cross: the memory holds ", memory.sequences(),
                    " sequences; decode_cross_batch takes the new tokens of each");
-    workspace.new_lengths.assign(1, x.rows());
-    run_decode_cross(x, workspace.new_lengths, memory, options, workspace.work, out,
+    workspace.work.new_lengths.assign(1, x.rows());
+    run_decode_cross(x, workspace.work.new_lengths, memory, options, workspace.work, out,
                      "MultiHeadAttention::decode_cross");
   }
   /// decode_cross for every sequence of a batch memory: sequence b's new tokens are the next
@@ -1031,13 +1031,14 @@ void MultiHeadAttention<Scalar_>::run_decode_cross(const detail::Input<Scalar>& 
                  ": cross-attention decoding sees the whole memory: options.mask, options.key_padding_mask, "
                  "options.window and options.causal must be left unset");
   if (options.training) detail::fail(caller, ": decoding is inference; options.training must be false");
-  for (std::size_t b = 0; b < new_lengths.size(); ++b)
-    if (memory.length(static_cast<Index>(b)) < 1)
-      detail::fail(caller, ": sequence ", b, " of the memory holds no token (it was truncated or reset)");
   // The memory is read only, and may be read by several steps at once: each works in the
-  // workspace its caller gives it.
+  // workspace its caller gives it (whose contents mean nothing between steps).
   work.held.resize(new_lengths.size());
-  for (std::size_t b = 0; b < new_lengths.size(); ++b) work.held[b] = memory.length(static_cast<Index>(b));
+  for (std::size_t b = 0; b < new_lengths.size(); ++b) {
+    work.held[b] = memory.length(static_cast<Index>(b));
+    if (work.held[b] < 1)
+      detail::fail(caller, ": sequence ", b, " of the memory holds no token (it was truncated or reset)");
+  }
   work.batch.assign(new_lengths, work.held);
   const Matrix no_key(0, kdim()), no_value(0, vdim());  // zero rows: no memory of their own
   project_inputs(x, no_key, no_value, {}, {}, work.q, work.k, work.v);

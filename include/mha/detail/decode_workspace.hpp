@@ -43,7 +43,7 @@ struct DecodeWorkspace {
   DecodeWorkspace(DecodeWorkspace&&) noexcept = default;
   DecodeWorkspace& operator=(DecodeWorkspace&&) noexcept = default;
 
-  std::vector<Eigen::Index> new_lengths;    ///< decode()'s one sequence's
+  std::vector<Eigen::Index> new_lengths;    ///< decode()'s (decode_cross()'s) one sequence's
   std::vector<Eigen::Index> lengths_after;  ///< each sequence's tokens after the step
   std::vector<Eigen::Index> positions;      ///< of the new tokens, for rotary embeddings
   std::vector<Eigen::Index> held;           ///< the keys each sequence attends over
