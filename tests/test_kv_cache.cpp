@@ -749,13 +749,15 @@ TEST(KVCacheStorage, ConversionRoundsToNearestAndConvertsBackExactly) {
 /// same rows converted to Scalar first, to a few units of Scalar's last place (the packets agree bit
 /// for bit; in the leftover numbers the compiler may fuse a multiply-add in one instantiation and
 /// not in the other), for head widths of whole packets, packets
-/// with tails and less than a packet, parts of 1 to 512 keys, and one to three query heads a group.
+/// with tails and less than a packet, parts of 1 to 512 keys, and groups of one to eight query
+/// heads (the kernels' blocks of four, two and one).
 template <typename Scalar, typename Storage>
 void expect_part_reads_rows_as_converted() {
   struct Shape {
     Index group, d_k, d_v;
   };
-  for (const Shape shape : {Shape{1, 64, 64}, Shape{3, 37, 87}, Shape{2, 16, 128}, Shape{1, 5, 3}})
+  for (const Shape shape :
+       {Shape{1, 64, 64}, Shape{3, 37, 87}, Shape{2, 16, 128}, Shape{1, 5, 3}, Shape{4, 64, 64}, Shape{8, 37, 87}})
     for (const Index n : {1, 3, 63, 64, 65, 512}) {
       SCOPED_TRACE(::testing::Message() << "group " << shape.group << ", d_k " << shape.d_k << ", d_v " << shape.d_v
                                         << ", " << n << " keys");
@@ -805,13 +807,13 @@ TEST(KVCacheStorage, OneTokenKernelReadsReducedRowsAsTheirConvertedNumbers) {
   expect_part_reads_rows_as_converted<double, Eigen::half>();
 }
 
-/// attend_to_part against the formula written out with Eigen, for every way its kernels split a
+/// attend_to_part against the lecture's attention (the tests' reference), for every way its kernels split a
 /// group of query heads (blocks of four with 32 vector registers, of two, and one left over: groups
 /// 1 to 9), head widths of whole blocks of four packets, single packets, tails and less than a
 /// packet, and parts of 1 key to kKeyBlock keys (rows four at a time and left over, kChunkRows at a
 /// time and a partial chunk): out_g = softmax(K q_g)ᵀ V, log_sum_exp_g = log Σ exp(K q_g).
 template <typename Scalar>
-void expect_part_matches_the_formula() {
+void expect_part_matches_the_reference() {
   struct Widths {
     Index d_k, d_v;
   };
@@ -833,20 +835,21 @@ void expect_part_matches_the_formula() {
         Matrix<Scalar> by_heads(w.d_v, group), lse(group, 1);
         mha::detail::attend_to_part<Scalar>(group, keys.data(), values.data(), n, w.d_k, w.d_v, scratch,
                                             by_heads.data(), w.d_v, lse.data(), 1);
+        // The oracle's attention, the group's queries as its rows (scaled already); and the
+        // log-sum-exp of each head's scores, relative to the largest.
+        const Matrix<Scalar> expected = mha_reference::attention<Scalar>(q, k, v, Scalar(1), false);
         const Matrix<Scalar> scores = q * k.transpose();  // group × n
         const Eigen::Matrix<Scalar, Eigen::Dynamic, 1> largest = scores.rowwise().maxCoeff();
-        const Matrix<Scalar> weights = (scores.colwise() - largest).array().exp();
-        const Eigen::Matrix<Scalar, Eigen::Dynamic, 1> sums = weights.rowwise().sum();
-        const Matrix<Scalar> expected = (weights * v).array().colwise() / sums.array();
-        const Matrix<Scalar> expected_lse = largest.array() + sums.array().log();
+        const Matrix<Scalar> expected_lse =
+            largest.array() + (scores.colwise() - largest).array().exp().rowwise().sum().log();
         EXPECT_LE(mha_test::relative_error(by_heads.transpose(), expected), tolerance);
         EXPECT_LE(mha_test::relative_error(lse, expected_lse), tolerance);
       }
 }
 
-TEST(KVCacheStorage, OneTokenKernelMatchesTheFormulaForEveryGroupOfHeads) {
-  expect_part_matches_the_formula<float>();
-  expect_part_matches_the_formula<double>();
+TEST(KVCacheStorage, OneTokenKernelMatchesTheReferenceForEveryGroupOfHeads) {
+  expect_part_matches_the_reference<float>();
+  expect_part_matches_the_reference<double>();
 }
 
 // ---- The rolling cache of a sliding window ----
