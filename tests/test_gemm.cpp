@@ -2,9 +2,12 @@
 // definition (a triple loop in long double), for each of the four transpositions, operands and
 // results that are blocks of larger matrices (an outer stride), and the shapes that take each of
 // its paths: one row or one column (the two GEMVs, with contiguous and strided vectors), one
-// inner dimension, sizes across the kernel's register and cache blocks. Built with mha::blas
+// inner dimension, sizes across the kernel's register and cache blocks. mha's packed kernel
+// (packed_gemm.hpp, gemm's under AVX-512) is also tested on its own in every build, with the
+// register block of that build's instruction set. Built with mha::blas
 // (MHA_TEST_BLAS: with EIGEN_USE_BLAS), it also checks that the products run on the BLAS.
 #include <mha/detail/gemm.hpp>
+#include <mha/detail/packed_gemm.hpp>
 
 #include "test_util.hpp"
 
@@ -82,11 +85,13 @@ Matrix<Scalar> definition(const Matrix<Scalar>& a, bool ta, const Matrix<Scalar>
 TYPED_TEST(Gemm, EqualsTheDefinitionForEveryTranspositionShapeAndStride) {
   using Scalar = TypeParam;
   // (m, n, k): scalars, one row, one column, one inner dimension, odd sizes, and sizes past the
-  // register blocks (8–24 rows × 4 columns) and a cache block of the inner dimension (≥ 256), in
-  // several passes over the depth under AVX-512 (detail::depth_per_pass), the last one shorter.
+  // register blocks (Eigen's 8–48 rows × 4 columns, the packed kernel's 8–32 × 6 or 12) and its
+  // cache blocks: passes over the depth (256 and Eigen's), blocks of rows (256) and of columns
+  // (1020 or 1014), each with a shorter last one.
   const std::vector<std::tuple<Index, Index, Index>> shapes = {
-      {1, 1, 1}, {1, 1, 9},    {1, 7, 5},   {7, 1, 5},   {1, 300, 70},  {300, 1, 70}, {13, 9, 1},
-      {5, 3, 2}, {33, 17, 29}, {65, 70, 3}, {2, 2, 600}, {97, 61, 300}, {9, 20, 1030}};
+      {1, 1, 1},     {1, 1, 9},     {1, 7, 5},     {7, 1, 5},    {1, 300, 70}, {300, 1, 70},
+      {13, 9, 1},    {5, 3, 2},     {33, 17, 29},  {65, 70, 3},  {2, 2, 600},  {97, 61, 300},
+      {9, 20, 1030}, {301, 13, 40}, {20, 1100, 9}, {35, 25, 513}};
   std::uint64_t seed = 1;
   for (const auto& [m, n, k] : shapes)
     for (const bool ta : {false, true})
@@ -133,6 +138,74 @@ TYPED_TEST(Gemm, EmptyProductsWriteZerosOrNothing) {
   EXPECT_EQ(c, Matrix<Scalar>::Constant(4, 3, 2));
   mha::detail::gemm(mha::detail::operand(a), mha::detail::operand(b), c);
   EXPECT_EQ(c, Matrix<Scalar>::Zero(4, 3));
+}
+
+/// c (+)= op(a) · op(b) through mha's packed kernel alone, its packed blocks in vectors.
+template <typename Scalar>
+void packed_product(const Matrix<Scalar>& a, bool ta, const Matrix<Scalar>& b, bool tb,
+                    typename mha::detail::Operand<Scalar>::Result c) {
+  namespace packed = mha::detail::packed;
+  const Index m = c.rows(), n = c.cols(), k = ta ? a.rows() : a.cols();
+  const packed::View<Scalar> a_view{a.data(), ta ? a.rows() : 1, ta ? 1 : a.rows()};
+  const packed::View<Scalar> b_view{b.data(), tb ? b.rows() : 1, tb ? 1 : b.rows()};
+  Eigen::Matrix<Scalar, Eigen::Dynamic, 1> lhs(packed::lhs_size<Scalar>(m, k)), rhs(packed::rhs_size<Scalar>(k, n));
+  packed::multiply(m, n, k, a_view, b_view, c.data(), c.outerStride(), lhs.data(), rhs.data());
+}
+
+TYPED_TEST(Gemm, ThePackedKernelEqualsTheDefinitionInEveryBuild) {
+  using Scalar = TypeParam;
+  using Blocks = mha::detail::packed::Blocks<Scalar>;
+  const Index panel = Blocks::kRowsPerPanel, cols = Blocks::kCols;
+  // One panel exactly, a number short and over, one row, blocks of rows, columns and depth crossed.
+  const std::vector<std::tuple<Index, Index, Index>> shapes = {{panel, cols, 7},
+                                                               {panel - 1, cols + 1, 1},
+                                                               {panel + 1, cols - 1, 3},
+                                                               {1, 1, 5},
+                                                               {Blocks::kRows + 3, 2 * cols, Blocks::kDepth + 5},
+                                                               {2 * panel, Blocks::kColumns + 1, 11}};
+  std::uint64_t seed = 50;
+  for (const auto& [m, n, k] : shapes)
+    for (const bool ta : {false, true})
+      for (const bool tb : {false, true}) {
+        const Matrix<Scalar> a = random_matrix<Scalar>(ta ? k : m, ta ? m : k, ++seed);
+        const Matrix<Scalar> b = random_matrix<Scalar>(tb ? n : k, tb ? k : n, ++seed);
+        const Matrix<Scalar> c0 = random_matrix<Scalar>(m + 2, n, ++seed);
+        Matrix<Scalar> c = c0;
+        packed_product(a, ta, b, tb, c.topRows(m));
+        EXPECT_TRUE(mha_test::close(c.topRows(m), c0.topRows(m) + definition(a, ta, b, tb), 10 * tolerance<Scalar>()))
+            << "m = " << m << ", n = " << n << ", k = " << k << (ta ? ", aᵀ" : ", a") << (tb ? ", bᵀ" : ", b");
+        EXPECT_EQ(c.bottomRows(2), c0.bottomRows(2)) << "rows below c written";
+      }
+}
+
+TYPED_TEST(Gemm, ThePackedKernelsNumbersDoNotDependOnTheRowsAndColumnsBesideThem) {
+  // Each number of c is its sum over the depth in one order, wherever it falls in the blocks and
+  // panels: rows 5–6 and columns 3–4 of a 300 × 1030 product, bit for bit as a 2 × 2 product.
+  using Scalar = TypeParam;
+  const Matrix<Scalar> a = random_matrix<Scalar>(300, 600, 1), b = random_matrix<Scalar>(600, 1030, 2);
+  Matrix<Scalar> whole = Matrix<Scalar>::Zero(300, 1030), part = Matrix<Scalar>::Zero(2, 2);
+  packed_product(a, false, b, false, whole);
+  packed_product(Matrix<Scalar>(a.middleRows(5, 2)), false, Matrix<Scalar>(b.middleCols(3, 2)), false, part);
+  EXPECT_EQ(part, whole.block(5, 3, 2, 2));
+  EXPECT_TRUE(mha_test::close(
+      part, definition(Matrix<Scalar>(a.middleRows(5, 2)), false, Matrix<Scalar>(b.middleCols(3, 2)), false),
+      10 * tolerance<Scalar>()));
+}
+
+TYPED_TEST(Gemm, PacksIntoTheSpaceGivenAndGivesTheSameNumbers) {
+  // Blocks above the stack's limit go into the PackingSpace when one is given, and the product is
+  // the same bit for bit either way.
+  using Scalar = TypeParam;
+  const Matrix<Scalar> a = random_matrix<Scalar>(300, 512, 1), b = random_matrix<Scalar>(512, 200, 2);
+  Matrix<Scalar> without(300, 200), with(300, 200);
+  mha::detail::PackingSpace<Scalar> space;
+  mha::detail::gemm(mha::detail::operand(a), mha::detail::operand(b), without);
+  mha::detail::gemm(mha::detail::operand(a), mha::detail::operand(b), with, false, &space);
+  EXPECT_EQ(with, without);
+#ifndef EIGEN_USE_BLAS
+  EXPECT_GT(space.lhs.size() + space.rhs.size(), 0);
+#endif
+  EXPECT_TRUE(mha_test::close(with, definition(a, false, b, false), 10 * tolerance<Scalar>()));
 }
 
 #ifdef MHA_TEST_BLAS

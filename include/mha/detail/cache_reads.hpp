@@ -3,6 +3,7 @@
 #pragma once
 
 #include <mha/detail/gemm.hpp>
+#include <mha/detail/packets.hpp>
 #include <mha/detail/visibility.hpp>
 #include <mha/softmax.hpp>
 
@@ -131,26 +132,6 @@ typename Eigen::internal::packet_traits<Scalar>::type load_packet(const Storage*
     for (int i = 0; i < packet_traits<Scalar>::size; ++i) numbers[i] = static_cast<Scalar>(from[i]);
     return ploadu<Packet>(numbers);
   }
-}
-
-// The block kernels below keep small arrays of packets (sums, a row's packets) in registers. GCC 12
-// keeps them there only once their loops are unrolled early: MHA_UNROLL asks for it (without it,
-// the sums of add_weighted_row_block lived on the stack, 1.3x slower).
-#if defined(__GNUC__)
-#define MHA_UNROLL _Pragma("GCC unroll 16")
-#else
-#define MHA_UNROLL
-#endif
-
-/// Makes the compiler hold `packet` in a register from here on: GCC otherwise folds a packet loaded
-/// once for several multiply-adds back into each of them as a memory operand, which loads it again
-/// each time (20 loads per 16 multiply-adds instead of 8, more than the load units sustain).
-/// Eigen's own kernels do the same (EIGEN_OPTIMIZATION_BARRIER).
-template <typename Packet>
-inline void keep_in_register([[maybe_unused]] Packet& packet) {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && defined(__SSE2__)
-  __asm__("" : "+v"(packet));
-#endif
 }
 
 /// Query heads one pass over a block of rows serves at once, their sums kept in registers: four
@@ -451,5 +432,3 @@ void attend_to_part(Eigen::Index group, const Storage* keys, const Storage* valu
 
 }  // namespace detail
 }  // namespace mha
-
-#undef MHA_UNROLL

@@ -8,6 +8,8 @@
 // three products (a·b, a·bᵀ, aᵀ·b), whatever the callers hold.
 #pragma once
 
+#include <mha/detail/packed_gemm.hpp>
+
 #include <Eigen/Core>
 
 #include <algorithm>
@@ -81,30 +83,14 @@ Operand<typename Derived::Scalar> operand(const Eigen::DenseBase<Derived>& x) {
     return {x.derived().data(), x.rows(), x.cols(), x.outerStride(), false};
 }
 
-/// The depth of one pass of gemm()'s products over a depth of k: all of it (and with EIGEN_USE_BLAS,
-/// where the BLAS blocks its own products), except under AVX-512 with Eigen's kernel,
-/// where Eigen sizes its passes for an L1 four times the real one (its own comment: a remedy found
-/// for double on a 32 KiB L1), so that a float product of depth 512 packs 48 × 512 floats of its
-/// left operand for a kernel that wants them in a 48 KiB L1. There the passes are the depth whose
-/// panels (Eigen's mr rows of the left operand, nr columns of the right) fit the L1 Eigen reads
-/// from the CPU, in equal passes rounded up to 8: 3 of 176 for float at k = 512, whose packed
-/// blocks are then a third of the size in L2. On an Intel Xeon (model 207, 2 MiB L2, one core) the
-/// forward ran 1.0–1.2× faster (median of 9 alternated rounds; h = 1, whose tiles are of depth
-/// d_k = 512 too, gained most) while the host was loaded, and the same when it was quiet
-/// (docs/performance.md). The passes depend only on k and the L1, so results stay the same for
-/// any thread count.
+/// Where a product packs a block of `size` numbers: into `room` (one of a PackingSpace's, grown to
+/// it) when the block is too large for the stack (Eigen's EIGEN_STACK_ALLOCATION_LIMIT) and a room
+/// is given, else nullptr: the stack, or a block allocated for the product.
 template <typename Scalar>
-Eigen::Index depth_per_pass(Eigen::Index k) {
-#if defined(EIGEN_VECTORIZE_AVX512) && !defined(EIGEN_USE_BLAS)
-  using Traits = Eigen::internal::gebp_traits<Scalar, Scalar>;
-  const auto bytes = static_cast<Eigen::Index>(sizeof(Scalar));
-  const Eigen::Index fits =
-      (Eigen::l1CacheSize() - Traits::mr * Traits::nr * bytes) / ((Traits::mr + Traits::nr) * bytes);
-  const Eigen::Index most = std::max<Eigen::Index>(8, fits / 8 * 8), passes = (k + most - 1) / most;
-  return std::max<Eigen::Index>(1, ((k + passes - 1) / passes + 7) / 8 * 8);
-#else
-  return k;
-#endif
+Scalar* kept_block(Eigen::Matrix<Scalar, Eigen::Dynamic, 1>* room, Eigen::Index size) {
+  if (!room || static_cast<std::size_t>(size) * sizeof(Scalar) <= EIGEN_STACK_ALLOCATION_LIMIT) return nullptr;
+  if (room->size() < size) room->resize(size);
+  return room->data();
 }
 
 /// Eigen's blocking of one product (a block of rows, of columns and of the depth), its packed
@@ -118,17 +104,8 @@ class KeptBlocking : public Eigen::internal::gemm_blocking_space<Eigen::ColMajor
  public:
   KeptBlocking(Eigen::Index m, Eigen::Index n, Eigen::Index depth, PackingSpace<Scalar>* space)
       : Base(m, n, depth, 1, true) {
-    if (!space) return;
-    constexpr std::size_t kStack = EIGEN_STACK_ALLOCATION_LIMIT;
-    const Eigen::Index size_a = this->mc() * this->kc(), size_b = this->kc() * this->nc();
-    if (static_cast<std::size_t>(size_a) * sizeof(Scalar) > kStack) {
-      if (space->lhs.size() < size_a) space->lhs.resize(size_a);
-      this->m_blockA = space->lhs.data();
-    }
-    if (static_cast<std::size_t>(size_b) * sizeof(Scalar) > kStack) {
-      if (space->rhs.size() < size_b) space->rhs.resize(size_b);
-      this->m_blockB = space->rhs.data();
-    }
+    if (Scalar* kept = kept_block(space ? &space->lhs : nullptr, this->mc() * this->kc())) this->m_blockA = kept;
+    if (Scalar* kept = kept_block(space ? &space->rhs : nullptr, this->kc() * this->nc())) this->m_blockB = kept;
   }
   /// The space's blocks are its own: the base, which frees the blocks it holds, holds none.
   ~KeptBlocking() { this->m_blockA = this->m_blockB = nullptr; }
@@ -139,15 +116,18 @@ class KeptBlocking : public Eigen::internal::gemm_blocking_space<Eigen::ColMajor
 /// c = op(a) · op(b), or c += op(a) · op(b) with `accumulate`. c must not overlap a or b. For
 /// `=`, c is zeroed and then added to, which is what Eigen's own GEMM does for an assignment.
 ///
-/// It calls Eigen's kernels directly, through Eigen 3.4's interface that its own BLAS calls: the
-/// GEMM (packing and the gebp kernel) and, when op(a) is one row or op(b) one column, the GEMV,
-/// with Eigen's blocking and on the calling thread (mha's threads are its own, and products stay
-/// bit-identical for any thread count). Eigen's product expression compiles, for each of the three
-/// forms, those kernels and also its coefficient-based path for tiny products and the expression
-/// machinery around them; calling the kernels compiles only them: −3 s and −10 MB of a user's
-/// translation unit with g++ -O2.
-/// Its packed blocks go on the stack when they are small, else into `space` where one is given
-/// (PackingSpace), else into blocks Eigen allocates for the product.
+/// When op(a) is one row or op(b) one column it calls Eigen's GEMV. Otherwise, with 32 vector
+/// registers (AVX-512), mha's own packed kernel (packed_gemm.hpp: 1.1–1.4x Eigen's there); with
+/// 16 (AVX2, SSE2), where Eigen's kernel measured as fast or faster, Eigen's GEMM (packing and the
+/// gebp kernel) with Eigen's blocking. Every product runs on the calling thread (mha's threads are
+/// its own, and products stay bit-identical for any thread count).
+///
+/// Eigen's kernels are called directly, through Eigen 3.4's interface that its own BLAS calls:
+/// Eigen's product expression compiles, for each of the three forms, those kernels and also its
+/// coefficient-based path for tiny products and the expression machinery around them; calling the
+/// kernels compiles only them: −3 s and −10 MB of a user's translation unit with g++ -O2.
+/// The packed blocks go on the stack when they are small, else into `space` where one is given
+/// (PackingSpace), else into blocks allocated for the product.
 /// With EIGEN_USE_BLAS, Eigen's specialisations of the same kernels call the BLAS instead.
 template <typename Scalar>
 void gemm(const Operand<Scalar>& a, const Operand<Scalar>& b, typename Operand<Scalar>::Result c,
@@ -202,32 +182,39 @@ void gemm(const Operand<Scalar>& a, const Operand<Scalar>& b, typename Operand<S
       gemv(b.t(), a.data, row_step(a), c.data(), c.outerStride());
     return;
   }
+#if defined(EIGEN_VECTORIZE_AVX512) && !defined(EIGEN_USE_BLAS)
+  // Under AVX-512 (32 vector registers), mha's own kernel (packed_gemm.hpp), which reads any
+  // transposition as it is stored. Its packed blocks as Eigen's: on the stack when small, else in
+  // `space`, else allocated for the product.
+  {
+    // View steps: between rows (down a column), between columns (along a row).
+    const packed::View<Scalar> a_view{a.data, col_step(a), row_step(a)}, b_view{b.data, col_step(b), row_step(b)};
+    const Index lhs_size = packed::lhs_size<Scalar>(m, k), rhs_size = packed::rhs_size<Scalar>(k, n);
+    ei_declare_aligned_stack_constructed_variable(Scalar, lhs, lhs_size,
+                                                  kept_block(space ? &space->lhs : nullptr, lhs_size));
+    ei_declare_aligned_stack_constructed_variable(Scalar, rhs, rhs_size,
+                                                  kept_block(space ? &space->rhs : nullptr, rhs_size));
+    packed::multiply(m, n, k, a_view, b_view, c.data(), c.outerStride(), lhs, rhs);
+  }
+#else
   if (a.transposed && b.transposed) {
     // aᵀ · bᵀ, which no pass needs: (a copy of aᵀ) · bᵀ, so that a fourth product is never compiled
     gemm(operand(Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>(a.stored().transpose())), b, c, true);
     return;
   }
-  // The depth is taken in passes of at most `pass` (see depth_per_pass), each a product of Eigen's
-  // that packs its operands' blocks on the stack when they are small, else in `space` (or, without
-  // one, in blocks Eigen allocates for it).
-  const Index pass = depth_per_pass<Scalar>(k);
-  KeptBlocking<Scalar> blocking(m, n, pass, space);
-  for (Index first = 0; first < k; first += pass) {
-    const Index depth = std::min(pass, k - first);
-    const Operand<Scalar> a_pass = a.t().middle_rows(first, depth).t(), b_pass = b.middle_rows(first, depth);
-    if (a.transposed)
-      internal::general_matrix_matrix_product<Index, Scalar, RowMajor, false, Scalar, ColMajor, false, ColMajor,
-                                              1>::run(m, n, depth, a_pass.data, a.stride, b_pass.data, b.stride,
-                                                      c.data(), 1, c.outerStride(), Scalar(1), blocking, nullptr);
-    else if (b.transposed)
-      internal::general_matrix_matrix_product<Index, Scalar, ColMajor, false, Scalar, RowMajor, false, ColMajor,
-                                              1>::run(m, n, depth, a_pass.data, a.stride, b_pass.data, b.stride,
-                                                      c.data(), 1, c.outerStride(), Scalar(1), blocking, nullptr);
-    else
-      internal::general_matrix_matrix_product<Index, Scalar, ColMajor, false, Scalar, ColMajor, false, ColMajor,
-                                              1>::run(m, n, depth, a_pass.data, a.stride, b_pass.data, b.stride,
-                                                      c.data(), 1, c.outerStride(), Scalar(1), blocking, nullptr);
-  }
+  // Eigen's product, its packed blocks on the stack when they are small, else in `space` (or,
+  // without one, in blocks Eigen allocates for it).
+  KeptBlocking<Scalar> blocking(m, n, k, space);
+  if (a.transposed)
+    internal::general_matrix_matrix_product<Index, Scalar, RowMajor, false, Scalar, ColMajor, false, ColMajor, 1>::run(
+        m, n, k, a.data, a.stride, b.data, b.stride, c.data(), 1, c.outerStride(), Scalar(1), blocking, nullptr);
+  else if (b.transposed)
+    internal::general_matrix_matrix_product<Index, Scalar, ColMajor, false, Scalar, RowMajor, false, ColMajor, 1>::run(
+        m, n, k, a.data, a.stride, b.data, b.stride, c.data(), 1, c.outerStride(), Scalar(1), blocking, nullptr);
+  else
+    internal::general_matrix_matrix_product<Index, Scalar, ColMajor, false, Scalar, ColMajor, false, ColMajor, 1>::run(
+        m, n, k, a.data, a.stride, b.data, b.stride, c.data(), 1, c.outerStride(), Scalar(1), blocking, nullptr);
+#endif
 }
 
 /// sums += the sums of x's columns (x: rows × n, sums: n contiguous numbers), as onesᵀ · x: one
