@@ -181,8 +181,8 @@ void BM_TileExponentials(benchmark::State& state) {
 }
 
 /// Args {N, mha}: x · W (x of N × 512, W of 512 × 512) in the blocks of RowBlockJobs::kRows rows that
-/// each projection multiplies, through Eigen's product of each block (mha:0: Eigen's own passes over
-/// the depth) or through mha's detail::gemm (mha:1: its passes, detail::depth_per_pass), in the same run.
+/// each projection multiplies, through Eigen's product of each block (mha:0) or through mha's
+/// detail::gemm (mha:1: under AVX-512 mha's packed kernel, else Eigen's kernel), in the same run.
 void BM_ProjectionBlocks(benchmark::State& state) {
   const Eigen::Index n = state.range(0), rows = mha::detail::RowBlockJobs<float>::kRows;
   const Matrix x = random_matrix(n, kDModel, 2), w = random_matrix(kDModel, kDModel, 3);
