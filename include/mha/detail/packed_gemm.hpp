@@ -100,21 +100,23 @@ void pack_cols(const View<Scalar>& b, Index depth, Index cols, Scalar* to) {
   }
 }
 
-/// c += (a panel of op(a)) · (a panel of op(b)) over `depth`, of which c's first `rows` rows and
-/// `cols` columns are kept (c's column j at c + j · c_stride).
-template <typename Scalar>
+/// c += (a panel of op(a)) · (the first Cols columns of a panel of op(b)) over `depth`, of which
+/// c's first `rows` rows and `cols` ≤ Cols columns are kept (c's column j at c + j · c_stride).
+/// The last panel of op(b) runs with fewer columns (Cols of 4 or 8 for the 4 or 8 left of 12),
+/// so that a product of 64 columns (P · V at d_v = 64) computes 64, not 72.
+template <typename Scalar, Index Cols>
 void micro_kernel(Index depth, const Scalar* a, const Scalar* b, Scalar* c, Index c_stride, Index rows, Index cols) {
   using namespace Eigen::internal;
   using B = Blocks<Scalar>;
   using Packet = typename B::Packet;
-  constexpr int kLanes = B::kLanes, kPackets = B::kPackets, kCols = static_cast<int>(B::kCols);
-  Packet sums[kCols][kPackets];
+  constexpr int kLanes = B::kLanes, kPackets = B::kPackets;
+  Packet sums[Cols][kPackets];
   MHA_UNROLL
-  for (int j = 0; j < kCols; ++j) {
+  for (int j = 0; j < Cols; ++j) {
     MHA_UNROLL
     for (int r = 0; r < kPackets; ++r) sums[j][r] = pset1<Packet>(Scalar(0));
   }
-  for (Index p = 0; p < depth; ++p, a += B::kRowsPerPanel, b += kCols) {
+  for (Index p = 0; p < depth; ++p, a += B::kRowsPerPanel, b += B::kCols) {
     Packet rows_of_a[kPackets];
     MHA_UNROLL
     for (int r = 0; r < kPackets; ++r) {
@@ -122,15 +124,15 @@ void micro_kernel(Index depth, const Scalar* a, const Scalar* b, Scalar* c, Inde
       keep_in_register(rows_of_a[r]);
     }
     MHA_UNROLL
-    for (int j = 0; j < kCols; ++j) {
+    for (int j = 0; j < Cols; ++j) {
       const Packet number = pset1<Packet>(b[j]);
       MHA_UNROLL
       for (int r = 0; r < kPackets; ++r) sums[j][r] = pmadd(rows_of_a[r], number, sums[j][r]);
     }
   }
-  if (rows == B::kRowsPerPanel && cols == kCols) {
+  if (rows == B::kRowsPerPanel && cols == Cols) {
     MHA_UNROLL
-    for (int j = 0; j < kCols; ++j) {
+    for (int j = 0; j < Cols; ++j) {
       MHA_UNROLL
       for (int r = 0; r < kPackets; ++r) {
         Scalar* to = c + j * c_stride + r * kLanes;
@@ -140,9 +142,9 @@ void micro_kernel(Index depth, const Scalar* a, const Scalar* b, Scalar* c, Inde
     return;
   }
   // A panel at the edge of c: the sums through memory, the ones inside c added.
-  EIGEN_ALIGN_MAX Scalar tile[kCols][B::kRowsPerPanel];
+  EIGEN_ALIGN_MAX Scalar tile[Cols][B::kRowsPerPanel];
   MHA_UNROLL
-  for (int j = 0; j < kCols; ++j) {
+  for (int j = 0; j < Cols; ++j) {
     MHA_UNROLL
     for (int r = 0; r < kPackets; ++r) pstore(&tile[j][r * kLanes], sums[j][r]);
   }
@@ -178,10 +180,15 @@ void multiply(Index m, Index n, Index k, const View<Scalar>& a, const View<Scala
       for (Index i0 = 0; i0 < m; i0 += B::kRows) {
         const Index rows = std::min(B::kRows, m - i0);
         pack_rows(View<Scalar>{a.at(i0, p0), a.row_step, a.col_step}, rows, depth, lhs);
-        for (Index j = 0; j < cols; j += B::kCols)
+        for (Index j = 0; j < cols; j += B::kCols) {
+          const Index panel_cols = std::min(B::kCols, cols - j);
+          const auto kernel = panel_cols <= B::kCols / 3       ? &micro_kernel<Scalar, B::kCols / 3>
+                              : panel_cols <= 2 * B::kCols / 3 ? &micro_kernel<Scalar, 2 * B::kCols / 3>
+                                                               : &micro_kernel<Scalar, B::kCols>;
           for (Index i = 0; i < rows; i += B::kRowsPerPanel)
-            micro_kernel(depth, lhs + i * depth, rhs + j * depth, c + (i0 + i) + (j0 + j) * c_stride, c_stride,
-                         std::min(B::kRowsPerPanel, rows - i), std::min(B::kCols, cols - j));
+            kernel(depth, lhs + i * depth, rhs + j * depth, c + (i0 + i) + (j0 + j) * c_stride, c_stride,
+                   std::min(B::kRowsPerPanel, rows - i), panel_cols);
+        }
       }
     }
   }
